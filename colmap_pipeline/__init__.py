@@ -1,0 +1,2 @@
+"""COLMAP worker: video in, 3D reconstruction out."""
+__version__ = "1.0.0"

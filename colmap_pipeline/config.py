@@ -1,0 +1,102 @@
+"""Settings (environment variables) and quality presets.
+
+``Settings`` is built once in ``main.create_app`` (never at import). The presets follow COLMAP's
+automatic reconstructor (``colmap/src/colmap/controllers/automatic_reconstruction.cc``:
+low 1000 px / 2048 features, medium 1600 / 4096, high 2400 / 8192), with frame caps from the
+deployment guide (``MAX_FRAMES_LOW/MEDIUM/HIGH`` = 30/50/100).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Quality = Literal["low", "medium", "high"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Per-quality pipeline parameters.
+
+    Attributes:
+        quality: preset name.
+        max_frames: frames selected from the video (cap).
+        max_image_size: longest image side in px given to SIFT (COLMAP ``max_image_size``).
+        max_num_features: SIFT features per image (COLMAP ``max_num_features``).
+    """
+
+    quality: str
+    max_frames: int
+    max_image_size: int
+    max_num_features: int
+
+    def to_dict(self) -> dict:
+        """Plain dict (JSON-serialisable)."""
+        return asdict(self)
+
+
+PRESET_SIFT = {"low": (1000, 2048), "medium": (1600, 4096), "high": (2400, 8192)}
+
+
+class Settings(BaseSettings):
+    """Service configuration, read from the environment (and ``.env`` if present).
+
+    Names with units in them carry that unit (``_BYTES``, ``_SECONDS``/``_S``, ``_HOURS``).
+    See ``.env.example`` for every setting with its default.
+    """
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    port: int = Field(8080, description="HTTP port (PORT)")
+    host: str = Field("0.0.0.0", description="bind address (HOST)")
+    data_dir: Path = Field(Path("./data"), description="uploads, workspaces, artifacts, database")
+    database_path: Path | None = Field(None, description="SQLite file; default DATA_DIR/colmap_app.db")
+    colmap_cpu_only: bool = Field(False, description="force every stage onto the CPU")
+    max_concurrent_jobs: int = Field(1, ge=1, description="jobs processed at once")
+    max_gpu_jobs: int = Field(4, ge=1, description="jobs in GPU stages at once")
+    max_requests_per_minute: int = Field(20, ge=1, description="uploads per client per minute")
+    max_frames_low: int = Field(30, ge=3)
+    max_frames_medium: int = Field(50, ge=3)
+    max_frames_high: int = Field(100, ge=3)
+    max_upload_bytes: int = Field(2 * 1024**3, ge=1, description="largest accepted upload (bytes)")
+    max_video_seconds: float = Field(600.0, gt=0, description="longest accepted video (s)")
+    min_free_disk_bytes: int = Field(2 * 1024**3, ge=0,
+                                     description="readiness fails below this free disk (bytes)")
+    job_timeout_s: float = Field(3600.0, gt=0, description="wall-clock limit per job (s)")
+    cors_origins: str = Field("*", description="comma-separated allowed origins, or *")
+    child_nice: int = Field(10, ge=0, le=19, description="nice increment for pipeline children")
+    storage_bucket: str = Field("", description="GCS bucket for artifacts (optional)")
+    gcs_project_id: str = Field("", description="GCS project (optional)")
+    log_level: str = Field("info")
+    test_fault: str = Field(
+        "",
+        description="TEST ONLY: 'ACTION:STAGE' (abort|fail|sleep) makes the pipeline child "
+        "misbehave at that stage. Off unless set.",
+    )
+
+    @model_validator(mode="after")
+    def _default_db(self) -> "Settings":
+        if self.database_path is None:
+            self.database_path = self.data_dir / "colmap_app.db"
+        return self
+
+    def preset(self, quality: str) -> Preset:
+        """The :class:`Preset` for ``quality``; raises ``KeyError`` for an unknown name."""
+        size, feats = PRESET_SIFT[quality]
+        cap = {"low": self.max_frames_low, "medium": self.max_frames_medium,
+               "high": self.max_frames_high}[quality]
+        return Preset(quality, cap, size, feats)
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        """``CORS_ORIGINS`` split on commas."""
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+
+def default_preset(quality: str) -> Preset:
+    """Preset with the default frame caps (for the CLI, which has no Settings)."""
+    size, feats = PRESET_SIFT[quality]
+    return Preset(quality, {"low": 30, "medium": 50, "high": 100}[quality], size, feats)

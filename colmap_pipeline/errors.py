@@ -1,0 +1,87 @@
+"""Stable error codes shared by the pipeline, the runner and the HTTP API.
+
+Every failure a user can see carries a ``code`` (stable, snake_case, safe to switch on in a
+frontend), a ``message`` (what happened) and a ``hint`` (what the user can do about it).
+This module imports nothing from the web or database layers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# code -> (HTTP status when raised during an API request, default message, default hint)
+ERROR_CATALOG: dict[str, tuple[int, str, str]] = {
+    # upload / request errors
+    "invalid_request": (422, "The request is invalid.", "Check the form fields against /docs."),
+    "empty_file": (400, "The uploaded file is empty.", "Upload a non-empty video file."),
+    "upload_too_large": (413, "The upload exceeds the size limit.",
+                         "Trim or re-encode the video so it is smaller than the limit."),
+    "no_video_stream": (415, "The file holds no decodable video stream.",
+                        "Upload a video file such as MP4 (H.264/HEVC) or MOV."),
+    "video_too_long": (422, "The video is longer than the allowed duration.",
+                       "Trim the video to the allowed duration and upload it again."),
+    "rate_limited": (429, "Too many uploads from this client.",
+                     "Wait for the number of seconds in Retry-After and try again."),
+    "not_found": (404, "Not found.", "Check the id: GET /jobs lists existing jobs."),
+    "artifact_not_found": (404, "This job has no artifact with that name.",
+                           "GET /jobs/{job_id} lists the job's artifacts."),
+    "job_not_completed": (409, "The job has no results yet.",
+                          "Poll GET /jobs/{job_id} until its status is completed."),
+    "not_ready": (503, "The service is not ready.", "Retry in a few seconds."),
+    "internal_error": (500, "Internal server error.", "Retry; if it persists, contact the operator."),
+    # pipeline errors (stored on the job; the HTTP status is unused there)
+    "too_few_frames": (422, "Too few frames could be decoded from the video.",
+                       "Upload a longer clip (at least a few seconds of video)."),
+    "insufficient_motion": (422, "The camera barely moves in this video, so depth cannot be recovered.",
+                            "Walk or fly around the subject, moving the camera sideways; "
+                            "turning on the spot or holding still gives no parallax."),
+    "reconstruction_failed": (422, "COLMAP could not build a usable model from this video.",
+                              "Film a well-lit, textured, static scene with slow sideways camera "
+                              "motion and plenty of overlap between views."),
+    "pipeline_crashed": (500, "The reconstruction process crashed.",
+                         "Retry the job; if it crashes again, report the job id."),
+    "pipeline_error": (500, "The reconstruction process failed unexpectedly.",
+                       "Retry the job; if it fails again, report the job id."),
+    "job_timeout": (500, "The job exceeded its time limit.",
+                    "Use a lower quality preset or a shorter clip."),
+}
+
+
+@dataclass
+class PipelineError(Exception):
+    """A failure with a stable code, a message and a hint for the user.
+
+    Raised by the pipeline core (``video``, ``reconstruction``, ``pipeline``) and by the
+    upload/ingest glue; the API layer turns it into the JSON error shape with the HTTP status
+    from :data:`ERROR_CATALOG`.
+
+    Attributes:
+        code: key of :data:`ERROR_CATALOG`.
+        message: human explanation; defaults to the catalog's.
+        hint: what the user can do; defaults to the catalog's.
+        details: optional JSON-serialisable facts (measured values, limits).
+    """
+
+    code: str
+    message: str = ""
+    hint: str = ""
+    details: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.code not in ERROR_CATALOG:
+            raise ValueError(f"unknown error code {self.code!r}")
+        _, msg, hint = ERROR_CATALOG[self.code]
+        self.message = self.message or msg
+        self.hint = self.hint or hint
+        super().__init__(f"{self.code}: {self.message}")
+
+    @property
+    def http_status(self) -> int:
+        """HTTP status used when this error answers a request."""
+        return ERROR_CATALOG[self.code][0]
+
+    def to_dict(self) -> dict:
+        """JSON form: ``{"code", "message", "hint", "details"?}``."""
+        out = {"code": self.code, "message": self.message, "hint": self.hint}
+        if self.details:
+            out["details"] = self.details
+        return out

@@ -1,0 +1,195 @@
+"""Child processes for pipeline work: argv only (never a shell), own process group, lower CPU
+priority, and death with the server (``PR_SET_PDEATHSIG``, set by the child itself in
+:mod:`colmap_pipeline.child`).
+
+The API process uses this module to run ``python -m colmap_pipeline …``; it never imports
+pycolmap itself. A child that pycolmap aborts (SIGABRT) fails one stage of one job.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from .errors import PipelineError
+
+ProgressCallback = Callable[[float, str], Awaitable[None]]
+
+#: folder holding the ``colmap_pipeline`` package
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+#: seconds between SIGTERM and SIGKILL when stopping a child's process group
+KILL_GRACE_S = 3.0
+
+
+def child_env(*, nice: int, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a pipeline child: the parent's, plus what :mod:`.child` reads."""
+    env = dict(os.environ)
+    env["COLMAP_WORKER_PARENT_PID"] = str(os.getpid())
+    env["COLMAP_WORKER_NICE"] = str(nice)
+    env["PYTHONUNBUFFERED"] = "1"
+    # the child must import this very package, whatever the server's working directory
+    root = str(PACKAGE_ROOT)
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    if extra:
+        env.update(extra)
+    return env
+
+
+def pipeline_argv(*args: str) -> list[str]:
+    """``[sys.executable, "-m", "colmap_pipeline", *args]``."""
+    return [sys.executable, "-m", "colmap_pipeline", *args]
+
+
+def kill_process_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
+    """Send ``sig`` to process group ``pgid``; False if it no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM the child's group, then SIGKILL it after :data:`KILL_GRACE_S`."""
+    if proc.returncode is not None:
+        kill_process_group(proc.pid)  # stragglers of an exited leader
+        return
+    kill_process_group(proc.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), KILL_GRACE_S)
+    except asyncio.TimeoutError:
+        pass
+    kill_process_group(proc.pid, signal.SIGKILL)
+    await proc.wait()
+
+
+async def run_json_command(args: list[str], *, timeout_s: float, nice: int = 0,
+                           cwd: Path | None = None) -> tuple[int, dict | None, str]:
+    """Run ``python -m colmap_pipeline ARGS`` that prints one JSON document on stdout.
+
+    Returns ``(returncode, parsed JSON or None, stderr tail)``.
+    Raises: PipelineError("pipeline_error") when it runs past ``timeout_s`` (it is killed).
+    """
+    proc = await asyncio.create_subprocess_exec(
+        *pipeline_argv(*args), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=child_env(nice=nice), cwd=cwd,
+        start_new_session=True)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except asyncio.TimeoutError:
+        await _stop(proc)
+        raise PipelineError("pipeline_error", f"'{args[0]}' took longer than {timeout_s:.0f} s")
+    except asyncio.CancelledError:
+        await _stop(proc)
+        raise
+    try:
+        doc = json.loads(out.decode() or "null")
+    except json.JSONDecodeError:
+        doc = None
+    return proc.returncode, doc, err.decode(errors="replace")[-2000:]
+
+
+@dataclass
+class StageOutcome:
+    """How one stage child ended.
+
+    Attributes:
+        returncode: the child's exit status; negative = killed by that signal number.
+        summary: the stage summary from its ``done`` event, when it succeeded.
+        error: ``{"code","message","hint",...}`` from its ``error`` event, if it sent one.
+        timed_out: the deadline passed and the group was killed.
+        stderr_path: the child's log.
+    """
+
+    returncode: int
+    summary: dict | None = None
+    error: dict | None = None
+    timed_out: bool = False
+    stderr_path: Path | None = None
+    events: int = field(default=0)
+
+    @property
+    def ok(self) -> bool:
+        """True when the child exited 0 after a ``done`` event."""
+        return self.returncode == 0 and self.summary is not None and not self.timed_out
+
+
+async def run_stage(stage: str, workspace: Path, *, on_progress: ProgressCallback,
+                    deadline: float, nice: int, env_extra: dict[str, str] | None = None,
+                    on_spawn: Callable[[int], None] | None = None) -> StageOutcome:
+    """Run ``python -m colmap_pipeline stage STAGE --workspace WS`` and follow its events.
+
+    The child prints one JSON object per line on stdout (``progress``/``done``/``error``);
+    its stderr goes to ``WS/logs/STAGE.log``.
+
+    Args:
+        deadline: ``loop.time()`` after which the child's group is killed (job timeout).
+        on_progress: awaited with ``(fraction 0-1, message)`` for each progress event.
+        on_spawn: called with the child's pid (= its process group id) right after start.
+    Raises: asyncio.CancelledError after killing the child's group, when the caller is
+        cancelled (shutdown).
+    """
+    loop = asyncio.get_running_loop()
+    log_dir = workspace / "logs"
+    await asyncio.to_thread(log_dir.mkdir, parents=True, exist_ok=True)
+    log_path = log_dir / f"{stage}.log"
+    log = await asyncio.to_thread(open, log_path, "ab")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *pipeline_argv("stage", stage, "--workspace", str(workspace)),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=log,
+            env=child_env(nice=nice, extra=env_extra), start_new_session=True)
+    finally:
+        await asyncio.to_thread(log.close)  # the child holds its own copy
+    if on_spawn:
+        on_spawn(proc.pid)
+    outcome = StageOutcome(returncode=0, stderr_path=log_path)
+    assert proc.stdout is not None
+    try:
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            line = await asyncio.wait_for(proc.stdout.readline(), remaining)
+            if not line:
+                break
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            outcome.events += 1
+            kind = event.get("event")
+            if kind == "progress":
+                await on_progress(float(event.get("fraction", 0.0)), str(event.get("message", "")))
+            elif kind == "done":
+                outcome.summary = event.get("summary") or {}
+            elif kind == "error":
+                outcome.error = {k: event.get(k) for k in ("code", "message", "hint", "details")}
+        remaining = max(0.1, deadline - loop.time())
+        outcome.returncode = await asyncio.wait_for(proc.wait(), remaining)
+    except asyncio.TimeoutError:
+        outcome.timed_out = True
+        await _stop(proc)
+        outcome.returncode = proc.returncode if proc.returncode is not None else -signal.SIGKILL
+    except BaseException:
+        await _stop(proc)
+        raise
+    finally:
+        if proc.returncode is not None:
+            kill_process_group(proc.pid)  # grandchildren, if any
+    return outcome
+
+
+def describe_exit(returncode: int) -> str:
+    """'exit status 3' or 'signal SIGABRT' for a child's return code."""
+    if returncode < 0:
+        try:
+            return f"signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit status {returncode}"

@@ -1,0 +1,126 @@
+"""Pydantic models of the HTTP contract (field names from the deployment guide; extra fields added).
+
+These are what ``/docs`` shows; every field has a description.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+JobStatus = Literal["pending", "processing", "completed", "failed", "cancelled", "expired",
+                    "deleted"]
+
+
+class ErrorBody(BaseModel):
+    """One error: stable code, message and a hint the user can act on."""
+
+    code: str = Field(description="stable machine-readable code, e.g. no_video_stream")
+    message: str = Field(description="what happened")
+    hint: str = Field(description="what the user can do about it")
+    details: dict[str, Any] | None = Field(None, description="measured values, limits")
+
+
+class ErrorResponse(BaseModel):
+    """The one JSON error shape of every 4xx/5xx answer."""
+
+    error: ErrorBody
+
+
+class RootResponse(BaseModel):
+    """``GET /``."""
+
+    message: str = Field("COLMAP Worker API")
+    status: str = Field("running")
+    version: str = Field(description="service version")
+    gpu_enabled: bool = Field(description="GPU stages will run on a CUDA GPU")
+    pycolmap_version: str | None = Field(None, description="pycolmap in the pipeline children")
+
+
+class HealthResponse(BaseModel):
+    """``GET /health`` (liveness; cheap, never rate-limited)."""
+
+    status: str = Field("healthy")
+    service: str = Field("colmap-worker")
+    gpu_status: bool = Field(description="a usable CUDA GPU was found at start-up")
+    active_gpu_jobs: int = Field(description="jobs now holding a GPU slot")
+    max_gpu_jobs: int = Field(description="GPU slots (MAX_GPU_JOBS)")
+    active_jobs: int = Field(description="jobs now processing")
+    max_concurrent_jobs: int = Field(description="MAX_CONCURRENT_JOBS")
+
+
+class ReadinessResponse(BaseModel):
+    """``GET /readiness``: 200 when every check passes, else 503 naming the failing ones."""
+
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, bool] = Field(description="check name -> passed")
+    failing: list[str] = Field(default_factory=list, description="names of failing checks")
+    free_disk_bytes: int | None = Field(None, description="free bytes in DATA_DIR")
+
+
+class UploadResponse(BaseModel):
+    """``POST /upload-video`` → 202."""
+
+    job_id: str
+    scan_id: str
+    status: Literal["pending"] = "pending"
+    message: str = "Video uploaded successfully"
+    status_url: str = Field(description="where to poll the job")
+
+
+class ArtifactPublic(BaseModel):
+    """A downloadable result file."""
+
+    name: str = Field(description="file name, e.g. sparse.ply")
+    url: str = Field(description="download path")
+    bytes: int = Field(description="size in bytes")
+    media_type: str
+    sha256: str
+
+
+class JobError(BaseModel):
+    """Why a job failed."""
+
+    code: str = Field(description="stable code: too_few_frames, insufficient_motion, "
+                      "reconstruction_failed, pipeline_crashed, job_timeout, …")
+    message: str
+    hint: str
+
+
+class JobPublic(BaseModel):
+    """``GET /jobs/{job_id}``."""
+
+    job_id: str
+    scan_id: str
+    project_id: str
+    scan_name: str
+    quality: Literal["low", "medium", "high"]
+    status: JobStatus = Field(description="pending|processing|completed|failed|cancelled")
+    progress: int = Field(description="0-100, never goes backwards within an attempt")
+    current_stage: str | None = Field(description="Frame Extraction, Feature Detection, Feature "
+                                      "Matching, Sparse Reconstruction, Exporting …")
+    message: str | None = Field(description="what is happening now")
+    queue_position: int | None = Field(None, description="1-based position while pending")
+    created_at: str = Field(description="ISO-8601 UTC")
+    started_at: str | None = None
+    finished_at: str | None = None
+    attempt: int = Field(description="number of times the job was started")
+    input_bytes: int = Field(description="size of the uploaded file")
+    input_sha256: str = Field(description="sha256 of the uploaded file")
+    video: dict[str, Any] | None = Field(None, description="probed stream facts: codec, width, "
+                                         "height, fps, duration_s, rotation")
+    error: JobError | None = Field(None, description="set when status is failed")
+    results: dict[str, Any] | None = Field(
+        None, description="completed jobs: metrics read from the reconstruction "
+        "(frames_extracted, registered_images, points3d, mean_reprojection_error_px, "
+        "mean_track_length, models, camera, timings_s)")
+    artifacts: list[ArtifactPublic] = Field(default_factory=list)
+
+
+class JobList(BaseModel):
+    """``GET /jobs``: newest first."""
+
+    jobs: list[JobPublic]
+    total: int = Field(description="jobs matching the filters")
+    limit: int
+    offset: int

@@ -1,0 +1,438 @@
+"""Stage machinery shared by the server's runner (one child process per stage) and the CLI.
+
+A job runs in a workspace folder ``WS``::
+
+    WS/job.json                 written by the caller (see :func:`write_job`)
+    WS/frames/frame_00000.jpg   selected frames            (stage "frames")
+    WS/frames.json              frame list, probe, motion  (stage "frames")
+    WS/database.db              COLMAP database            (stages "features", "matching")
+    WS/sparse/<k>/              COLMAP models              (stage "mapping")
+    WS/artifacts/               sparse.ply, model.zip, thumbnail.jpg   (stage "export")
+    WS/result.json              final metrics              (stage "export")
+    WS/checkpoints/<stage>.json {"stage", "elapsed_s", "summary"}, written atomically when a
+                                stage ends; a resumed job starts at :func:`next_stage`.
+
+``job.json`` = ``{"input": absolute video path, "preset": Preset.to_dict(), "use_gpu": bool,
+"test_fault": ""}``.
+
+Test-fault hook (TEST ONLY, off unless set): ``job.json["test_fault"]`` or, when that is empty,
+the environment variable ``COLMAP_TEST_FAULT``, of the form ``ACTION:STAGE``. At the start of
+``STAGE``: ``abort`` calls ``os.abort()`` (SIGABRT, like a pycolmap crash), ``fail`` raises
+``PipelineError("pipeline_error")``, ``sleep`` sleeps 3600 s (to test timeouts/cancel).
+
+This module imports neither pycolmap (stages import :mod:`.reconstruction` lazily) nor any web
+or database framework.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from .config import Preset
+from .errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+#: Stage name -> human name shown by the API as ``current_stage`` (in execution order).
+STAGES: dict[str, str] = {
+    "frames": "Frame Extraction",
+    "features": "Feature Detection",
+    "matching": "Feature Matching",
+    "mapping": "Sparse Reconstruction",
+    "export": "Exporting",
+}
+STAGE_ORDER: tuple[str, ...] = tuple(STAGES)
+
+#: Share of overall progress per stage (sums to 1). Measured on the GoPro sample at ``low``
+#: (30 frames, 2 CPU cores): frames 3.5 s, features 11-13 s, matching 5-6 s, mapping 7-8 s,
+#: export 0.5 s (about 28 s in all).
+STAGE_WEIGHTS: dict[str, float] = {
+    "frames": 0.12,
+    "features": 0.43,
+    "matching": 0.19,
+    "mapping": 0.24,
+    "export": 0.02,
+}
+
+#: Environment variable of the test-fault hook (see module docstring).
+TEST_FAULT_ENV = "COLMAP_TEST_FAULT"
+TEST_FAULT_ACTIONS = ("abort", "fail", "sleep")
+#: Mapping retries with wide-baseline pairs (:func:`reconstruction.match_wide`) when the best
+#: model registers fewer than this fraction of the frames, has implausible intrinsics or
+#: fails. Sequential pairs alone leave slow, distant footage (the Karma drone clip) without an
+#: initial pair of enough triangulation angle.
+WIDE_MATCHING_BELOW_FRACTION = 0.5
+
+Progress = Callable[[float, str], None]
+
+
+def _noop(fraction: float, message: str) -> None:  # pragma: no cover - trivial
+    pass
+
+
+class Workspace:
+    """Paths of one job's workspace (nothing is created by constructing it)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.job_json = self.root / "job.json"
+        self.frames_dir = self.root / "frames"
+        self.frames_json = self.root / "frames.json"
+        self.database = self.root / "database.db"
+        self.sparse_dir = self.root / "sparse"
+        self.artifacts_dir = self.root / "artifacts"
+        self.checkpoints_dir = self.root / "checkpoints"
+        self.result_json = self.root / "result.json"
+
+    def checkpoint(self, stage: str) -> Path:
+        """Path of ``checkpoints/<stage>.json``."""
+        return self.checkpoints_dir / f"{stage}.json"
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder + ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _read_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def write_job(workspace: str | os.PathLike, video: str | os.PathLike, preset: Preset,
+              use_gpu: bool = False, test_fault: str = "") -> Path:
+    """Create the workspace folder and write ``job.json`` atomically; returns its path."""
+    ws = Workspace(workspace)
+    ws.root.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(ws.job_json, {"input": str(Path(video).resolve()),
+                                    "preset": preset.to_dict(), "use_gpu": bool(use_gpu),
+                                    "test_fault": test_fault})
+    return ws.job_json
+
+
+def read_job(workspace: str | os.PathLike) -> dict:
+    """``job.json`` as a dict with ``"preset"`` turned into a :class:`Preset`.
+
+    Raises:
+        PipelineError("pipeline_error"): missing or malformed ``job.json``.
+    """
+    ws = Workspace(workspace)
+    try:
+        job = _read_json(ws.job_json)
+        job["preset"] = Preset(**job["preset"])
+        job["input"] = str(job["input"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PipelineError("pipeline_error", details={
+            "reason": f"bad job.json: {exc}"}) from None
+    job.setdefault("use_gpu", False)
+    job.setdefault("test_fault", "")
+    return job
+
+
+def read_checkpoint(workspace: str | os.PathLike, stage: str) -> dict | None:
+    """The checkpoint of ``stage`` or ``None`` if the stage has not completed."""
+    try:
+        return _read_json(Workspace(workspace).checkpoint(stage))
+    except (OSError, ValueError):
+        return None
+
+
+def next_stage(workspace: str | os.PathLike) -> str | None:
+    """First stage (in :data:`STAGE_ORDER`) without a checkpoint; ``None`` when all are done."""
+    for stage in STAGE_ORDER:
+        if read_checkpoint(workspace, stage) is None:
+            return stage
+    return None
+
+
+def overall_progress(stage: str, fraction: float) -> float:
+    """Overall progress in percent (0-100) for ``fraction`` (0-1) of ``stage``, using
+    :data:`STAGE_WEIGHTS`."""
+    done = sum(STAGE_WEIGHTS[s] for s in STAGE_ORDER[:STAGE_ORDER.index(stage)])
+    f = min(1.0, max(0.0, float(fraction)))
+    return round(100.0 * (done + STAGE_WEIGHTS[stage] * f), 2)
+
+
+def parse_test_fault(spec: str) -> tuple[str, str] | None:
+    """``"ACTION:STAGE"`` -> ``(action, stage)``; ``""`` -> ``None``.
+
+    Raises:
+        ValueError: unknown action or stage.
+    """
+    spec = (spec or "").strip()
+    if not spec:
+        return None
+    action, _, stage = spec.partition(":")
+    if action not in TEST_FAULT_ACTIONS or stage not in STAGES:
+        raise ValueError(f"bad test fault {spec!r}: want ACTION:STAGE with ACTION in "
+                         f"{TEST_FAULT_ACTIONS} and STAGE in {STAGE_ORDER}")
+    return action, stage
+
+
+def _apply_test_fault(job: dict, stage: str) -> None:
+    fault = parse_test_fault(job.get("test_fault") or os.environ.get(TEST_FAULT_ENV, ""))
+    if fault is None or fault[1] != stage:
+        return
+    action = fault[0]
+    log.warning("TEST FAULT %s at stage %s", action, stage)
+    if action == "abort":
+        os.abort()
+    if action == "fail":
+        raise PipelineError("pipeline_error", details={"test_fault": f"{action}:{stage}"})
+    if action == "sleep":
+        time.sleep(3600)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _clean_stage(ws: Workspace, stage: str) -> None:
+    """Remove outputs of ``stage`` and checkpoints of ``stage`` and every later stage."""
+    for s in STAGE_ORDER[STAGE_ORDER.index(stage):]:
+        ws.checkpoint(s).unlink(missing_ok=True)
+    if stage == "frames":
+        _remove(ws.frames_dir)
+        _remove(ws.frames_json)
+    elif stage == "features":
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            _remove(Path(str(ws.database) + suffix))
+    elif stage == "matching":
+        if ws.database.exists():
+            from . import reconstruction
+
+            reconstruction.clear_matches(ws.database)
+    elif stage == "mapping":
+        _remove(ws.sparse_dir)
+    elif stage == "export":
+        _remove(ws.artifacts_dir)
+        _remove(ws.result_json)
+
+
+def _require(ws: Workspace, stage: str) -> dict:
+    cp = read_checkpoint(ws.root, stage)
+    if cp is None:
+        raise PipelineError("pipeline_error", details={
+            "reason": f"stage {stage!r} has not completed in this workspace"})
+    return cp
+
+
+# --- stages ---------------------------------------------------------------------------------
+
+def _stage_frames(ws: Workspace, job: dict, progress: Progress, t0: float) -> dict:
+    from . import video
+
+    preset: Preset = job["preset"]
+    res = video.extract_frames(job["input"], ws.frames_dir, preset.max_frames,
+                               max_image_size=preset.max_image_size,
+                               progress=lambda f, m: progress(0.9 * f, m))
+    progress(0.9, "Checking camera motion...")
+    paths = [ws.frames_dir / f["file"] for f in res["frames"]]
+    motion = video.judge_motion(video.measure_motion(paths))
+    res["motion"] = motion
+    write_json_atomic(ws.frames_json, res)  # kept on failure, for inspection
+    if not motion["moving"]:
+        raise PipelineError("insufficient_motion", details=motion)
+    progress(1.0, f"Selected {len(res['frames'])} frames")
+    return {"frames_extracted": len(res["frames"]), "num_decoded": res["num_decoded"],
+            "video": res["video"], "motion": motion}
+
+
+def _stage_features(ws: Workspace, job: dict, progress: Progress, t0: float) -> dict:
+    from . import reconstruction
+
+    _require(ws, "frames")
+    return reconstruction.extract_features(ws.database, ws.frames_dir, job["preset"],
+                                           use_gpu=bool(job["use_gpu"]), progress=progress)
+
+
+def _stage_matching(ws: Workspace, job: dict, progress: Progress, t0: float) -> dict:
+    from . import reconstruction
+
+    _require(ws, "features")
+    return reconstruction.match_sequential(ws.database, use_gpu=bool(job["use_gpu"]),
+                                           progress=progress)
+
+
+def _stage_mapping(ws: Workspace, job: dict, progress: Progress, t0: float) -> dict:
+    from . import reconstruction
+
+    _require(ws, "matching")
+    num_frames = len(_read_json(ws.frames_json)["frames"])
+    state = {"max": 0.0}
+
+    def monotone(lo: float, hi: float) -> Progress:
+        def cb(f: float, msg: str) -> None:
+            state["max"] = max(state["max"], lo + (hi - lo) * f)
+            progress(state["max"], msg)
+        return cb
+
+    wide = None
+    try:
+        models, chosen = reconstruction.map_incremental(
+            ws.database, ws.frames_dir, ws.sparse_dir, num_frames, progress=monotone(0.0, 1.0))
+        best = next(m for m in models if m["index"] == chosen)
+        retry = best["registered_images"] < WIDE_MATCHING_BELOW_FRACTION * num_frames
+        first_error = None
+    except PipelineError as exc:
+        if exc.code != "reconstruction_failed":
+            raise
+        retry, first_error = True, exc
+    if retry:
+        log.info("mapping retry with wide-baseline pairs")
+        base = state["max"]
+        wide_cb = monotone(base, base + (1 - base) * 0.5)
+        wide = reconstruction.match_wide(
+            ws.database, use_gpu=bool(job["use_gpu"]),
+            progress=lambda f, m: wide_cb(f, f"Few images registered; adding wide-baseline "
+                                             f"pairs: {m[0].lower()}{m[1:]}"))
+        if wide["image_pairs"] == 0:
+            if first_error is not None:
+                raise first_error
+        else:
+            _remove(ws.sparse_dir)
+            models, chosen = reconstruction.map_incremental(
+                ws.database, ws.frames_dir, ws.sparse_dir, num_frames,
+                progress=monotone(state["max"], 1.0))
+    best = next(m for m in models if m["index"] == chosen)
+    return {"frames": num_frames, "models": models, "chosen_model": chosen,
+            "registered_images": best["registered_images"], "points3d": best["points3d"],
+            "wide_matching": wide}
+
+
+def _stage_export(ws: Workspace, job: dict, progress: Progress, t0: float) -> dict:
+    from . import export, reconstruction
+
+    _require(ws, "frames")
+    mapping_cp = _require(ws, "mapping")
+    chosen = mapping_cp["summary"]["chosen_model"]
+    model_dir = ws.sparse_dir / str(chosen)
+    progress(0.0, "Writing point cloud and model files...")
+    artifacts = export.export_model(model_dir, ws.frames_dir, ws.artifacts_dir)
+    progress(0.8, "Reading back model statistics...")
+    summary = reconstruction.summarize_model(model_dir)
+    frames = _read_json(ws.frames_json)
+    timings = {}
+    for s in STAGE_ORDER[:-1]:
+        cp = read_checkpoint(ws.root, s)
+        timings[s] = cp["elapsed_s"] if cp else None
+    timings["export"] = round(time.monotonic() - t0, 3)
+    timings["total"] = round(sum(v for v in timings.values() if v is not None), 3)
+    result = {
+        "frames_extracted": len(frames["frames"]),
+        "registered_images": summary["registered_images"],
+        "points3d": summary["points3d"],
+        "observations": summary["observations"],
+        "mean_reprojection_error_px": summary["mean_reprojection_error_px"],
+        "mean_track_length": summary["mean_track_length"],
+        "mean_observations_per_image": summary["mean_observations_per_image"],
+        "models": mapping_cp["summary"]["models"],
+        "chosen_model": chosen,
+        "camera": summary["camera"],
+        "timings_s": timings,
+        "artifacts": artifacts,
+        "video": frames["video"],
+        "motion": frames.get("motion"),
+        "features": (read_checkpoint(ws.root, "features") or {}).get("summary"),
+        "matching": (read_checkpoint(ws.root, "matching") or {}).get("summary"),
+        "wide_matching": mapping_cp["summary"].get("wide_matching"),
+        "preset": job["preset"].to_dict(),
+    }
+    write_json_atomic(ws.result_json, result)
+    progress(1.0, "Done")
+    return {"registered_images": result["registered_images"], "points3d": result["points3d"],
+            "artifacts": artifacts}
+
+
+_STAGE_FUNCS = {
+    "frames": _stage_frames,
+    "features": _stage_features,
+    "matching": _stage_matching,
+    "mapping": _stage_mapping,
+    "export": _stage_export,
+}
+
+
+def run_stage(name: str, workspace: str | os.PathLike, progress: Progress | None = None) -> dict:
+    """Run one stage of the job in ``workspace`` from its inputs.
+
+    Removes the stage's (possibly half-written) outputs and the checkpoints of this and later
+    stages first, applies the test-fault hook, runs the stage, then writes
+    ``checkpoints/<name>.json`` = ``{"stage", "elapsed_s", "summary"}`` atomically.
+
+    Args:
+        name: one of :data:`STAGE_ORDER`.
+        workspace: job folder holding ``job.json``.
+        progress: ``progress(fraction in [0, 1], message)``; fraction never decreases.
+
+    Returns:
+        the stage summary (JSON-serialisable; everything read from files or the model).
+
+    Raises:
+        PipelineError: stable codes, e.g. ``no_video_stream``, ``too_few_frames``,
+            ``insufficient_motion`` (frames), ``reconstruction_failed`` (matching, mapping),
+            ``pipeline_error`` (bad job.json, earlier stage missing, test fault ``fail``).
+        ValueError: unknown stage name or malformed test fault.
+    """
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; stages: {STAGE_ORDER}")
+    ws = Workspace(workspace)
+    job = read_job(ws.root)
+    _apply_test_fault(job, name)
+    _clean_stage(ws, name)
+    progress = progress or _noop
+    t0 = time.monotonic()
+    log.info("stage %s started in %s", name, ws.root)
+    summary = _STAGE_FUNCS[name](ws, job, progress, t0)
+    elapsed = round(time.monotonic() - t0, 3)
+    write_json_atomic(ws.checkpoint(name), {"stage": name, "elapsed_s": elapsed,
+                                            "summary": summary})
+    log.info("stage %s done in %.1f s", name, elapsed)
+    return summary
+
+
+def run_all(video: str | os.PathLike, out_dir: str | os.PathLike, preset: Preset,
+            progress: Callable[[str, float, str], None] | None = None,
+            use_gpu: bool | None = None) -> dict:
+    """Run every stage in this process (the CLI's ``reconstruct``); returns ``result.json``.
+
+    Args:
+        video: input video file.
+        out_dir: workspace (created); earlier outputs in it are replaced stage by stage.
+        preset: quality preset.
+        progress: ``progress(stage, fraction in [0, 1], message)``.
+        use_gpu: ``None`` = use CUDA when pycolmap has it.
+
+    Raises:
+        PipelineError: as :func:`run_stage`.
+    """
+    if use_gpu is None:
+        from . import reconstruction
+
+        use_gpu = bool(reconstruction.gpu_capabilities()["cuda"])
+    write_job(out_dir, video, preset, use_gpu=use_gpu)
+    for stage in STAGE_ORDER:
+        cb = (lambda f, m, _s=stage: progress(_s, f, m)) if progress else None
+        run_stage(stage, out_dir, cb)
+    return _read_json(Workspace(out_dir).result_json)

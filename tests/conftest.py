@@ -1,0 +1,100 @@
+"""Shared fixtures: paths to real data, and a real server in a subprocess on a free port."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+SAMPLE_VIDEO = REPO / "samples" / "max-heromode.mp4"
+EUROC_VIDEO = SHARED_DATA / "euroc_static" / "euroc_v101_cam0_20fps.mp4"
+
+
+def shared_file(rel: str) -> Path:
+    """A file under ../shared/data, or skip the test saying why."""
+    path = SHARED_DATA / rel
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared/data is not beside this checkout)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``python main.py`` on a free port with its own DATA_DIR and TMPDIR."""
+
+    def __init__(self, tmp: Path, env: dict[str, str]):
+        self.data_dir = tmp / "data"
+        self.tmp_dir = tmp / "tmp"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {**os.environ, "PORT": str(self.port), "HOST": "127.0.0.1",
+                    "DATA_DIR": str(self.data_dir), "TMPDIR": str(self.tmp_dir),
+                    "COLMAP_CPU_ONLY": "true", "LOG_LEVEL": "warning", **env}
+        self.log_path = tmp / "server.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "main.py")], cwd=tmp,
+                                     env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("server did not start in 60 s")
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 60), **kw)
+
+    def wait_for_job(self, job_id: str, timeout_s: float = 600,
+                     statuses=("completed", "failed", "cancelled")) -> dict:
+        deadline = time.monotonic() + timeout_s
+        with self.client() as c:
+            while time.monotonic() < deadline:
+                job = c.get(f"/jobs/{job_id}").json()
+                if job["status"] in statuses:
+                    return job
+                time.sleep(0.25)
+        raise TimeoutError(f"job {job_id} still {job['status']} after {timeout_s} s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Call ``start_server(**env)`` to get a running :class:`ServerProcess`."""
+    servers: list[ServerProcess] = []
+
+    def _start(**env: str) -> ServerProcess:
+        srv = ServerProcess(tmp_path / f"srv{len(servers)}", {k: str(v) for k, v in env.items()})
+        servers.append(srv)
+        return srv
+
+    yield _start
+    for srv in servers:
+        srv.stop()
