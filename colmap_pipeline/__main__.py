@@ -23,6 +23,9 @@ Commands (stdout carries JSON only; logs go to stderr):
 ``gpu-probe``
     Print :func:`reconstruction.gpu_capabilities` as JSON (exit 0).
 
+When started by the server (``COLMAP_WORKER_PARENT_PID`` set), the process first calls
+:func:`colmap_pipeline.child.harden_child` (dies with its parent, runs at lower priority).
+
 Native libraries (glog, FFmpeg, COLMAP) may write to file descriptor 1. Every command therefore
 duplicates the real stdout for its JSON and points fd 1 (and ``sys.stdout``) at stderr before
 any work starts.
@@ -171,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
+    from .child import harden_child
+
+    harden_child()  # PDEATHSIG + nice when started by the server; no-op from a shell
     args = build_parser().parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -23,7 +23,7 @@ from starlette.requests import ClientDisconnect
 
 from . import __version__
 from .config import Settings
-from .errors import ERROR_CATALOG, PipelineError
+from .errors import PipelineError
 from .jobs import create_job_from_upload, job_public, parse_form, probe_upload
 from .models import (ErrorResponse, HealthResponse, JobList, JobPublic, ReadinessResponse,
                      RootResponse, UploadResponse)

@@ -83,7 +83,8 @@ async def run_json_command(args: list[str], *, timeout_s: float, nice: int = 0,
         out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
     except asyncio.TimeoutError:
         await _stop(proc)
-        raise PipelineError("pipeline_error", f"'{args[0]}' took longer than {timeout_s:.0f} s")
+        raise PipelineError("pipeline_error",
+                            f"'{args[0]}' took longer than {timeout_s:.0f} s") from None
     except asyncio.CancelledError:
         await _stop(proc)
         raise

@@ -32,33 +32,19 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from .config import Preset
 from .errors import PipelineError
+from .stages import STAGE_NAMES
+from .stages import STAGES as STAGE_IDS
 
 log = logging.getLogger(__name__)
 
-#: Stage name -> human name shown by the API as ``current_stage`` (in execution order).
-STAGES: dict[str, str] = {
-    "frames": "Frame Extraction",
-    "features": "Feature Detection",
-    "matching": "Feature Matching",
-    "mapping": "Sparse Reconstruction",
-    "export": "Exporting",
-}
-STAGE_ORDER: tuple[str, ...] = tuple(STAGES)
-
-#: Share of overall progress per stage (sums to 1). Measured on the GoPro sample at ``low``
-#: (30 frames, 2 CPU cores): frames 3.5 s, features 11-13 s, matching 5-6 s, mapping 7-8 s,
-#: export 0.5 s (about 28 s in all).
-STAGE_WEIGHTS: dict[str, float] = {
-    "frames": 0.12,
-    "features": 0.43,
-    "matching": 0.19,
-    "mapping": 0.24,
-    "export": 0.02,
-}
+# The stage table (ids, human names, progress shares, GPU stages) lives in the light
+# :mod:`.stages` module, which the API process imports too.
+STAGES = STAGE_NAMES
+STAGE_ORDER = STAGE_IDS
 
 #: Environment variable of the test-fault hook (see module docstring).
 TEST_FAULT_ENV = "COLMAP_TEST_FAULT"
@@ -96,7 +82,7 @@ class Workspace:
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder + ``os.replace``."""
+    """Write ``obj`` as JSON to ``path``: temporary file in the same folder, then ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -163,12 +149,6 @@ def next_stage(workspace: str | os.PathLike) -> str | None:
     return None
 
 
-def overall_progress(stage: str, fraction: float) -> float:
-    """Overall progress in percent (0-100) for ``fraction`` (0-1) of ``stage``, using
-    :data:`STAGE_WEIGHTS`."""
-    done = sum(STAGE_WEIGHTS[s] for s in STAGE_ORDER[:STAGE_ORDER.index(stage)])
-    f = min(1.0, max(0.0, float(fraction)))
-    return round(100.0 * (done + STAGE_WEIGHTS[stage] * f), 2)
 
 
 def parse_test_fault(spec: str) -> tuple[str, str] | None:

@@ -22,8 +22,8 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pycolmap
 
@@ -70,7 +70,7 @@ def _noop(fraction: float, message: str) -> None:  # pragma: no cover - trivial
     pass
 
 
-def _device(use_gpu: bool) -> "pycolmap.Device":
+def _device(use_gpu: bool) -> pycolmap.Device:
     return pycolmap.Device.cuda if (use_gpu and pycolmap.has_cuda) else pycolmap.Device.cpu
 
 
@@ -237,17 +237,34 @@ def match_sequential(database_path: str | os.PathLike, use_gpu: bool = False,
     return _match_pairs(database_path, pairs, id_to_name, use_gpu, progress, num_threads)
 
 
+def wide_distances(n: int, max_pairs: int) -> list[int]:
+    """Name-order distances for :func:`match_wide`: all of 1..n-1 when the n*(n-1)/2 pairs fit
+    in ``max_pairs``, else the largest set of m evenly spaced distances (rounded
+    ``linspace(1, n-1, m)``) whose pairs (n - d per distance d) fit."""
+    if n < 2:
+        return []
+    if n * (n - 1) // 2 <= max_pairs:
+        return list(range(1, n))
+    best = [1]
+    for m in range(2, n):
+        ds = sorted({round(1 + (n - 2) * j / (m - 1)) for j in range(m)})
+        if sum(n - d for d in ds) > max_pairs:
+            break
+        best = ds
+    return best
+
+
 def match_wide(database_path: str | os.PathLike, use_gpu: bool = False,
                progress: Progress | None = None, num_threads: int = -1,
                max_pairs: int = WIDE_MAX_PAIRS) -> dict:
     """Match the image pairs that sequential matching skipped, up to a pair budget.
 
-    All pairs whose name-order distance is at most ``d`` are considered, with ``d`` the largest
-    distance for which they number at most ``max_pairs`` (every pair = exhaustive matching when
-    the frames are few: 30 frames give 435 pairs); pairs already in the database are skipped.
-    Wide-baseline pairs give the mapper an initial pair with enough triangulation angle on slow,
-    distant footage (the Karma drone clip fails with sequential pairs alone and registers 30/30
-    with all pairs).
+    When all pairs fit in ``max_pairs`` (30 frames: 435 pairs, 50 frames: 1225) every pair is
+    used (exhaustive matching); otherwise all pairs whose name-order distance is in a set of
+    evenly spaced distances from 1 to n-1, as many as the budget allows (:func:`wide_distances`).
+    Pairs already in the database are skipped. Wide-baseline pairs give the mapper an initial
+    pair with enough triangulation angle on slow, distant footage (the Karma drone clip fails
+    with sequential pairs alone and registers 30/30 with all pairs).
 
     Returns:
         as :func:`match_sequential`, ``image_pairs`` counting only the new pairs (0: nothing to do).
@@ -257,12 +274,8 @@ def match_wide(database_path: str | os.PathLike, use_gpu: bool = False,
     try:
         id_to_name = {im.image_id: im.name for im in db.read_all_images()}
         ids = sorted(id_to_name, key=lambda i: id_to_name[i])
-        n = len(ids)
-        d = n - 1
-        while d > 1 and sum(n - k for k in range(1, d + 1)) > max_pairs:
-            d -= 1
-        pairs = [(ids[i], ids[j]) for i in range(n) for j in range(i + 1, min(n, i + d + 1))
-                 if not db.exists_matches(ids[i], ids[j])]
+        pairs = [(ids[i], ids[i + d]) for d in wide_distances(len(ids), max_pairs)
+                 for i in range(len(ids) - d) if not db.exists_matches(ids[i], ids[i + d])]
     finally:
         db.close()
     if not pairs:
@@ -282,7 +295,7 @@ def min_registered_images(num_frames: int) -> int:
     return max(MIN_REGISTERED_IMAGES, math.ceil(MIN_REGISTERED_FRACTION * num_frames))
 
 
-def camera_plausible(cam: "pycolmap.Camera") -> bool:
+def camera_plausible(cam: pycolmap.Camera) -> bool:
     """True when the focal length is within ``PLAUSIBLE_FOCAL_RATIO`` x the longest image side
     and every extra (distortion) parameter is within +-``MAX_ABS_RADIAL``."""
     side = max(cam.width, cam.height)
@@ -291,7 +304,7 @@ def camera_plausible(cam: "pycolmap.Camera") -> bool:
                 and lo * side <= cam.mean_focal_length() <= hi * side)
 
 
-def _model_stats(rec: "pycolmap.Reconstruction") -> dict:
+def _model_stats(rec: pycolmap.Reconstruction) -> dict:
     return {
         "registered_images": int(rec.num_reg_images()),
         "points3d": int(rec.num_points3D()),
@@ -388,9 +401,9 @@ def map_incremental(database_path: str | os.PathLike, image_dir: str | os.PathLi
     return models, best["index"]
 
 
-def _camera_dict(cam: "pycolmap.Camera") -> dict:
+def _camera_dict(cam: pycolmap.Camera) -> dict:
     names = [n.strip() for n in cam.params_info.split(",")]
-    params = {n: round(float(v), 6) for n, v in zip(names, cam.params)}
+    params = {n: round(float(v), 6) for n, v in zip(names, cam.params, strict=False)}
     return {"camera_id": int(cam.camera_id), "model": cam.model_name, "width": int(cam.width),
             "height": int(cam.height), "params": params}
 
@@ -417,7 +430,8 @@ def summarize_model(model_dir: str | os.PathLike) -> dict:
     out = _model_stats(rec)
     out.update({
         "observations": int(rec.compute_num_observations()),
-        "mean_observations_per_image": round(float(rec.compute_mean_observations_per_reg_image()), 4),
+        "mean_observations_per_image":
+            round(float(rec.compute_mean_observations_per_reg_image()), 4),
         "camera": cams[0] if cams else None,
         "registered_image_names": names,
     })
@@ -450,12 +464,6 @@ def export_ply(model_dir: str | os.PathLike, ply_path: str | os.PathLike) -> int
     rec = pycolmap.Reconstruction(str(model_dir))
     rec.export_PLY(str(ply_path))
     return int(rec.num_points3D())
-
-
-def read_model_counts(model_dir: str | os.PathLike) -> dict:
-    """``{"registered_images", "points3d"}`` of the model in ``model_dir`` (binary or text)."""
-    rec = pycolmap.Reconstruction(str(model_dir))
-    return {"registered_images": int(rec.num_reg_images()), "points3d": int(rec.num_points3D())}
 
 
 def _nvml_device_count() -> int | None:

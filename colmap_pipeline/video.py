@@ -20,7 +20,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import av
 import cv2
@@ -78,12 +78,12 @@ def _probe_error(path: str | os.PathLike, reason: str) -> PipelineError:
     return PipelineError("no_video_stream", details={"file": Path(path).name, "reason": reason})
 
 
-def _pick_video_stream(container: "av.container.InputContainer"):
+def _pick_video_stream(container: av.container.InputContainer):
     """Return the main video stream or ``None``.
 
-    Skips attached pictures (cover art), timed thumbnails and still images (by ``disposition``),
-    streams without a decoder and text renderers (``TEXT_CODECS``); prefers the largest resolution, then the ``default``
-    disposition, then the lowest index.
+    Skips attached pictures (cover art), timed thumbnails and still images (by
+    ``disposition``), streams without a decoder and text renderers (``TEXT_CODECS``); prefers
+    the largest resolution, then the ``default`` disposition, then the lowest index.
     """
     skip = (av.stream.Disposition.attached_pic | av.stream.Disposition.timed_thumbnails
             | av.stream.Disposition.still_image)
@@ -223,7 +223,7 @@ _LUMA_FIRST_FORMATS = frozenset({"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "
                                  "nv12", "nv21", "gray"})
 
 
-def _gray(frame: "av.VideoFrame") -> np.ndarray:
+def _gray(frame: av.VideoFrame) -> np.ndarray:
     """Luma of ``frame`` (H x W uint8): the Y plane itself when possible, else a conversion."""
     if frame.format.name in _LUMA_FIRST_FORMATS:
         plane = frame.planes[0]
@@ -232,7 +232,7 @@ def _gray(frame: "av.VideoFrame") -> np.ndarray:
     return frame.to_ndarray(format="gray")
 
 
-def _sharpness(frame: "av.VideoFrame") -> float:
+def _sharpness(frame: av.VideoFrame) -> float:
     """Variance of the Laplacian of the luma, downscaled by an integer factor so that the
     longest side is at most ``SHARPNESS_MAX_SIDE`` (integer-factor INTER_AREA is a fast box
     filter; a fractional one cost 3 ms/frame more on 848x480). Only the ranking within one clip
@@ -307,7 +307,7 @@ def extract_frames(path: str | os.PathLike, out_dir: str | os.PathLike, max_fram
     frames: list[dict] = []
     num_decoded = 0
 
-    def flush(cand: tuple[float, float, "av.VideoFrame"] | None) -> None:
+    def flush(cand: tuple[float, float, av.VideoFrame] | None) -> None:
         if cand is None:
             return
         sharp, t, frame = cand
@@ -315,8 +315,8 @@ def extract_frames(path: str | os.PathLike, out_dir: str | os.PathLike, max_fram
         img = _rotate(img, _norm_rotation(frame.rotation))
         if max_image_size and max(img.shape[:2]) > max_image_size:
             s = max_image_size / max(img.shape[:2])
-            img = cv2.resize(img, (max(1, round(img.shape[1] * s)), max(1, round(img.shape[0] * s))),
-                             interpolation=cv2.INTER_AREA)
+            size = (max(1, round(img.shape[1] * s)), max(1, round(img.shape[0] * s)))
+            img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
         idx = len(frames)
         name = f"frame_{idx:05d}.jpg"
         tmp = out / f".{name}.tmp.jpg"

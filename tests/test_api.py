@@ -5,7 +5,6 @@ import socket
 import time
 
 import httpx
-import pytest
 
 from conftest import SAMPLE_VIDEO
 

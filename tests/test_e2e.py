@@ -24,21 +24,21 @@ class HealthSampler(threading.Thread):
         self.url = url
         self.latencies: list[float] = []
         self.codes: list[int] = []
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         with httpx.Client(timeout=5) as c:
-            while not self._stop.is_set():
+            while not self._halt.is_set():
                 t0 = time.perf_counter()
                 try:
                     self.codes.append(c.get(self.url + "/health").status_code)
                 except httpx.HTTPError:
                     self.codes.append(0)
                 self.latencies.append(time.perf_counter() - t0)
-                self._stop.wait(0.05)
+                self._halt.wait(0.05)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 

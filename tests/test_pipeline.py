@@ -80,12 +80,23 @@ def test_parse_test_fault():
 def test_choose_model_prefers_the_largest_plausible_model():
     from colmap_pipeline.reconstruction import choose_model
 
-    m = lambda i, n, p, ok=True: {"index": i, "registered_images": n, "points3d": p,
-                                  "camera_plausible": ok}
+    def m(i, n, p, ok=True):
+        return {"index": i, "registered_images": n, "points3d": p, "camera_plausible": ok}
+
     assert choose_model([m(0, 2, 300), m(1, 30, 1500)])["index"] == 1
     assert choose_model([m(0, 10, 300), m(1, 10, 400)])["index"] == 1
     assert choose_model([m(0, 30, 3000, ok=False), m(1, 12, 400)])["index"] == 1
     assert choose_model([m(0, 30, 3000, ok=False)]) is None
+
+
+def test_wide_distances_fit_the_pair_budget():
+    from colmap_pipeline.reconstruction import wide_distances
+
+    assert wide_distances(30, 1225) == list(range(1, 30))  # exhaustive for the low preset
+    assert wide_distances(50, 1225) == list(range(1, 50))
+    ds = wide_distances(100, 1225)
+    assert ds[0] == 1 and ds[-1] == 99 and sum(100 - d for d in ds) <= 1225
+    assert wide_distances(1, 1225) == []
 
 
 def test_core_imports_no_web_or_database_framework_and_probe_path_no_pycolmap():
@@ -148,7 +159,8 @@ def test_stage_protocol_frames_then_abort_in_features(tmp_path):
     assert [e["event"] for e in events[:-1]] == ["progress"] * (len(events) - 1)
     fractions = [e["fraction"] for e in events[:-1]]
     assert fractions == sorted(fractions) and 0 <= fractions[0] and fractions[-1] <= 1
-    assert all(e["stage"] == "frames" and isinstance(e["message"], str) for e in events)
+    assert all(e["stage"] == "frames" for e in events)
+    assert all(isinstance(e["message"], str) for e in events[:-1])
     done = events[-1]
     assert done["event"] == "done" and done["summary"]["frames_extracted"] == 30
     cp = json.loads((ws / "checkpoints" / "frames.json").read_text())
@@ -205,6 +217,26 @@ def test_mapping_empty_result_is_reconstruction_failed(tmp_path):
                                        len(res["frames"]), num_threads=1, random_seed=1)
     assert ei.value.code == "reconstruction_failed"
     assert ei.value.details["models"] == 0 and ei.value.details["required"] == 3
+
+    # wide-baseline matching (the mapping fallback) matches every missing pair exactly once
+    wide = reconstruction.match_wide(db, num_threads=1)
+    assert wide["image_pairs"] == 6 and wide["matched_pairs"] == 6
+    assert reconstruction.match_wide(db, num_threads=1)["image_pairs"] == 0
+
+
+def test_rerunning_a_stage_clears_its_outputs_and_later_checkpoints(tmp_path):
+    ws = _workspace(tmp_path, synthetic_clip(tmp_path, n=12))
+    stale = ws / "frames" / "frame_09999.jpg"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
+    (ws / "checkpoints").mkdir()
+    (ws / "checkpoints" / "mapping.json").write_text("{}")
+    seen = []
+    summary = pipeline.run_stage("frames", ws, lambda f, m: seen.append(f))
+    assert summary["frames_extracted"] == 12 and not stale.exists()
+    assert not (ws / "checkpoints" / "mapping.json").exists()
+    assert seen == sorted(seen) and seen[-1] == 1.0
+    assert pipeline.read_checkpoint(ws, "frames")["summary"] == summary
 
 
 # --- end to end on the real sample ----------------------------------------------------------
