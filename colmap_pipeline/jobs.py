@@ -132,4 +132,5 @@ def job_public(row: dict, queue_position: int | None = None) -> JobPublic:
         created_at=row["created_at"], started_at=row.get("started_at"),
         finished_at=row.get("finished_at"), attempt=row.get("attempt", 0),
         input_bytes=row["input_bytes"], input_sha256=row["input_sha256"],
-        video=row.get("video_info"), error=error, results=results, artifacts=artifacts)
+        video=row.get("video_info"), error=error, results=results, artifacts=artifacts,
+        attempts=row.get("attempts") or [])

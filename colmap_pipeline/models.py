@@ -115,6 +115,10 @@ class JobPublic(BaseModel):
         "(frames_extracted, registered_images, points3d, mean_reprojection_error_px, "
         "mean_track_length, models, camera, timings_s)")
     artifacts: list[ArtifactPublic] = Field(default_factory=list)
+    attempts: list[dict[str, Any]] = Field(
+        default_factory=list, description="one record per run of the job: attempt, outcome, "
+        "failed_stage, error_code, started_at, finished_at, stage_wall_s (wall time of each "
+        "stage's process, s)")
 
 
 class JobList(BaseModel):

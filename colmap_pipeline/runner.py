@@ -18,6 +18,7 @@ from typing import Any
 
 from .config import Settings
 from .errors import ERROR_CATALOG
+from .pipeline import write_job
 from .executor import StageOutcome, describe_exit, kill_process_group, run_stage
 from .stages import GPU_STAGES, STAGE_NAMES, STAGES, overall_progress
 
@@ -35,13 +36,6 @@ def job_dir(settings: Settings, job_id: str) -> Path:
 def workspace_dir(settings: Settings, job_id: str) -> Path:
     """The pipeline workspace of a job (``job_dir/work``)."""
     return job_dir(settings, job_id) / "work"
-
-
-def _write_json_atomic(path: Path, doc: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> Any:
@@ -134,15 +128,18 @@ class JobRunner:
         deadline = loop.time() + self.settings.job_timeout_s
         ws = workspace_dir(self.settings, job_id)
         preset = self.settings.preset(job["quality"])
-        spec = {"input": str(Path(job["input_path"]).resolve()), "preset": preset.to_dict(),
-                "use_gpu": self.gpu_enabled, "test_fault": self.settings.test_fault}
         started = time.monotonic()
+        timings: dict[str, float] = {}
         try:
-            await asyncio.to_thread(_write_json_atomic, ws / "job.json", spec)
+            await asyncio.to_thread(write_job, ws, job["input_path"], preset,
+                                    use_gpu=self.gpu_enabled, test_fault=self.settings.test_fault)
             for stage in STAGES:
+                t0 = time.monotonic()
                 outcome = await self._run_stage(job_id, stage, ws, deadline)
+                timings[stage] = round(time.monotonic() - t0, 3)
                 if not outcome.ok:
                     await self._fail(job_id, stage, outcome)
+                    await self._record_attempt(job, timings, "failed", stage)
                     return
             result = await asyncio.to_thread(_read_json, ws / "result.json")
             for art in result.get("artifacts", []):
@@ -155,12 +152,26 @@ class JobRunner:
                 message=(f"Registered {result.get('registered_images')} of "
                          f"{result.get('frames_extracted')} frames; "
                          f"{result.get('points3d')} 3D points"))
+            await self._record_attempt(job, timings, "completed", None)
             log.info("job %s completed in %.1f s", job_id, time.monotonic() - started)
         except asyncio.CancelledError:
             raise  # shutdown: row stays processing and is requeued at next start
         except Exception as exc:  # our own bug or storage failure: fail the job, keep serving
             log.exception("job %s failed in the runner", job_id)
             await self._set_failed(job_id, "pipeline_error", f"Runner error: {exc}", None)
+
+    async def _record_attempt(self, job: dict, timings: dict[str, float], outcome: str,
+                              failed_stage: str | None) -> None:
+        """Append ``{"attempt", "outcome", "failed_stage", "stage_wall_s"}`` to the job row.
+
+        ``stage_wall_s`` is the wall time (s) of each stage child, start-up included.
+        """
+        row = await self.store.get_job(job["job_id"])
+        await self.store.append_attempt(job["job_id"], {
+            "attempt": job.get("attempt", 1), "outcome": outcome,
+            "failed_stage": failed_stage, "error_code": (row or {}).get("error_code"),
+            "started_at": job.get("started_at"), "finished_at": _now(),
+            "stage_wall_s": timings})
 
     async def _run_stage(self, job_id: str, stage: str, ws: Path, deadline: float) -> StageOutcome:
         name = STAGE_NAMES[stage]
