@@ -31,7 +31,8 @@ def main() -> int:
     args = ap.parse_args()
     url = f"http://127.0.0.1:{args.port}"
 
-    env = {**os.environ, "PORT": str(args.port)}
+    # the demo prints its own progress; keep the server's request log out of the way
+    env = {"LOG_LEVEL": "warning", **os.environ, "PORT": str(args.port)}
     print(f"Starting the service: {sys.executable} main.py  (PORT={args.port})", flush=True)
     server = subprocess.Popen([sys.executable, str(REPO / "main.py")], cwd=REPO, env=env)
     try:
