@@ -54,6 +54,16 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_status_created ON jobs(status, created_at);
     CREATE INDEX jobs_project_created ON jobs(project_id, created_at);
     """,
+    # 1 -> 2: job lifecycle (issue 5): the stage child's process group (killed at boot if it
+    # survived its server), the upload's Idempotency-Key (unique while set), automatic retries
+    """
+    ALTER TABLE jobs ADD COLUMN pgid INTEGER;
+    ALTER TABLE jobs ADD COLUMN idempotency_key TEXT;
+    ALTER TABLE jobs ADD COLUMN auto_retries INTEGER NOT NULL DEFAULT 0;
+    CREATE UNIQUE INDEX jobs_idempotency_key ON jobs(idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE INDEX jobs_status_finished ON jobs(status, finished_at);
+    """,
 ]
 
 
@@ -271,3 +281,65 @@ class JobStore:
         ids = [r[0] for r in await cur.fetchall()]
         await self._conn.commit()
         return ids
+
+    # ---- lifecycle (issue 5) ----------------------------------------------------------------
+    async def set_pgid(self, job_id: str, pgid: int | None) -> None:
+        """Record (or clear, with ``None``) the process group of the job's running stage child.
+
+        Persisted so that a server restarted after a crash can kill a child that outlived it
+        (:meth:`recorded_pgids`).
+        """
+        await self._conn.execute("UPDATE jobs SET pgid = ? WHERE job_id = ?", (pgid, job_id))
+        await self._conn.commit()
+
+    async def recorded_pgids(self) -> list[tuple[str, int]]:
+        """``[(job_id, pgid)]`` of every row that still names a stage child's process group."""
+        cur = await self._conn.execute(
+            "SELECT job_id, pgid FROM jobs WHERE pgid IS NOT NULL ORDER BY rowid")
+        return [(r[0], int(r[1])) for r in await cur.fetchall()]
+
+    async def find_by_idempotency_key(self, key: str) -> dict | None:
+        """The job created by an upload that carried ``Idempotency-Key: key``, or ``None``."""
+        cur = await self._conn.execute(
+            "SELECT * FROM jobs WHERE idempotency_key = ? AND status != 'deleted'", (key,))
+        return self._row(await cur.fetchone())
+
+    async def requeue_for_retry(self, job_id: str, from_statuses: Iterable[str],
+                                message: str) -> bool:
+        """Move a job back to ``pending`` for another attempt (compare-and-set), clearing the
+        error and results of the previous one. Returns whether the row changed."""
+        return await self.transition(
+            job_id, from_statuses, "pending", error_code=None, error_message=None,
+            error_hint=None, results=None, finished_at=None, progress=0,
+            current_stage="Queued", message=message)
+
+    async def bump_attempt(self, job_id: str, *, auto_retry: bool) -> int:
+        """Start a new attempt of a ``processing`` job in place (automatic retry): increments
+        ``attempt`` (and ``auto_retries`` when ``auto_retry``); returns the new attempt number
+        (0 when the job is no longer processing)."""
+        cur = await self._conn.execute(
+            """UPDATE jobs SET attempt = attempt + 1, auto_retries = auto_retries + ?,
+                      started_at = ?, updated_at = ?
+               WHERE job_id = ? AND status = 'processing' RETURNING attempt""",
+            (1 if auto_retry else 0, utcnow(), utcnow(), job_id))
+        row = await cur.fetchone()
+        await self._conn.commit()
+        return int(row[0]) if row else 0
+
+    async def finished_before(self, cutoff_iso: str,
+                              statuses: Iterable[str] = ("completed", "failed", "cancelled"),
+                              ) -> list[str]:
+        """Ids of jobs in ``statuses`` whose ``finished_at`` is older than ``cutoff_iso``
+        (ISO-8601 UTC, compared as text: every time here has the same format)."""
+        sts = list(statuses)
+        marks = ", ".join("?" for _ in sts)
+        cur = await self._conn.execute(
+            f"""SELECT job_id FROM jobs WHERE status IN ({marks}) AND finished_at IS NOT NULL
+                AND finished_at < ? ORDER BY finished_at""", [*sts, cutoff_iso])
+        return [r[0] for r in await cur.fetchall()]
+
+    async def job_ids_with_files(self) -> set[str]:
+        """Ids of every job whose files must stay on disk (any status but expired/deleted)."""
+        cur = await self._conn.execute(
+            "SELECT job_id FROM jobs WHERE status NOT IN ('expired', 'deleted')")
+        return {r[0] for r in await cur.fetchall()}

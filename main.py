@@ -1,12 +1,21 @@
 """Composition root: ``create_app(settings) -> FastAPI``; ``python main.py`` serves on PORT.
 
 ``uvicorn --factory main:create_app`` works too (settings then come from the environment).
-The lifespan opens the job store, probes the GPU once (in a child), and starts/stops the runner.
+The lifespan opens the job store, sweeps orphans, probes the GPU once (in a child), and
+starts/stops the runner (which first kills children a crashed server left and resumes its jobs).
+
+Graceful shutdown (SIGTERM, what Northflank sends): :class:`DrainingServer` marks the app as
+draining at once (``/readiness`` 503, uploads 503 + ``Retry-After``) while it keeps serving HTTP,
+gives running stages ``SHUTDOWN_GRACE_S`` to finish, and only then lets uvicorn exit; the
+lifespan shutdown then stops what still runs, leaving those jobs ``pending`` and resumable.
+A second SIGTERM/SIGINT exits at once (jobs still resume at the next start).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+from types import FrameType
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -22,6 +31,39 @@ from colmap_pipeline.runner import JobRunner
 from database import JobStore
 
 log = logging.getLogger("colmap_worker")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn server whose first SIGTERM/SIGINT drains the app before exiting.
+
+    uvicorn's own handler closes the listening socket at once, so a readiness probe would see
+    a refused connection rather than a 503; here the socket stays open during the drain.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self._app = app
+        self._drain_task: asyncio.Task | bool | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        state = self._app.state
+        if self._drain_task is not None or getattr(state, "runner", None) is None:
+            return super().handle_exit(sig, frame)  # second signal, or not started: exit now
+        state.draining = True  # visible to the very next request
+        log.warning("received %s: draining for up to %.0f s", signal.Signals(sig).name,
+                    state.settings.shutdown_grace_s)
+        loop = asyncio.get_running_loop()  # a Python signal handler runs in the loop's thread
+
+        def begin() -> None:
+            self._drain_task = loop.create_task(self._drain(sig, frame))
+        self._drain_task = True  # type: ignore[assignment]  # a second signal exits at once
+        loop.call_soon_threadsafe(begin)  # wakes the loop; never touch it from the handler
+
+    async def _drain(self, sig: int, frame: FrameType | None) -> None:
+        try:
+            await self._app.state.runner.drain(self._app.state.settings.shutdown_grace_s)
+        finally:
+            super().handle_exit(sig, frame)
 
 
 def sweep_partial_uploads(upload_dir: Path) -> int:
@@ -54,14 +96,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = await JobStore.open(Path(settings.database_path))
         app.state.gpu = await probe_gpu(cpu_only=settings.colmap_cpu_only)
         app.state.runner = JobRunner(app.state.store, settings, gpu_enabled=app.state.gpu.enabled)
-        await app.state.runner.start()
+        await app.state.runner.start()  # kills recorded child groups, requeues, schedules
+        await app.state.runner.housekeeping(startup=True)  # retention, orphan workspaces
+        app.state.runner.start_housekeeping()
         log.info("COLMAP worker %s ready: data_dir=%s gpu=%s", __version__, data_dir.resolve(),
                  app.state.gpu.enabled)
         try:
             yield
         finally:
             app.state.draining = True
-            await app.state.runner.stop()
+            await app.state.runner.stop(grace_s=settings.shutdown_grace_s)
             await app.state.store.close()
 
     app = FastAPI(title="COLMAP Worker API", version=__version__, lifespan=lifespan,
@@ -81,8 +125,10 @@ def main() -> None:
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower())
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                            log_level=settings.log_level.lower())
+    DrainingServer(config, app).run()
 
 
 if __name__ == "__main__":

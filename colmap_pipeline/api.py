@@ -6,9 +6,11 @@ Every error answer has one shape, :class:`models.ErrorResponse`:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
+import sqlite3
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,15 +27,19 @@ from . import __version__
 from .config import Settings
 from .errors import PipelineError
 from .jobs import create_job_from_upload, job_public, parse_form, probe_upload
-from .models import (ErrorResponse, HealthResponse, JobList, JobPublic, ReadinessResponse,
-                     RootResponse, UploadResponse)
+from .models import (ErrorResponse, FramesResponse, HealthResponse, JobList, JobPublic,
+                     ReadinessResponse, RootResponse, UploadResponse)
 from .runner import workspace_dir
 from .uploads import receive_upload
 
 log = logging.getLogger("colmap_worker.api")
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    s: {"model": ErrorResponse} for s in (400, 404, 409, 413, 415, 422, 429, 503)}
+    s: {"model": ErrorResponse} for s in (400, 404, 409, 413, 415, 422, 429, 503, 507)}
+#: seconds a client is told to wait (Retry-After) when uploading to a draining server
+DRAINING_RETRY_AFTER_S = 30
+#: longest accepted Idempotency-Key header (characters)
+MAX_IDEMPOTENCY_KEY_LEN = 200
 
 
 def error_response(code: str, message: str | None = None, hint: str | None = None,
@@ -113,7 +119,8 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
     @router.get("/", response_model=RootResponse, summary="Service identity")
     async def root(state: State) -> RootResponse:
         return RootResponse(version=__version__, gpu_enabled=state.gpu.enabled,
-                            pycolmap_version=state.gpu.pycolmap_version)
+                            pycolmap_version=state.gpu.pycolmap_version,
+                            gpu=await asyncio.to_thread(state.gpu.public))
 
     @router.get("/health", response_model=HealthResponse, summary="Liveness probe")
     async def health(state: State) -> HealthResponse:
@@ -121,7 +128,8 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
         return HealthResponse(gpu_status=state.gpu.enabled,
                               active_gpu_jobs=runner.active_gpu_jobs,
                               max_gpu_jobs=runner.max_gpu_jobs, active_jobs=runner.active_jobs,
-                              max_concurrent_jobs=settings.max_concurrent_jobs)
+                              max_concurrent_jobs=settings.max_concurrent_jobs,
+                              gpu=await asyncio.to_thread(state.gpu.public))
 
     @router.get("/readiness", response_model=ReadinessResponse, summary="Readiness probe",
                 responses={503: {"model": ReadinessResponse}})
@@ -159,18 +167,126 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
         probe the file, then create a pending job."""
         state = request.app.state
         if state.draining:
-            raise PipelineError("not_ready", "The service is shutting down.")
+            return error_response("not_ready", "The service is shutting down.",
+                                  headers={"Retry-After": str(DRAINING_RETRY_AFTER_S)})
+        key = request.headers.get("idempotency-key")
+        if key is not None:
+            key = key.strip()
+            if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LEN:
+                raise PipelineError("invalid_request", "Idempotency-Key must be 1-"
+                                    f"{MAX_IDEMPOTENCY_KEY_LEN} characters.")
+            existing = await state.store.find_by_idempotency_key(key)
+            if existing is not None:
+                return _replayed(existing)
+        await _require_disk(request)
         upload_dir = Path(settings.data_dir) / "uploads"
         received = await receive_upload(request, upload_dir, max_bytes=settings.max_upload_bytes)
         try:
             form = parse_form(received.fields)
             video = await probe_upload(received.path, settings)
-            row = await create_job_from_upload(
-                state.store, settings, upload_path=received.path,
-                size_bytes=received.size_bytes, sha256=received.sha256,
-                client_filename=received.client_filename, form=form, video=video)
+            try:
+                row = await create_job_from_upload(
+                    state.store, settings, upload_path=received.path,
+                    size_bytes=received.size_bytes, sha256=received.sha256,
+                    client_filename=received.client_filename, form=form, video=video,
+                    idempotency_key=key)
+            except sqlite3.IntegrityError:
+                existing = await state.store.find_by_idempotency_key(key) if key else None
+                if existing is None:
+                    raise
+                return _replayed(existing)  # a concurrent upload with the same key won
         finally:
             await asyncio.to_thread(received.path.unlink, True)  # no-op once moved
+        state.runner.wake()
+        body = UploadResponse(job_id=row["job_id"], scan_id=row["scan_id"],
+                              status_url=f"/jobs/{row['job_id']}")
+        return JSONResponse(body.model_dump(), status_code=202)
+
+    def _replayed(row: dict) -> JSONResponse:
+        """The answer of the upload that created ``row`` (Idempotency-Key replay)."""
+        body = UploadResponse(job_id=row["job_id"], scan_id=row["scan_id"],
+                              status_url=f"/jobs/{row['job_id']}")
+        return JSONResponse(body.model_dump(), status_code=202,
+                            headers={"Idempotent-Replayed": "true"})
+
+    async def _require_disk(request: Request) -> None:
+        """507 ``insufficient_storage`` when the upload would leave less than
+        ``MIN_FREE_DISK_BYTES`` free in DATA_DIR (``Content-Length`` counted when sent)."""
+        free = await asyncio.to_thread(_free_disk, Path(settings.data_dir))
+        try:
+            incoming = max(0, int(request.headers.get("content-length") or 0))
+        except ValueError:
+            incoming = 0
+        if free - incoming < settings.min_free_disk_bytes:
+            raise PipelineError(
+                "insufficient_storage",
+                f"Only {free} bytes are free; the service keeps {settings.min_free_disk_bytes}.",
+                details={"free_disk_bytes": free, "upload_bytes": incoming,
+                         "min_free_disk_bytes": settings.min_free_disk_bytes})
+
+    @router.post("/jobs/{job_id}/cancel", response_model=JobPublic, responses=ERROR_RESPONSES,
+                 summary="Cancel a pending or processing job")
+    async def cancel_job(job_id: str, state: State) -> JobPublic:
+        """Stops the job's child process group (gone within a few seconds) and frees its GPU
+        slot; the workspace stays until retention so a retry reuses its checkpoints."""
+        row = await _get(state, job_id)
+        if not await state.runner.cancel(job_id):
+            raise PipelineError("job_not_cancellable", f"Job {job_id} is {row['status']}.",
+                                details={"status": row["status"]})
+        return job_public(await state.store.get_job(job_id))
+
+    @router.post("/jobs/{job_id}/retry", response_model=JobPublic, responses=ERROR_RESPONSES,
+                 summary="Retry a failed or cancelled job")
+    async def retry_job(job_id: str, state: State) -> JobPublic:
+        """Queues the job again with the same ``job_id``; it resumes from its first stage
+        without a valid checkpoint."""
+        row = await _get(state, job_id)
+        if state.draining:
+            return error_response("not_ready", "The service is shutting down.",
+                                  headers={"Retry-After": str(DRAINING_RETRY_AFTER_S)})
+        if not await state.runner.retry(job_id):
+            raise PipelineError("job_not_retryable", f"Job {job_id} is {row['status']}.",
+                                details={"status": row["status"]})
+        row = await state.store.get_job(job_id)
+        return job_public(row, await state.store.queue_position(job_id))
+
+    @router.delete("/jobs/{job_id}", response_model=JobPublic, responses=ERROR_RESPONSES,
+                   summary="Delete a job and its files")
+    async def delete_job(job_id: str, state: State) -> JobPublic:
+        """Cancels the job if it runs, removes its files, and keeps the row as ``deleted``
+        (then ``GET /jobs/{job_id}`` answers 404)."""
+        await _get(state, job_id)
+        if not await state.runner.delete(job_id):
+            raise PipelineError("not_found", f"No job with id {job_id!r}.")
+        return job_public(await state.store.get_job(job_id))
+
+    @router.post("/upload-images", status_code=202, response_model=UploadResponse,
+                 responses=ERROR_RESPONSES, summary="Upload photos (or one zip) and queue a job",
+                 openapi_extra={"requestBody": {"required": True, "content": {
+                     "multipart/form-data": {"schema": {
+                         "type": "object", "required": ["images", "project_id"],
+                         "properties": {
+                             "images": {"type": "array", "items": {
+                                 "type": "string", "format": "binary"},
+                                 "description": "JPEG/PNG photos (repeat the field), or one "
+                                                "zip of them"},
+                             "project_id": {"type": "string"},
+                             "scan_name": {"type": "string"},
+                             "quality": {"type": "string", "enum": ["low", "medium", "high"],
+                                         "default": "medium"},
+                             "user_email": {"type": "string"}}}}}}})
+    @limiter.limit(lambda: f"{settings.max_requests_per_minute}/minute")
+    async def upload_images(request: Request) -> JSONResponse:
+        """Photo-set input (issue 4): same flow, limits and errors as ``/upload-video``; zips
+        are checked (zip-slip, links, entry count, size and ratio caps) before extraction."""
+        from .photo_upload import create_photo_job
+
+        state = request.app.state
+        if state.draining:
+            return error_response("not_ready", "The service is shutting down.",
+                                  headers={"Retry-After": str(DRAINING_RETRY_AFTER_S)})
+        await _require_disk(request)
+        row = await create_photo_job(request, state.store, settings)
         state.runner.wake()
         body = UploadResponse(job_id=row["job_id"], scan_id=row["scan_id"],
                               status_url=f"/jobs/{row['job_id']}")
@@ -219,7 +335,35 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
             raise PipelineError("artifact_not_found", f"The file of {name!r} is gone.")
         return FileResponse(path, media_type=arts[name].get("media_type"), filename=name)
 
+    @router.get("/jobs/{job_id}/frames", response_model=FramesResponse,
+                responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
+                summary="Per-frame scores of the frame selection")
+    async def get_frames(job_id: str, state: State) -> FramesResponse:
+        """Every decoded frame's timestamp, sharpness, brightness, motion and whether it was
+        kept (or why not). Available once the frames stage has run, also for failed jobs."""
+        await _get(state, job_id)
+        doc = await asyncio.to_thread(_read_frames_json,
+                                      workspace_dir(settings, job_id) / "frames.json")
+        if doc is None or "scores" not in doc:
+            raise PipelineError("frames_not_ready")
+        sel = doc.get("selection") or {}
+        return FramesResponse(job_id=job_id, cap=sel.get("cap", 0), kept=len(doc["frames"]),
+                              num_decoded=doc.get("num_decoded", 0),
+                              dropped=sel.get("dropped", {}), warnings=doc.get("warnings", []),
+                              diagnosis=doc.get("diagnosis"), video=doc.get("video"),
+                              frames=doc["scores"])
+
     return router
+
+
+def _read_frames_json(path: Path) -> dict | None:
+    """``frames.json`` of a workspace, or ``None`` when absent or half-written."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def make_limiter() -> Limiter:

@@ -73,9 +73,20 @@ class Settings(BaseSettings):
     log_level: str = Field("info")
     test_fault: str = Field(
         "",
-        description="TEST ONLY: 'ACTION:STAGE' (abort|fail|sleep) makes the pipeline child "
+        description="TEST ONLY: 'ACTION:STAGE' (abort|fail|sleep|pause) makes the pipeline child "
         "misbehave at that stage. Off unless set.",
     )
+    shutdown_grace_s: float = Field(
+        20.0, ge=0, description="on SIGTERM, seconds running stages get to finish before they "
+        "are stopped (left resumable)")
+    retention_hours: float = Field(
+        168.0, ge=0, description="files of finished jobs are deleted this many hours after they "
+        "finish (row kept as 'expired'); 0 keeps them forever")
+    housekeeping_interval_s: float = Field(
+        3600.0, gt=0, description="seconds between retention / orphan sweeps")
+    pipeline_random_seed: int = Field(
+        -1, ge=-1, description="-1: random RANSAC/mapper seeds on all cores; >= 0: that seed "
+        "and one thread for matching and mapping, so runs are repeatable (tests, benchmarks)")
 
     @model_validator(mode="after")
     def _default_db(self) -> "Settings":

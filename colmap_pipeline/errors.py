@@ -19,6 +19,12 @@ ERROR_CATALOG: dict[str, tuple[int, str, str]] = {
                         "Upload a video file such as MP4 (H.264/HEVC) or MOV."),
     "video_too_long": (422, "The video is longer than the allowed duration.",
                        "Trim the video to the allowed duration and upload it again."),
+    "unsafe_archive": (422, "The zip archive was refused as unsafe or unreadable.",
+                       "Send a plain zip of JPEG/PNG photos: no folders outside the archive "
+                       "('..' or absolute paths), no links, at most 1000 entries, no "
+                       "highly compressible padding."),
+    "unsupported_image": (415, "A file is not a JPEG or PNG photo.",
+                          "Upload only .jpg/.jpeg/.png photos (or a zip of them)."),
     "rate_limited": (429, "Too many uploads from this client.",
                      "Wait for the number of seconds in Retry-After and try again."),
     "not_found": (404, "Not found.", "Check the id: GET /jobs lists existing jobs."),
@@ -34,6 +40,26 @@ ERROR_CATALOG: dict[str, tuple[int, str, str]] = {
     "insufficient_motion": (422, "The camera barely moves in this video, so depth cannot be recovered.",
                             "Walk or fly around the subject, moving the camera sideways; "
                             "turning on the spot or holding still gives no parallax."),
+    # degenerate clips named by the frames stage before SfM (colmap_pipeline/video.py)
+    "video_truncated": (422, "The video file is damaged or cut short: too little of it decodes.",
+                        "Upload the complete file again (the upload or the recording may have "
+                        "been interrupted)."),
+    "too_dark": (422, "The video is too dark: almost every frame is black.",
+                 "Film in better light or raise the exposure; remove the lens cap."),
+    "overexposed": (422, "The video is blown out: almost every frame is white.",
+                    "Lower the exposure or avoid pointing the camera at bright light."),
+    "textureless": (422, "The frames show almost no texture, so no features can be matched.",
+                    "Film a scene with visible detail (not a blank wall, sky or water) and "
+                    "keep it in focus."),
+    "too_blurry": (422, "The frames are too blurry to find features in.",
+                   "Move the camera more slowly, keep the subject in focus, and film in "
+                   "good light so the shutter stays fast."),
+    "rotation_only": (422, "The camera only turns on the spot (like a tripod pan), so depth "
+                      "cannot be recovered.",
+                      "Walk around or alongside the subject instead of turning in place; "
+                      "sideways camera movement gives the parallax SfM needs."),
+    "frames_not_ready": (409, "The job has no frame selection yet.",
+                         "Wait until the Frame Extraction stage has run, then retry."),
     "reconstruction_failed": (422, "COLMAP could not build a usable model from this video.",
                               "Film a well-lit, textured, static scene with slow sideways camera "
                               "motion and plenty of overlap between views."),
@@ -43,6 +69,22 @@ ERROR_CATALOG: dict[str, tuple[int, str, str]] = {
                        "Retry the job; if it fails again, report the job id."),
     "job_timeout": (500, "The job exceeded its time limit.",
                     "Use a lower quality preset or a shorter clip."),
+    # dense reconstruction (issue 6; GPU only)
+    "dense_failed": (500, "Dense reconstruction produced no usable point cloud or mesh.",
+                     "The sparse model is kept; film more overlapping, textured views, or use "
+                     "the sparse result."),
+    # job lifecycle (issue 5)
+    "insufficient_storage": (507, "The server has too little free disk space.",
+                             "Retry later; the operator must free disk space or raise capacity."),
+    "job_not_cancellable": (409, "Only pending or processing jobs can be cancelled.",
+                            "GET /jobs/{job_id} shows the job's status."),
+    "job_not_retryable": (409, "Only failed or cancelled jobs can be retried.",
+                          "GET /jobs/{job_id} shows the job's status; an expired job's files "
+                          "are gone, upload the video again."),
+    "workspace_busy": (500, "Another process is still writing this job's workspace.",
+                       "Retry the job in a minute; if it persists, report the job id."),
+    "storage_error": (500, "A database or disk error stopped the job.",
+                      "Retry the job; if it fails again, report the job id."),
 }
 
 

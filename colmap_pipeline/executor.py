@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -54,14 +55,64 @@ def kill_process_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
         return False
 
 
-async def _stop(proc: asyncio.subprocess.Process) -> None:
-    """SIGTERM the child's group, then SIGKILL it after :data:`KILL_GRACE_S`."""
+def _group_members(pgid: int) -> list[tuple[int, list[str]]]:
+    """``[(pid, argv)]`` of live processes in process group ``pgid`` (Linux ``/proc``)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            fields = stat.rsplit(")", 1)[1].split()
+            # fields[0] = state (field 3), fields[2] = pgrp (field 5); see proc(5)
+            if int(fields[2]) != pgid or fields[0] in ("Z", "X"):
+                continue
+            argv = [a.decode(errors="replace")
+                    for a in (entry / "cmdline").read_bytes().split(b"\0") if a]
+        except (OSError, ValueError, IndexError):
+            continue
+        out.append((int(entry.name), argv))
+    return out
+
+
+def kill_recorded_group(pgid: int, workspace: Path, wait_s: float = 5.0) -> bool:
+    """SIGKILL process group ``pgid`` if it is still a pipeline child of ``workspace``.
+
+    Used at boot on the groups a previous server recorded: a pid can be reused after a crash,
+    so the group is killed only when one of its members is a ``colmap_pipeline`` process whose
+    argv names ``workspace``. Blocks (call it in a thread) until the group is gone or
+    ``wait_s`` passes.
+
+    Returns: True when a matching group was found and killed.
+    """
+    if not Path("/proc/self/stat").exists():  # not Linux: rely on PR_SET_PDEATHSIG only
+        return False
+    ws = str(workspace)
+    members = _group_members(pgid)
+    if not any("colmap_pipeline" in argv and any(ws in a for a in argv)
+               for _, argv in members):
+        return False
+    kill_process_group(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + wait_s
+    while _group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return True
+
+
+async def _stop(proc: asyncio.subprocess.Process, grace_s: float | None = None) -> None:
+    """SIGTERM the child's group, then SIGKILL it after ``grace_s`` (default
+    :data:`KILL_GRACE_S`; 0 = SIGKILL at once)."""
     if proc.returncode is not None:
         kill_process_group(proc.pid)  # stragglers of an exited leader
         return
+    grace = KILL_GRACE_S if grace_s is None else grace_s
+    if grace <= 0:
+        kill_process_group(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        return
     kill_process_group(proc.pid, signal.SIGTERM)
     try:
-        await asyncio.wait_for(proc.wait(), KILL_GRACE_S)
+        await asyncio.wait_for(proc.wait(), grace)
     except asyncio.TimeoutError:
         pass
     kill_process_group(proc.pid, signal.SIGKILL)
@@ -122,7 +173,8 @@ class StageOutcome:
 
 async def run_stage(stage: str, workspace: Path, *, on_progress: ProgressCallback,
                     deadline: float, nice: int, env_extra: dict[str, str] | None = None,
-                    on_spawn: Callable[[int], None] | None = None) -> StageOutcome:
+                    on_spawn: Callable[[int], Awaitable[None] | None] | None = None,
+                    kill_grace_s: float | None = None) -> StageOutcome:
     """Run ``python -m colmap_pipeline stage STAGE --workspace WS`` and follow its events.
 
     The child prints one JSON object per line on stdout (``progress``/``done``/``error``);
@@ -131,7 +183,10 @@ async def run_stage(stage: str, workspace: Path, *, on_progress: ProgressCallbac
     Args:
         deadline: ``loop.time()`` after which the child's group is killed (job timeout).
         on_progress: awaited with ``(fraction 0-1, message)`` for each progress event.
-        on_spawn: called with the child's pid (= its process group id) right after start.
+        on_spawn: called (and awaited, if it returns an awaitable) with the child's pid (= its
+            process group id) right after start.
+        kill_grace_s: seconds between SIGTERM and SIGKILL when the child must be stopped
+            (default :data:`KILL_GRACE_S`).
     Raises: asyncio.CancelledError after killing the child's group, when the caller is
         cancelled (shutdown).
     """
@@ -147,11 +202,13 @@ async def run_stage(stage: str, workspace: Path, *, on_progress: ProgressCallbac
             env=child_env(nice=nice, extra=env_extra), start_new_session=True)
     finally:
         await asyncio.to_thread(log.close)  # the child holds its own copy
-    if on_spawn:
-        on_spawn(proc.pid)
     outcome = StageOutcome(returncode=0, stderr_path=log_path)
     assert proc.stdout is not None
     try:
+        if on_spawn:
+            res = on_spawn(proc.pid)
+            if asyncio.iscoroutine(res):
+                await res
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -175,10 +232,10 @@ async def run_stage(stage: str, workspace: Path, *, on_progress: ProgressCallbac
         outcome.returncode = await asyncio.wait_for(proc.wait(), remaining)
     except asyncio.TimeoutError:
         outcome.timed_out = True
-        await _stop(proc)
+        await _stop(proc, kill_grace_s)
         outcome.returncode = proc.returncode if proc.returncode is not None else -signal.SIGKILL
     except BaseException:
-        await _stop(proc)
+        await _stop(proc, kill_grace_s)
         raise
     finally:
         if proc.returncode is not None:

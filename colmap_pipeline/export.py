@@ -22,6 +22,7 @@ MEDIA_TYPES = {
     ".ply": "application/octet-stream",  # no registered IANA type for PLY
     ".zip": "application/zip",
     ".jpg": "image/jpeg",
+    ".json": "application/json",
 }
 
 
@@ -107,6 +108,9 @@ def export_model(model_dir: str | os.PathLike, frames_dir: str | os.PathLike,
       format) and text (``.txt``) form; ``colmap gui`` / ``pycolmap.Reconstruction`` read it.
     * ``thumbnail.jpg``: the middle registered frame (by name = time order), ``THUMBNAIL_WIDTH``
       px wide. Skipped if no registered frame can be read.
+    * ``transforms.json`` + ``sparse_pc.ply``: nerfstudio's format (:func:`write_nerfstudio`).
+    * ``gaussian_splatting.zip``: undistorted images + PINHOLE COLMAP model
+      (:func:`_write_splatting_zip`).
 
     Returns:
         ``[{"name": str, "bytes": int, "media_type": str, "sha256": str (hex)}]`` in the order
@@ -126,4 +130,87 @@ def export_model(model_dir: str | os.PathLike, frames_dir: str | os.PathLike,
     outputs = [art / "sparse.ply", art / "model.zip"]
     if _write_thumbnail(frames_dir, names, art / "thumbnail.jpg"):
         outputs.append(art / "thumbnail.jpg")
+    outputs += write_nerfstudio(model_dir, art)
+    _write_splatting_zip(model_dir, frames_dir, art / SPLATTING_ZIP)
+    outputs.append(art / SPLATTING_ZIP)
     return [describe_artifact(p) for p in outputs]
+
+
+#: Name of the Gaussian-splatting-ready artifact.
+SPLATTING_ZIP = "gaussian_splatting.zip"
+
+
+def _write_binary_ply(path: Path, xyz, rgb) -> None:
+    """Binary little-endian PLY: ``x y z`` float32 and ``red green blue`` uchar per vertex."""
+    import numpy as np
+
+    n = len(xyz)
+    header = ("ply\nformat binary_little_endian 1.0\n"
+              f"element vertex {n}\n"
+              "property float x\nproperty float y\nproperty float z\n"
+              "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n")
+    rec = np.empty(n, dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"),
+                             ("r", "u1"), ("g", "u1"), ("b", "u1")])
+    if n:
+        rec["x"], rec["y"], rec["z"] = xyz[:, 0], xyz[:, 1], xyz[:, 2]
+        rec["r"], rec["g"], rec["b"] = rgb[:, 0], rgb[:, 1], rgb[:, 2]
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(header.encode("ascii"))
+            fh.write(rec.tobytes())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_nerfstudio(model_dir: str | os.PathLike, artifacts_dir: str | os.PathLike) -> list[Path]:
+    """Write ``transforms.json`` (nerfstudio's format) and ``sparse_pc.ply`` (the model's
+    points, in the same world frame: ``applied_transform`` applied, as nerfstudio's
+    ``create_ply_from_colmap``) into ``artifacts_dir``.
+
+    ``frames[i].file_path`` is ``images/<frame name>``; intrinsics and camera-to-world
+    matrices follow :func:`reconstruction.nerfstudio_transforms` (OpenGL camera axes).
+
+    Returns:
+        the two paths. Raises ``PipelineError("pipeline_error")`` for a camera model that
+        nerfstudio cannot read.
+    """
+    import json
+
+    from . import reconstruction
+
+    art = Path(artifacts_dir)
+    transforms, xyz, rgb = reconstruction.nerfstudio_transforms(model_dir)
+    ply = art / "sparse_pc.ply"
+    _write_binary_ply(ply, xyz, rgb)
+    out = art / "transforms.json"
+    tmp = _tmp_path(out)
+    try:
+        tmp.write_text(json.dumps(transforms, indent=2), encoding="utf-8")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return [out, ply]
+
+
+def _write_splatting_zip(model_dir: Path, frames_dir: Path, out: Path) -> None:
+    """``gaussian_splatting.zip`` = ``images/<name>`` (undistorted) + ``sparse/0/`` (PINHOLE
+    model, binary and text): what 3D Gaussian splatting's ``train.py -s`` and gsplat read."""
+    from . import reconstruction
+
+    tmp = _tmp_path(out)
+    try:
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".undistort_") as d:
+            d = Path(d)
+            reconstruction.undistort_model(model_dir, frames_dir, d / "u")
+            files = reconstruction.write_model_files(d / "u" / "sparse", d / "m",
+                                                     binary=True, text=True)
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+                for f in sorted((d / "u" / "images").iterdir()):
+                    zf.write(f, arcname=f"images/{f.name}")
+                for f in files:
+                    zf.write(f, arcname=f"sparse/0/{f.name}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)

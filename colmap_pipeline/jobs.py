@@ -72,7 +72,7 @@ async def probe_upload(path: Path, settings: Settings) -> dict:
     rc, doc, err = await run_json_command(["probe", str(path)], timeout_s=PROBE_TIMEOUT_S)
     if rc != 0 or not isinstance(doc, dict) or "error" in doc:
         e = (doc or {}).get("error") if isinstance(doc, dict) else None
-        if e and e.get("code") in ("no_video_stream", "too_few_frames"):
+        if e and e.get("code") in ("no_video_stream", "too_few_frames", "video_truncated"):
             raise PipelineError("no_video_stream", e.get("message") or "", e.get("hint") or "")
         raise PipelineError("no_video_stream", details={"probe_exit": rc})
     duration = float(doc.get("duration_s") or 0.0)
@@ -91,11 +91,14 @@ def _install_input(src: Path, dest: Path) -> None:
 
 async def create_job_from_upload(store: Any, settings: Settings, *, upload_path: Path,
                                  size_bytes: int, sha256: str, client_filename: str | None,
-                                 form: UploadForm, video: dict) -> dict:
+                                 form: UploadForm, video: dict,
+                                 idempotency_key: str | None = None) -> dict:
     """Move the upload into the job's folder and insert the ``pending`` row.
 
     The file is stored as ``DATA_DIR/jobs/JOB_ID/input/video.<container>`` (a name the server
-    makes). If the insert fails, the job folder is removed.
+    makes). If the insert fails, the job folder is removed. ``idempotency_key`` (the upload's
+    ``Idempotency-Key`` header) is unique among live jobs: a duplicate raises
+    ``sqlite3.IntegrityError``.
     Returns: the stored row.
     """
     job_id = str(uuid.uuid4())
@@ -109,7 +112,8 @@ async def create_job_from_upload(store: Any, settings: Settings, *, upload_path:
             "job_id": job_id, "scan_id": str(uuid.uuid4()), "project_id": form.project_id,
             "scan_name": form.scan_name, "user_email": form.user_email, "quality": form.quality,
             "input_path": str(dest), "input_filename": client_filename,
-            "input_bytes": size_bytes, "input_sha256": sha256, "video_info": video})
+            "input_bytes": size_bytes, "input_sha256": sha256, "video_info": video,
+            **({"idempotency_key": idempotency_key} if idempotency_key else {})})
     except BaseException:
         await asyncio.to_thread(shutil.rmtree, job_dir(settings, job_id), True)
         raise

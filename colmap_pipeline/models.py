@@ -35,6 +35,9 @@ class RootResponse(BaseModel):
     version: str = Field(description="service version")
     gpu_enabled: bool = Field(description="GPU stages will run on a CUDA GPU")
     pycolmap_version: str | None = Field(None, description="pycolmap in the pipeline children")
+    gpu: dict[str, Any] | None = Field(None, description="GPU probe: cuda, device_count, "
+                                       "enabled, cpu_only_forced, dense_possible, devices (NVML "
+                                       "name, memory, utilisation)")
 
 
 class HealthResponse(BaseModel):
@@ -47,6 +50,7 @@ class HealthResponse(BaseModel):
     max_gpu_jobs: int = Field(description="GPU slots (MAX_GPU_JOBS)")
     active_jobs: int = Field(description="jobs now processing")
     max_concurrent_jobs: int = Field(description="MAX_CONCURRENT_JOBS")
+    gpu: dict[str, Any] | None = Field(None, description="as in GET /")
 
 
 class ReadinessResponse(BaseModel):
@@ -128,3 +132,37 @@ class JobList(BaseModel):
     total: int = Field(description="jobs matching the filters")
     limit: int
     offset: int
+
+
+class FrameScore(BaseModel):
+    """One decoded frame's scores and the selection's verdict on it (issue 3)."""
+
+    timestamp_s: float = Field(description="presentation time (s) from the stream's pts")
+    window: int = Field(description="time window (0 .. cap-1) the frame fell in")
+    sharpness: float = Field(description="variance of the Laplacian on the 480 px analysis image")
+    brightness: float = Field(description="mean luma, 0-255 (full range, HDR tone-mapped)")
+    contrast: float | None = Field(None, description="luma standard deviation, 0-255")
+    texture: float | None = Field(None, description="variance of the Laplacian at 1/4 scale")
+    motion_px: float | None = Field(
+        None, description="median tracked motion (px of the 480 px analysis image) since the "
+        "last kept frame; only for window candidates; null when not measured or tracking lost")
+    kept: bool = Field(description="handed to SfM")
+    reason: str | None = Field(None, description="why it was dropped: black, overexposed, "
+                               "blank, not_sharpest, blurry, near_duplicate; null when kept")
+    file: str | None = Field(None, description="image file name when kept")
+
+
+class FramesResponse(BaseModel):
+    """``GET /jobs/{job_id}/frames``: the frame selection of the job's last frames stage."""
+
+    job_id: str
+    cap: int = Field(description="the preset's frame cap (number of time windows)")
+    kept: int = Field(description="frames handed to SfM")
+    num_decoded: int = Field(description="frames decoded from the video")
+    dropped: dict[str, int] = Field(description="dropped frame count by reason")
+    warnings: list[dict[str, Any]] = Field(default_factory=list,
+                                           description="e.g. video_truncated")
+    diagnosis: dict[str, Any] | None = Field(
+        None, description="the degenerate-clip error found before SfM: {code, details}")
+    video: dict[str, Any] | None = Field(None, description="probe of the input video")
+    frames: list[FrameScore] = Field(description="every decoded frame, in decode order")

@@ -4,7 +4,7 @@ A job runs in a workspace folder ``WS``::
 
     WS/job.json                 written by the caller (see :func:`write_job`)
     WS/frames/frame_00000.jpg   selected frames            (stage "frames")
-    WS/frames.json              frame list, probe, motion  (stage "frames")
+    WS/frames.json              kept frames, per-frame scores, probe, motion, diagnosis ("frames")
     WS/database.db              COLMAP database            (stages "features", "matching")
     WS/sparse/<k>/              COLMAP models              (stage "mapping")
     WS/artifacts/               sparse.ply, model.zip, thumbnail.jpg   (stage "export")
@@ -13,12 +13,17 @@ A job runs in a workspace folder ``WS``::
                                 stage ends; a resumed job starts at :func:`next_stage`.
 
 ``job.json`` = ``{"input": absolute video path, "preset": Preset.to_dict(), "use_gpu": bool,
-"test_fault": ""}``.
+"test_fault": ""}``. ``input`` may also be a folder of photos (``POST /upload-images``); the
+frames stage then prepares them with :func:`photos.prepare_photo_frames`.
 
 Test-fault hook (TEST ONLY, off unless set): ``job.json["test_fault"]`` or, when that is empty,
 the environment variable ``COLMAP_TEST_FAULT``, of the form ``ACTION:STAGE``. At the start of
 ``STAGE``: ``abort`` calls ``os.abort()`` (SIGABRT, like a pycolmap crash), ``fail`` raises
-``PipelineError("pipeline_error")``, ``sleep`` sleeps 3600 s (to test timeouts/cancel).
+``PipelineError("pipeline_error")``, ``sleep`` sleeps 3600 s (to test timeouts/cancel),
+``pause`` creates ``WS/test_fault_paused.STAGE`` and blocks until that file is removed (so a
+test knows the child reached the stage, and can kill, cancel or release it).
+
+Each stage holds an exclusive ``flock`` on ``WS/.lock`` (:mod:`.workspace_lock`) while it runs.
 
 This module imports neither pycolmap (stages import :mod:`.reconstruction` lazily) nor any web
 or database framework.
@@ -37,7 +42,9 @@ from collections.abc import Callable
 from .config import Preset
 from .errors import PipelineError
 from .stages import STAGE_NAMES
+from .stages import STAGE_WEIGHTS, overall_progress  # noqa: F401 - re-exported (CLI, tests)
 from .stages import STAGES as STAGE_IDS
+from .workspace_lock import workspace_lock
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +55,12 @@ STAGE_ORDER = STAGE_IDS
 
 #: Environment variable of the test-fault hook (see module docstring).
 TEST_FAULT_ENV = "COLMAP_TEST_FAULT"
-TEST_FAULT_ACTIONS = ("abort", "fail", "sleep")
-#: Mapping retries with wide-baseline pairs (:func:`reconstruction.match_wide`) when the best
-#: model registers fewer than this fraction of the frames, has implausible intrinsics or
-#: fails. Sequential pairs alone leave slow, distant footage (the Karma drone clip) without an
-#: initial pair of enough triangulation angle.
-WIDE_MATCHING_BELOW_FRACTION = 0.5
+TEST_FAULT_ACTIONS = ("abort", "fail", "sleep", "pause")
+#: ``pause:STAGE`` creates this file (``WS/test_fault_paused.STAGE``) when it reaches the stage,
+#: then blocks while the file exists: a test waits for the file, then kills, cancels or releases
+#: (deletes it). Gives up after :data:`TEST_PAUSE_MAX_S`.
+TEST_PAUSE_FILE = "test_fault_paused.{stage}"
+TEST_PAUSE_MAX_S = 3600.0
 
 Progress = Callable[[float, str], None]
 
@@ -104,14 +111,25 @@ def _read_json(path: Path) -> dict:
 
 
 def write_job(workspace: str | os.PathLike, video: str | os.PathLike, preset: Preset,
-              use_gpu: bool = False, test_fault: str = "") -> Path:
-    """Create the workspace folder and write ``job.json`` atomically; returns its path."""
+              use_gpu: bool = False, test_fault: str = "", random_seed: int = -1) -> Path:
+    """Create the workspace folder and write ``job.json`` atomically; returns its path.
+
+    ``random_seed`` >= 0 makes matching and mapping repeatable: RANSAC and the mapper get that
+    seed and run on one thread (pycolmap's multi-threaded verification and mapping differ from
+    run to run; see DESIGN.md section 8). -1 = random seed, all cores.
+    """
     ws = Workspace(workspace)
     ws.root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(ws.job_json, {"input": str(Path(video).resolve()),
                                     "preset": preset.to_dict(), "use_gpu": bool(use_gpu),
-                                    "test_fault": test_fault})
+                                    "test_fault": test_fault, "random_seed": int(random_seed)})
     return ws.job_json
+
+
+def _repeatable(job: dict) -> dict:
+    """``{"num_threads": 1, "random_seed": seed}`` when job.json fixes a seed, else ``{}``."""
+    seed = int(job.get("random_seed", -1))
+    return {"num_threads": 1, "random_seed": seed} if seed >= 0 else {}
 
 
 def read_job(workspace: str | os.PathLike) -> dict:
@@ -167,7 +185,7 @@ def parse_test_fault(spec: str) -> tuple[str, str] | None:
     return action, stage
 
 
-def _apply_test_fault(job: dict, stage: str) -> None:
+def _apply_test_fault(job: dict, stage: str, workspace: Path | None = None) -> None:
     fault = parse_test_fault(job.get("test_fault") or os.environ.get(TEST_FAULT_ENV, ""))
     if fault is None or fault[1] != stage:
         return
@@ -179,6 +197,12 @@ def _apply_test_fault(job: dict, stage: str) -> None:
         raise PipelineError("pipeline_error", details={"test_fault": f"{action}:{stage}"})
     if action == "sleep":
         time.sleep(3600)
+    if action == "pause" and workspace is not None:
+        flag = workspace / TEST_PAUSE_FILE.format(stage=stage)
+        flag.write_text(str(os.getpid()))
+        deadline = time.monotonic() + TEST_PAUSE_MAX_S
+        while flag.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def _remove(path: Path) -> None:
@@ -205,6 +229,11 @@ def _clean_stage(ws: Workspace, stage: str) -> None:
             reconstruction.clear_matches(ws.database)
     elif stage == "mapping":
         _remove(ws.sparse_dir)
+    elif stage == "dense":
+        _remove(ws.root / "dense")
+    elif stage == "meshing":
+        for name in ("mesh.ply", "mesh.glb"):
+            _remove(ws.root / "dense" / name)
     elif stage == "export":
         _remove(ws.artifacts_dir)
         _remove(ws.result_json)
@@ -224,19 +253,30 @@ def _stage_frames(ws: Workspace, job: dict, progress: Progress, t0: float) -> di
     from . import video
 
     preset: Preset = job["preset"]
+    if Path(job["input"]).is_dir():  # photo set (POST /upload-images, issue 4)
+        from . import photos
+
+        progress(0.0, "Preparing photos...")
+        res = photos.prepare_photo_frames(job["input"], ws.frames_dir, preset.max_image_size)
+        write_json_atomic(ws.frames_json, res)
+        progress(1.0, f"Prepared {len(res['frames'])} photos")
+        return {"frames_extracted": len(res["frames"]), "num_decoded": res["num_decoded"],
+                "video": res["video"], "input_kind": "images"}
     res = video.extract_frames(job["input"], ws.frames_dir, preset.max_frames,
                                max_image_size=preset.max_image_size,
                                progress=lambda f, m: progress(0.9 * f, m))
-    progress(0.9, "Checking camera motion...")
-    paths = [ws.frames_dir / f["file"] for f in res["frames"]]
-    motion = video.judge_motion(video.measure_motion(paths))
-    res["motion"] = motion
-    write_json_atomic(ws.frames_json, res)  # kept on failure, for inspection
-    if not motion["moving"]:
-        raise PipelineError("insufficient_motion", details=motion)
+    progress(0.9, "Checking camera motion and parallax...")
+    # Degenerate clips (dark, blurry, static, tripod pan...) are named here, before SfM.
+    diag = video.diagnose(res, ws.frames_dir)
+    res["motion"], res["parallax"], res["diagnosis"] = (diag["motion"], diag["parallax"],
+                                                       diag["error"])
+    write_json_atomic(ws.frames_json, res)  # kept on failure: served at GET /jobs/{id}/frames
+    if diag["error"]:
+        raise PipelineError(diag["error"]["code"], details=diag["error"]["details"])
     progress(1.0, f"Selected {len(res['frames'])} frames")
     return {"frames_extracted": len(res["frames"]), "num_decoded": res["num_decoded"],
-            "video": res["video"], "motion": motion}
+            "video": res["video"], "motion": diag["motion"], "selection": res["selection"],
+            "warnings": res["warnings"]}
 
 
 def _stage_features(ws: Workspace, job: dict, progress: Progress, t0: float) -> dict:
@@ -251,54 +291,22 @@ def _stage_matching(ws: Workspace, job: dict, progress: Progress, t0: float) -> 
     from . import reconstruction
 
     _require(ws, "features")
+    threads = {"num_threads": 1} if _repeatable(job) else {}
     return reconstruction.match_sequential(ws.database, use_gpu=bool(job["use_gpu"]),
-                                           progress=progress)
+                                           progress=progress, **threads)
 
 
 def _stage_mapping(ws: Workspace, job: dict, progress: Progress, t0: float) -> dict:
-    from . import reconstruction
+    """Map with checks and the bounded recovery ladder (:mod:`.ladder`, issue 4)."""
+    from . import ladder
 
     _require(ws, "matching")
-    num_frames = len(_read_json(ws.frames_json)["frames"])
-    state = {"max": 0.0}
-
-    def monotone(lo: float, hi: float) -> Progress:
-        def cb(f: float, msg: str) -> None:
-            state["max"] = max(state["max"], lo + (hi - lo) * f)
-            progress(state["max"], msg)
-        return cb
-
-    wide = None
-    try:
-        models, chosen = reconstruction.map_incremental(
-            ws.database, ws.frames_dir, ws.sparse_dir, num_frames, progress=monotone(0.0, 1.0))
-        best = next(m for m in models if m["index"] == chosen)
-        retry = best["registered_images"] < WIDE_MATCHING_BELOW_FRACTION * num_frames
-        first_error = None
-    except PipelineError as exc:
-        if exc.code != "reconstruction_failed":
-            raise
-        retry, first_error = True, exc
-    if retry:
-        log.info("mapping retry with wide-baseline pairs")
-        base = state["max"]
-        wide_cb = monotone(base, base + (1 - base) * 0.5)
-        wide = reconstruction.match_wide(
-            ws.database, use_gpu=bool(job["use_gpu"]),
-            progress=lambda f, m: wide_cb(f, f"Few images registered; adding wide-baseline "
-                                             f"pairs: {m[0].lower()}{m[1:]}"))
-        if wide["image_pairs"] == 0:
-            if first_error is not None:
-                raise first_error
-        else:
-            _remove(ws.sparse_dir)
-            models, chosen = reconstruction.map_incremental(
-                ws.database, ws.frames_dir, ws.sparse_dir, num_frames,
-                progress=monotone(state["max"], 1.0))
-    best = next(m for m in models if m["index"] == chosen)
-    return {"frames": num_frames, "models": models, "chosen_model": chosen,
-            "registered_images": best["registered_images"], "points3d": best["points3d"],
-            "wide_matching": wide}
+    frames = _read_json(ws.frames_json)
+    preset: Preset = job["preset"]
+    return ladder.run_ladder(ws.database, ws.frames_dir, ws.sparse_dir, len(frames["frames"]),
+                             quality=preset.quality, use_gpu=bool(job["use_gpu"]),
+                             focal_prior_px=frames.get("focal_prior_px"), progress=progress,
+                             **_repeatable(job))
 
 
 def _stage_export(ws: Workspace, job: dict, progress: Progress, t0: float) -> dict:
@@ -310,6 +318,14 @@ def _stage_export(ws: Workspace, job: dict, progress: Progress, t0: float) -> di
     model_dir = ws.sparse_dir / str(chosen)
     progress(0.0, "Writing point cloud and model files...")
     artifacts = export.export_model(model_dir, ws.frames_dir, ws.artifacts_dir)
+    # issue 6: dense artifacts, when the GPU stages made them
+    for name in ("fused.ply", "mesh.ply", "mesh.glb"):
+        src = ws.root / "dense" / name
+        if src.is_file():
+            shutil.copyfile(src, ws.artifacts_dir / name)
+            artifacts.append(export.describe_artifact(ws.artifacts_dir / name))
+    dense_summary = (read_checkpoint(ws.root, "dense") or {}).get("summary")
+    meshing_summary = (read_checkpoint(ws.root, "meshing") or {}).get("summary")
     progress(0.8, "Reading back model statistics...")
     summary = reconstruction.summarize_model(model_dir)
     frames = _read_json(ws.frames_json)
@@ -338,6 +354,17 @@ def _stage_export(ws: Workspace, job: dict, progress: Progress, t0: float) -> di
         "matching": (read_checkpoint(ws.root, "matching") or {}).get("summary"),
         "wide_matching": mapping_cp["summary"].get("wide_matching"),
         "preset": job["preset"].to_dict(),
+        # issue 4: model checks, the recovery ladder's attempts, and the partial flag
+        "checks": mapping_cp["summary"].get("checks"),
+        "partial": bool(mapping_cp["summary"].get("partial", False)),
+        "quality_warning": mapping_cp["summary"].get("quality_warning"),
+        "model_sizes": mapping_cp["summary"].get("model_sizes"),
+        "mapper": mapping_cp["summary"].get("mapper"),
+        "attempts": mapping_cp["summary"].get("attempts"),
+        "input_kind": frames.get("input_kind", "video"),
+        # issue 6: {"skipped": true, "reason": "dense skipped: no CUDA GPU"} on a CPU machine
+        "dense": dense_summary,
+        "meshing": meshing_summary,
     }
     write_json_atomic(ws.result_json, result)
     progress(1.0, "Done")
@@ -345,11 +372,44 @@ def _stage_export(ws: Workspace, job: dict, progress: Progress, t0: float) -> di
             "artifacts": artifacts}
 
 
+def _stage_dense(ws: Workspace, job: dict, progress: Progress, t0: float) -> dict:
+    """Undistortion, PatchMatch stereo and fusion on a CUDA GPU into ``WS/dense/`` (issue 6);
+    skipped, not failed, without one (see :func:`.dense.dense_skip_reason`)."""
+    from . import dense
+
+    mapping_cp = _require(ws, "mapping")
+    reason = dense.dense_skip_reason(job)
+    if reason:
+        progress(1.0, reason)
+        return {"skipped": True, "reason": reason}
+    model_dir = ws.sparse_dir / str(mapping_cp["summary"]["chosen_model"])
+    return {"skipped": False, **dense.run_dense(model_dir, ws.frames_dir, ws.root / "dense",
+                                                job["preset"].quality, progress=progress)}
+
+
+def _stage_meshing(ws: Workspace, job: dict, progress: Progress, t0: float) -> dict:
+    """Poisson mesh of ``WS/dense/fused.ply`` as ``mesh.ply`` and ``mesh.glb`` (issue 6)."""
+    from . import dense
+
+    dense_cp = _require(ws, "dense")
+    if dense_cp["summary"].get("skipped"):
+        progress(1.0, dense_cp["summary"]["reason"])
+        return {"skipped": True, "reason": dense_cp["summary"]["reason"]}
+    d = ws.root / "dense"
+    progress(0.0, "Building a Poisson mesh...")
+    out = dense.mesh(d / "fused.ply", d / "mesh.ply", d / "mesh.glb",
+                     dense.DENSE_PRESETS[job["preset"].quality])
+    progress(1.0, f"Mesh with {out['mesh_vertices']} vertices")
+    return {"skipped": False, **out}
+
+
 _STAGE_FUNCS = {
     "frames": _stage_frames,
     "features": _stage_features,
     "matching": _stage_matching,
     "mapping": _stage_mapping,
+    "dense": _stage_dense,
+    "meshing": _stage_meshing,
     "export": _stage_export,
 }
 
@@ -379,15 +439,16 @@ def run_stage(name: str, workspace: str | os.PathLike, progress: Progress | None
         raise ValueError(f"unknown stage {name!r}; stages: {STAGE_ORDER}")
     ws = Workspace(workspace)
     job = read_job(ws.root)
-    _apply_test_fault(job, name)
-    _clean_stage(ws, name)
-    progress = progress or _noop
-    t0 = time.monotonic()
-    log.info("stage %s started in %s", name, ws.root)
-    summary = _STAGE_FUNCS[name](ws, job, progress, t0)
-    elapsed = round(time.monotonic() - t0, 3)
-    write_json_atomic(ws.checkpoint(name), {"stage": name, "elapsed_s": elapsed,
-                                            "summary": summary})
+    with workspace_lock(ws.root):  # one writer per workspace, released by the kernel on death
+        _apply_test_fault(job, name, ws.root)
+        _clean_stage(ws, name)
+        progress = progress or _noop
+        t0 = time.monotonic()
+        log.info("stage %s started in %s", name, ws.root)
+        summary = _STAGE_FUNCS[name](ws, job, progress, t0)
+        elapsed = round(time.monotonic() - t0, 3)
+        write_json_atomic(ws.checkpoint(name), {"stage": name, "elapsed_s": elapsed,
+                                                "summary": summary})
     log.info("stage %s done in %.1f s", name, elapsed)
     return summary
 

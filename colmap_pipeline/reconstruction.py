@@ -51,11 +51,12 @@ MIN_PAIRS_PER_CHUNK = 30
 #: at 2048 features).
 WIDE_MAX_PAIRS = 1225
 #: Plausible intrinsics (a registered-image count alone does not prove a model right): focal
-#: length between these multiples of the longest image side (0.3 ~ 118 deg horizontal field of
-#: view for a pinhole, GoPro wide modes fitted with SIMPLE_RADIAL give about 0.6-0.8; 5 ~ 11 deg)
-#: and radial distortion |k| <= MAX_ABS_RADIAL (COLMAP's own ``max_extra_param`` is 1.0).
-#: Seen on the Karma drone clip: bogus models at f = 46 px, 149 px, 10204 px or k = 256.
-PLAUSIBLE_FOCAL_RATIO = (0.3, 5.0)
+#: length between these multiples of the image width (0.25 ~ 127 deg horizontal field of view
+#: for a pinhole, GoPro wide modes fitted with SIMPLE_RADIAL give about 0.6-0.8; 4 ~ 14 deg;
+#: issue 4's bounds) and every distortion parameter |k| <= MAX_ABS_RADIAL (COLMAP's own
+#: ``max_extra_param`` is 1.0). Seen on the Karma drone clip: bogus models at f = 46 px,
+#: 149 px, 10204 px or k = 256.
+PLAUSIBLE_FOCAL_RATIO = (0.25, 4.0)
 MAX_ABS_RADIAL = 1.0
 #: A best model with fewer registered images than max(MIN_REGISTERED_IMAGES,
 #: ceil(MIN_REGISTERED_FRACTION * frames)) is a failure: an empty or 2-image model never is a
@@ -296,12 +297,14 @@ def min_registered_images(num_frames: int) -> int:
 
 
 def camera_plausible(cam: pycolmap.Camera) -> bool:
-    """True when the focal length is within ``PLAUSIBLE_FOCAL_RATIO`` x the longest image side
-    and every extra (distortion) parameter is within +-``MAX_ABS_RADIAL``."""
-    side = max(cam.width, cam.height)
+    """True when every focal length (fx, fy) is within ``PLAUSIBLE_FOCAL_RATIO`` x the image
+    width and every extra (distortion) parameter is within +-``MAX_ABS_RADIAL``."""
     lo, hi = PLAUSIBLE_FOCAL_RATIO
-    return bool(not cam.has_bogus_params(lo, hi, MAX_ABS_RADIAL)
-                and lo * side <= cam.mean_focal_length() <= hi * side)
+    w = float(cam.width)
+    focals = [float(cam.params[i]) for i in cam.focal_length_idxs()]
+    extra = [float(cam.params[i]) for i in cam.extra_params_idxs()]
+    return bool(all(lo * w <= f <= hi * w for f in focals)
+                and all(abs(k) <= MAX_ABS_RADIAL for k in extra))
 
 
 def _model_stats(rec: pycolmap.Reconstruction) -> dict:
@@ -513,3 +516,449 @@ def clear_matches(database_path: str | os.PathLike) -> None:
         db.clear_two_view_geometries()
     finally:
         db.close()
+
+
+# --- model checks and the building blocks of the recovery ladder (issue 4) -------------------
+
+#: Model checks (issue 4): a model passes when its camera is plausible (:func:`camera_plausible`),
+#: its mean reprojection error is at most ``MAX_MEAN_REPROJECTION_ERROR_PX`` (COLMAP filters
+#: observations above 4 px, ``filter_max_reproj_error``; a healthy SIFT model is at 0.5-1.2 px),
+#: it has at least ``MIN_POINTS3D`` points and at least :func:`min_registered_images` images.
+MAX_MEAN_REPROJECTION_ERROR_PX = 2.0
+MIN_POINTS3D = 50
+#: Under this share of the selected frames registered, a job is ``partial`` (issue 4).
+PARTIAL_BELOW_FRACTION = 0.8
+#: Own vocabulary for offline loop closure: visual words and descriptors sampled to build it
+#: (COLMAP's downloadable trees have 32K-1M words for millions of images; a job has at most a
+#: few hundred thousand descriptors, so a few hundred words keep the build to ~1-2 s on 2
+#: cores), and images retrieved per query (COLMAP's ``loop_detection_num_images`` default 50 is
+#: meant for long videos; a job has <= 100 frames).
+LOOP_VOCAB_WORDS = 256
+LOOP_VOCAB_SAMPLE = 20000
+LOOP_NUM_IMAGES = 8
+
+
+def check_model(stats: dict, num_frames: int) -> dict:
+    """Judge one model's statistics (as from :func:`_model_stats`).
+
+    Args:
+        stats: ``{"registered_images", "points3d", "mean_reprojection_error_px",
+            "camera_plausible"}``.
+        num_frames: frames selected for SfM.
+
+    Returns:
+        ``{"passed": bool, "registered_share": float in [0, 1], "partial": bool`` (share <
+        ``PARTIAL_BELOW_FRACTION``), ``"failures": [str]`` (empty when passed: any of
+        ``implausible_intrinsics``, ``reprojection_error``, ``too_few_points``,
+        ``too_few_images``)}.
+    """
+    reg = int(stats.get("registered_images", 0))
+    share = reg / max(1, num_frames)
+    failures = []
+    if not stats.get("camera_plausible", False):
+        failures.append("implausible_intrinsics")
+    if float(stats.get("mean_reprojection_error_px", 1e9)) > MAX_MEAN_REPROJECTION_ERROR_PX:
+        failures.append("reprojection_error")
+    if int(stats.get("points3d", 0)) < MIN_POINTS3D:
+        failures.append("too_few_points")
+    if reg < min_registered_images(num_frames):
+        failures.append("too_few_images")
+    return {"passed": not failures, "registered_share": round(share, 4),
+            "partial": share < PARTIAL_BELOW_FRACTION, "failures": failures}
+
+
+def _camera_stats(rec: pycolmap.Reconstruction) -> dict:
+    cams = list(rec.cameras.values())
+    if not cams:
+        return {}
+    cam = cams[0]
+    return {"camera_model": cam.model_name,
+            "focal_ratio": round(float(cam.mean_focal_length()) / max(1, cam.width), 4),
+            "camera_params": [round(float(v), 6) for v in cam.params]}
+
+
+def map_models(database_path: str | os.PathLike, image_dir: str | os.PathLike,
+               output_dir: str | os.PathLike, num_frames: int, mapper: str = "incremental",
+               mapper_options: dict | None = None, progress: Progress | None = None,
+               num_threads: int = -1, random_seed: int = -1) -> list[dict]:
+    """Run SfM once and judge every model it returns; never raises for a failed mapping.
+
+    Incremental: Schoenberger & Frahm, CVPR 2016 (``pycolmap.incremental_mapping``); global:
+    GLOMAP, Pan et al., ECCV 2024 (``pycolmap.global_mapping``). Model ``k`` is written to
+    ``output_dir/<k>`` (binary).
+
+    Args:
+        mapper_options: attribute overrides of ``IncrementalPipelineOptions.mapper``
+            (``IncrementalMapperOptions``, e.g. ``{"init_min_num_inliers": 50}``) or, for the
+            global mapper, of ``GlobalPipelineOptions``; the key ``"pipeline"`` may hold
+            overrides of ``IncrementalPipelineOptions`` itself (e.g. ``ba_refine_focal_length``).
+        num_frames: frames given to SfM (progress and checks).
+
+    Returns:
+        ``[{"index", "registered_images", "points3d", "mean_reprojection_error_px",
+        "mean_track_length", "camera_plausible", "camera_model", "focal_ratio"`` (focal / image
+        width), ``"camera_params", "checks": check_model(...)}]`` sorted by index; ``[]`` when
+        SfM found no initial pair.
+
+    Raises:
+        ValueError: unknown ``mapper`` or option name.
+    """
+    progress = progress or _noop
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = dict(mapper_options or {})
+    pipe_over = overrides.pop("pipeline", {})
+    progress(0.0, "Initializing reconstruction...")
+    if mapper == "incremental":
+        opts = pycolmap.IncrementalPipelineOptions()
+        opts.num_threads = num_threads
+        opts.random_seed = random_seed
+        opts.mapper.num_threads = num_threads
+        opts.mapper.random_seed = random_seed
+        opts.triangulation.random_seed = random_seed
+        for k, v in overrides.items():
+            if not hasattr(opts.mapper, k):
+                raise ValueError(f"unknown incremental mapper option {k!r}")
+            setattr(opts.mapper, k, v)
+        for k, v in pipe_over.items():
+            if not hasattr(opts, k):
+                raise ValueError(f"unknown incremental pipeline option {k!r}")
+            setattr(opts, k, v)
+        state = {"registered": 0, "best": 0}
+
+        def on_image(initial: bool) -> None:
+            state["registered"] = 2 if initial else state["registered"] + 1
+            if state["registered"] > state["best"]:
+                state["best"] = state["registered"]
+                n = min(state["best"], num_frames)
+                progress(n / max(1, num_frames), f"Registering images ({n}/{num_frames})...")
+
+        recs = pycolmap.incremental_mapping(
+            database_path, image_dir, out, options=opts,
+            initial_image_pair_callback=lambda: on_image(True),
+            next_image_callback=lambda: on_image(False))
+    elif mapper == "global":
+        opts = pycolmap.GlobalPipelineOptions()
+        opts.num_threads = num_threads
+        opts.random_seed = random_seed
+        opts.mapper.num_threads = num_threads
+        opts.mapper.random_seed = random_seed
+        for k, v in {**overrides, **pipe_over}.items():
+            if not hasattr(opts, k):
+                raise ValueError(f"unknown global pipeline option {k!r}")
+            setattr(opts, k, v)
+        recs = pycolmap.global_mapping(database_path, image_dir, out, options=opts)
+    else:
+        raise ValueError(f"unknown mapper {mapper!r}")
+    models = []
+    for k in sorted(recs or {}):
+        model_dir = out / str(k)
+        if not (model_dir / "images.bin").exists():
+            model_dir.mkdir(parents=True, exist_ok=True)
+            recs[k].write_binary(str(model_dir))
+        stats = {"index": int(k), **_model_stats(recs[k]), **_camera_stats(recs[k])}
+        stats["checks"] = check_model(stats, num_frames)
+        models.append(stats)
+    progress(1.0, "Mapping done")
+    return models
+
+
+def best_model(models: list[dict]) -> dict | None:
+    """The largest model that passes :func:`check_model` (most registered images, then more
+    points, then lower reprojection error); ``None`` when none passes."""
+    ok = [m for m in models if m.get("checks", {}).get("passed")]
+    if not ok:
+        return None
+    return max(ok, key=lambda m: (m["registered_images"], m["points3d"],
+                                  -m["mean_reprojection_error_px"]))
+
+
+def read_camera(database_path: str | os.PathLike) -> pycolmap.Camera:
+    """The (first) camera in the database. Raises ``PipelineError("pipeline_error")`` if none."""
+    db = pycolmap.Database.open(database_path)
+    try:
+        cams = db.read_all_cameras()
+    finally:
+        db.close()
+    if not cams:
+        raise PipelineError("pipeline_error", details={"reason": "database has no camera"})
+    return cams[0]
+
+
+def set_camera_model(database_path: str | os.PathLike, model_name: str,
+                     focal_px: float | None = None, prior: bool = False) -> dict:
+    """Replace every database camera by a fresh ``model_name`` camera of the same size.
+
+    The new camera's focal length is ``focal_px`` or COLMAP's default guess 1.2 x max(width,
+    height) (``ImageReaderOptions.default_focal_length_factor``), the principal point is the
+    image centre and the distortion terms are 0. ``prior=True`` sets
+    ``has_prior_focal_length`` so the incremental mapper trusts the focal length for the
+    initial pair (COLMAP ``IncrementalMapper`` uses the prior when set).
+
+    Returns:
+        the replaced cameras as ``{"model", "params", "has_prior_focal_length"}`` keyed by
+        camera id (for :func:`restore_cameras`).
+    """
+    db = pycolmap.Database.open(database_path)
+    try:
+        old = {}
+        for cam in db.read_all_cameras():
+            old[int(cam.camera_id)] = {"model": cam.model_name,
+                                       "params": [float(v) for v in cam.params],
+                                       "has_prior_focal_length": bool(cam.has_prior_focal_length)}
+            f = float(focal_px) if focal_px else 1.2 * max(cam.width, cam.height)
+            new = pycolmap.Camera.create_from_model_name(int(cam.camera_id), model_name, f,
+                                                         int(cam.width), int(cam.height))
+            new.has_prior_focal_length = bool(prior)
+            db.update_camera(new)
+    finally:
+        db.close()
+    return old
+
+
+def restore_cameras(database_path: str | os.PathLike, saved: dict) -> None:
+    """Undo :func:`set_camera_model` with the dict it returned."""
+    db = pycolmap.Database.open(database_path)
+    try:
+        for cam in db.read_all_cameras():
+            s = saved.get(int(cam.camera_id))
+            if s is None:
+                continue
+            new = pycolmap.Camera.create_from_model_name(int(cam.camera_id), s["model"], 1.0,
+                                                         int(cam.width), int(cam.height))
+            new.params = s["params"]
+            new.has_prior_focal_length = s["has_prior_focal_length"]
+            db.update_camera(new)
+    finally:
+        db.close()
+
+
+def _id_names(database_path) -> dict[int, str]:
+    db = pycolmap.Database.open(database_path)
+    try:
+        return {im.image_id: im.name for im in db.read_all_images()}
+    finally:
+        db.close()
+
+
+def match_new_pairs(database_path: str | os.PathLike, pairs: list[tuple[int, int]],
+                    use_gpu: bool = False, progress: Progress | None = None,
+                    num_threads: int = -1) -> dict:
+    """Match and verify those of ``pairs`` (image ids, either order) that the database does not
+    hold yet. Returns as :func:`match_sequential` (``image_pairs`` = new pairs matched)."""
+    progress = progress or _noop
+    id_to_name = _id_names(database_path)
+    db = pycolmap.Database.open(database_path)
+    try:
+        seen, todo = set(), []
+        for a, b in pairs:
+            a, b = int(a), int(b)
+            key = (min(a, b), max(a, b))
+            if a == b or key in seen or a not in id_to_name or b not in id_to_name:
+                continue
+            seen.add(key)
+            if not db.exists_matches(*key):
+                todo.append(key)
+        totals = {"matched_pairs": db.num_matched_image_pairs(),
+                  "verified_pairs": db.num_verified_image_pairs(),
+                  "inlier_matches": db.num_inlier_matches()}
+    finally:
+        db.close()
+    if not todo:
+        progress(1.0, "No further image pairs to match")
+        return {"image_pairs": 0, **totals, "device": _device(use_gpu).name}
+    return _match_pairs(database_path, todo, id_to_name, use_gpu, progress, num_threads)
+
+
+def sequential_pairs(database_path: str | os.PathLike, overlap: int,
+                     quadratic: bool = True) -> list[tuple[int, int]]:
+    """Pairs of COLMAP's ``SequentialPairGenerator`` in name order, without loop detection.
+    pycolmap 4.2.1 (measured): ``quadratic=True`` gives the distances 1, 2, 4, ... only (up to
+    ``overlap`` of them), ``quadratic=False`` the distances 1 .. ``overlap``."""
+    pairing = pycolmap.SequentialPairingOptions()
+    pairing.overlap = int(overlap)
+    pairing.quadratic_overlap = bool(quadratic)
+    pairing.loop_detection = False
+    db = pycolmap.Database.open(database_path)
+    try:
+        return list(pycolmap.SequentialPairGenerator(pairing, db).all_pairs())
+    finally:
+        db.close()
+
+
+def all_pairs(database_path: str | os.PathLike) -> list[tuple[int, int]]:
+    """Every unordered pair of images (exhaustive matching: n (n - 1) / 2 pairs)."""
+    ids = sorted(_id_names(database_path))
+    return [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:]]
+
+
+def _affine_to_similarity(kps) -> pycolmap.FeatureKeypoints:
+    import numpy as np
+
+    k = np.asarray(kps, dtype=np.float32)
+    if k.shape[1] >= 6:  # x, y, a11, a12, a21, a22 -> x, y, scale, orientation
+        k = np.c_[k[:, :2], np.hypot(k[:, 2], k[:, 4]), np.arctan2(k[:, 4], k[:, 2])]
+    return pycolmap.keypoints_from_matrix(np.ascontiguousarray(k[:, :4], dtype=np.float32))
+
+
+def build_own_vocabulary(database_path: str | os.PathLike, vocab_path: str | os.PathLike,
+                         num_words: int = LOOP_VOCAB_WORDS, sample: int = LOOP_VOCAB_SAMPLE,
+                         seed: int = 0) -> dict:
+    """Build a visual-word vocabulary (COLMAP ``VisualIndex``: k-means words + Hamming
+    embedding, Schoenberger et al., ACCV 2016) from this database's own SIFT descriptors and
+    write it to ``vocab_path``. Offline: nothing is downloaded (COLMAP's default
+    ``vocab_tree_path`` is a URL; this file replaces it).
+
+    Returns:
+        ``{"vocab_words": int, "descriptors_sampled": int, "path": str}``.
+
+    Raises:
+        PipelineError("reconstruction_failed"): the database holds no descriptors.
+    """
+    import numpy as np
+
+    db = pycolmap.Database.open(database_path)
+    try:
+        arrays = [np.asarray(db.read_descriptors(im.image_id).data, dtype=np.float32)
+                  for im in db.read_all_images()]
+    finally:
+        db.close()
+    arrays = [a for a in arrays if a.size]
+    if not arrays:
+        raise PipelineError("reconstruction_failed", details={"reason": "no descriptors"})
+    desc = np.concatenate(arrays)
+    rng = np.random.default_rng(seed)
+    if len(desc) > sample:
+        desc = desc[rng.choice(len(desc), sample, replace=False)]
+    words = int(max(16, min(num_words, len(desc) // 8)))
+    index = pycolmap.VisualIndex.create(128, 64)
+    opts = pycolmap.VisualIndex.BuildOptions()
+    opts.num_visual_words = words
+    opts.num_iterations = 20
+    opts.num_rounds = 1
+    index.build(opts, pycolmap.FeatureDescriptorsFloat(pycolmap.FeatureExtractorType.SIFT,
+                                                       np.ascontiguousarray(desc)))
+    index.write(str(vocab_path))
+    return {"vocab_words": words, "descriptors_sampled": int(len(desc)), "path": str(vocab_path)}
+
+
+def loop_closure_pairs(database_path: str | os.PathLike, vocab_path: str | os.PathLike,
+                       num_images: int = LOOP_NUM_IMAGES) -> list[tuple[int, int]]:
+    """Image pairs from COLMAP's sequential pairing with loop detection against the local
+    vocabulary ``vocab_path`` (every image queries the index for its ``num_images`` most
+    similar images; overlap 1 adds the neighbours)."""
+    pairing = pycolmap.SequentialPairingOptions()
+    pairing.overlap = 1
+    pairing.quadratic_overlap = False
+    pairing.loop_detection = True
+    pairing.loop_detection_period = 1
+    pairing.loop_detection_num_images = int(num_images)
+    pairing.vocab_tree_path = str(vocab_path)
+    db = pycolmap.Database.open(database_path)
+    try:
+        return [(a, b) for a, b in pycolmap.SequentialPairGenerator(pairing, db).all_pairs()
+                if a != b]
+    finally:
+        db.close()
+
+
+# --- exports for NeRF / Gaussian splatting (issue 4) ----------------------------------------
+
+#: COLMAP camera model -> (nerfstudio ``camera_model``, names of the distortion terms written).
+#: As nerfstudio's ``parse_colmap_camera_params`` (nerfstudio/process_data/colmap_utils.py).
+NERFSTUDIO_CAMERA_MODELS = {
+    "SIMPLE_PINHOLE": ("PINHOLE", ()),
+    "PINHOLE": ("PINHOLE", ()),
+    "SIMPLE_RADIAL": ("OPENCV", ("k1",)),
+    "RADIAL": ("OPENCV", ("k1", "k2")),
+    "OPENCV": ("OPENCV", ("k1", "k2", "p1", "p2")),
+    "OPENCV_FISHEYE": ("OPENCV_FISHEYE", ("k1", "k2", "k3", "k4")),
+}
+
+#: nerfstudio's ``applied_transform`` (colmap_to_json without keep_original_world_coordinate):
+#: world (x, y, z) -> (x, z, -y), so that COLMAP's usual "y down" world becomes "z up".
+NERFSTUDIO_APPLIED_TRANSFORM = ((1.0, 0.0, 0.0, 0.0), (0.0, 0.0, 1.0, 0.0), (0.0, -1.0, 0.0, 0.0))
+
+
+def nerfstudio_transforms(model_dir: str | os.PathLike, image_prefix: str = "images/",
+                          ply_name: str = "sparse_pc.ply") -> tuple[dict, "object", "object"]:
+    """The model as nerfstudio's ``transforms.json`` plus its points in the same world frame.
+
+    Conventions (nerfstudio ``colmap_utils.colmap_to_json``): ``transform_matrix`` is the 4x4
+    camera-to-world matrix in OpenGL camera axes (x right, y up, z back: COLMAP/OpenCV's y and
+    z flipped), in the world frame rotated by ``applied_transform`` (3x4, also stored), which
+    maps COLMAP world points X to ``A[:, :3] @ X + A[:, 3]``. Intrinsics ``fl_x, fl_y, cx, cy``
+    are px in COLMAP's pixel convention (image origin at the top-left corner of the top-left
+    pixel), with the distortion terms of :data:`NERFSTUDIO_CAMERA_MODELS`; zero for unused ones.
+
+    Returns:
+        ``(transforms, points, colors)``: the JSON dict, ``(N, 3)`` float64 world points
+        (transformed) and ``(N, 3)`` uint8 colours.
+
+    Raises:
+        PipelineError("pipeline_error"): more than one camera, or a camera model nerfstudio
+            cannot read.
+    """
+    import numpy as np
+
+    rec = pycolmap.Reconstruction(str(model_dir))
+    cams = list(rec.cameras.values())
+    if len(cams) != 1 or cams[0].model_name not in NERFSTUDIO_CAMERA_MODELS:
+        raise PipelineError("pipeline_error", details={
+            "reason": "transforms.json needs one camera of a model nerfstudio reads",
+            "cameras": [c.model_name for c in cams]})
+    cam = cams[0]
+    ns_model, dist_names = NERFSTUDIO_CAMERA_MODELS[cam.model_name]
+    p = [float(v) for v in cam.params]
+    names = [n.strip() for n in cam.params_info.split(",")]
+    vals = dict(zip(names, p, strict=False))
+    fx = vals.get("fx", vals.get("f"))
+    fy = vals.get("fy", vals.get("f"))
+    out: dict = {"w": int(cam.width), "h": int(cam.height), "fl_x": fx, "fl_y": fy,
+                 "cx": vals["cx"], "cy": vals["cy"], "camera_model": ns_model}
+    if ns_model == "OPENCV":
+        for k in ("k1", "k2", "p1", "p2"):
+            out[k] = vals.get(k, 0.0)
+    elif ns_model == "OPENCV_FISHEYE":
+        for k in ("k1", "k2", "k3", "k4"):
+            out[k] = vals.get(k, 0.0)
+    applied = np.array(NERFSTUDIO_APPLIED_TRANSFORM)
+    a4 = np.eye(4)
+    a4[:3, :] = applied
+    frames = []
+    for image_id in sorted(rec.reg_image_ids(), key=lambda i: rec.images[i].name):
+        im = rec.images[image_id]
+        w2c = np.eye(4)
+        w2c[:3, :] = im.cam_from_world().matrix()
+        c2w = np.linalg.inv(w2c)
+        c2w[0:3, 1:3] *= -1  # OpenCV camera axes -> OpenGL camera axes
+        c2w = a4 @ c2w  # COLMAP world -> nerfstudio world
+        frames.append({"file_path": f"{image_prefix}{im.name}",
+                       "transform_matrix": c2w.tolist(), "colmap_im_id": int(image_id)})
+    out["frames"] = frames
+    out["applied_transform"] = applied.tolist()
+    out["ply_file_path"] = ply_name
+    pts = list(rec.points3D.values())
+    xyz = np.array([pt.xyz for pt in pts], dtype=np.float64).reshape(-1, 3)
+    rgb = np.array([pt.color for pt in pts], dtype=np.uint8).reshape(-1, 3)
+    xyz = xyz @ applied[:, :3].T + applied[:, 3]
+    return out, xyz, rgb
+
+
+def undistort_model(model_dir: str | os.PathLike, image_dir: str | os.PathLike,
+                    out_dir: str | os.PathLike, num_threads: int = -1) -> dict:
+    """Undistort the registered images and the model to PINHOLE cameras (COLMAP's image
+    undistorter, ``pycolmap.undistort_images``, output type COLMAP) into ``out_dir``:
+    ``images/<name>`` and ``sparse/{cameras,images,points3D,...}.bin``: the input layout of
+    3D Gaussian splatting (Kerbl et al., SIGGRAPH 2023) and of gsplat/nerfstudio's COLMAP loader.
+
+    Returns:
+        ``{"images": int, "camera_model": str, "width": int, "height": int}`` of the result.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pycolmap.undistort_images(str(out), str(model_dir), str(image_dir), num_threads=num_threads)
+    rec = pycolmap.Reconstruction(str(out / "sparse"))
+    cam = next(iter(rec.cameras.values()))
+    return {"images": int(rec.num_reg_images()), "camera_model": cam.model_name,
+            "width": int(cam.width), "height": int(cam.height)}

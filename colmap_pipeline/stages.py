@@ -15,6 +15,11 @@ STAGE_TABLE: tuple[tuple[str, str, float, bool], ...] = (
     ("features", "Feature Detection", 0.48, True),
     ("matching", "Feature Matching", 0.22, True),
     ("mapping", "Sparse Reconstruction", 0.21, False),
+    # Dense stages (issue 6): PatchMatch/fusion and Poisson meshing on a CUDA GPU; on a CPU
+    # machine each is skipped in about a second (child start-up), so their share of the CPU
+    # progress bar is zero. GPU shares are to be measured by scripts/gpu_check.sh.
+    ("dense", "Dense Reconstruction", 0.0, True),
+    ("meshing", "Meshing", 0.0, False),  # Poisson runs on the CPU: holds no GPU slot
     ("export", "Exporting", 0.02, False),
 )
 STAGES: tuple[str, ...] = tuple(s for s, *_ in STAGE_TABLE)

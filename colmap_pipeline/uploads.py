@@ -391,3 +391,168 @@ async def receive_upload(request: Request, dest_dir: Path, *, max_bytes: int,
             for path in (partial, final):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
+
+
+# --- several files in one form (POST /upload-images, issue 4) -------------------------------
+
+@dataclass
+class ReceivedFiles:
+    """A completely received multipart upload holding one or more files.
+
+    Attributes:
+        fields: the text form fields, name -> value.
+        files: one :class:`ReceivedUpload` per file part, in the order received (each with
+            ``fields`` = the same dict). The caller owns the files (move or delete them).
+        total_bytes: sum of the file sizes.
+    """
+
+    fields: dict[str, str]
+    files: list[ReceivedUpload]
+    total_bytes: int
+
+
+class _MultiFormReceiver(_FormReceiver):
+    """:class:`_FormReceiver` that accepts up to ``max_files`` file parts; ``max_bytes`` caps
+    the files' total. ``pending`` holds ``(file index, bytes)`` pairs."""
+
+    def __init__(self, file_fields: AbstractSet[str], max_bytes: int, max_field_bytes: int,
+                 max_fields: int, max_files: int) -> None:
+        super().__init__(file_fields, max_bytes, max_field_bytes, max_fields)
+        self.max_files = max_files
+        self.parts: list[dict] = []  # {"field", "filename", "content_type", "size"}
+        self.pending_multi: list[tuple[int, bytes]] = []
+
+    def on_headers_finished(self) -> None:
+        # let the parent validate the part; reset its one-file guard first
+        self.file_field = None
+        super().on_headers_finished()
+        if self._part_is_file:
+            if len(self.parts) >= self.max_files:
+                raise _invalid(f"Too many files (at most {self.max_files}).",
+                               max_files=self.max_files)
+            self.parts.append({"field": self._part_name, "filename": self.client_filename,
+                               "content_type": self.client_content_type, "size": 0})
+            self.client_filename = None
+            self.client_content_type = None
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if not self._part_is_file:
+            super().on_part_data(data, start, end)
+            return
+        n = end - start
+        self.file_size += n
+        self.parts[-1]["size"] += n
+        if self.file_size > self.max_bytes:
+            raise PipelineError("upload_too_large",
+                                message=f"The files are larger than the limit of "
+                                        f"{self.max_bytes} bytes in total.",
+                                details={"max_bytes": self.max_bytes,
+                                         "received_bytes": self.file_size})
+        if n:
+            self.pending_multi.append((len(self.parts) - 1, data[start:end]))
+
+
+async def receive_files(request: Request, dest_dir: Path, *, max_bytes: int,
+                        file_fields: AbstractSet[str] = frozenset({"images"}),
+                        max_files: int = 300, max_field_bytes: int = 64 * 1024,
+                        max_fields: int = 32) -> ReceivedFiles:
+    """Stream a ``multipart/form-data`` body with one or more file parts to disk.
+
+    Like :func:`receive_upload` (same checks, same errors, same guarantees: server-made
+    names ``dest_dir/<hex>.upload``, nothing left in ``dest_dir`` on failure, disk writes off
+    the event loop), except that up to ``max_files`` file parts, each named one of
+    ``file_fields`` (the same name may repeat), are accepted and ``max_bytes`` caps their total.
+
+    Raises:
+        PipelineError: as :func:`receive_upload`; ``invalid_request`` also for more than
+            ``max_files`` files; ``empty_file`` when any file is empty.
+        starlette.requests.ClientDisconnect, OSError: as :func:`receive_upload`.
+    """
+    if max_bytes < 1 or max_files < 1:
+        raise ValueError("max_bytes and max_files must be positive")
+    _check_content_length(request, max_bytes)
+    boundary = _boundary(request)
+    form = _MultiFormReceiver(set(file_fields), max_bytes, max_field_bytes, max_fields,
+                              max_files)
+    try:
+        parser = MultipartParser(boundary, form.callbacks())
+    except FormParserError as exc:
+        raise _invalid(f"Invalid multipart boundary: {exc}", _HINT_MULTIPART) from None
+    raw_limit = max_bytes + MULTIPART_OVERHEAD_BYTES
+    handles: list[tuple[Path, Path, _PartFile | None]] = []  # partial, final, file
+    raw_total = 0
+    success = False
+
+    async def write(index: int, block: bytes) -> None:
+        while len(handles) <= index:
+            stem = uuid4().hex
+            handles.append((dest_dir / f"{stem}{PARTIAL_SUFFIX}",
+                            dest_dir / f"{stem}{UPLOAD_SUFFIX}", None))
+        partial, final, pf = handles[index]
+        if pf is None:
+            dest_dir.mkdir(parents=True, exist_ok=True)
+            pf = _PartFile(partial)
+            handles[index] = (partial, final, pf)
+        pf.busy = True
+        await asyncio.to_thread(pf.write, block)
+
+    try:
+        async with contextlib.aclosing(request.stream()) as stream:
+            async for chunk in stream:
+                if not chunk:
+                    continue
+                raw_total += len(chunk)
+                if raw_total > raw_limit:
+                    raise PipelineError(
+                        "upload_too_large",
+                        message=f"The upload is larger than the limit of {max_bytes} bytes.",
+                        details={"max_bytes": max_bytes, "received_bytes": raw_total})
+                try:
+                    parser.write(chunk)
+                except FormParserError as exc:
+                    raise _invalid(f"Malformed multipart body: {exc}", _HINT_MULTIPART) from None
+                # coalesce consecutive blocks of the same file into one write
+                merged: list[tuple[int, bytearray]] = []
+                for idx, piece in form.pending_multi:
+                    if merged and merged[-1][0] == idx:
+                        merged[-1][1].extend(piece)
+                    else:
+                        merged.append((idx, bytearray(piece)))
+                form.pending_multi.clear()
+                for idx, block in merged:
+                    await write(idx, bytes(block))
+        parser.finalize()
+        if not form.ended:
+            raise _invalid("The multipart body ended before its closing boundary.",
+                           _HINT_MULTIPART)
+        if not form.parts:
+            missing = sorted(file_fields)
+            raise PipelineError("invalid_request",
+                                message=f"Missing form field {_names(file_fields)}",
+                                hint="Attach the photos as multipart file fields.",
+                                details={"field": missing[0]} if len(missing) == 1
+                                else {"fields": missing})
+        empty = [i for i, p in enumerate(form.parts) if p["size"] == 0]
+        if empty:
+            raise PipelineError("empty_file", message="An uploaded file is empty.",
+                                details={"field": form.parts[empty[0]]["field"],
+                                         "file_index": empty[0]})
+        out = []
+        for i, part in enumerate(form.parts):
+            partial, final, pf = handles[i]
+            pf.fh.close()
+            os.replace(partial, final)
+            out.append(ReceivedUpload(fields=form.fields, file_field=part["field"], path=final,
+                                      size_bytes=part["size"], sha256=pf.hasher.hexdigest(),
+                                      client_filename=part["filename"],
+                                      client_content_type=part["content_type"]))
+        success = True
+        return ReceivedFiles(fields=form.fields, files=out, total_bytes=form.file_size)
+    finally:
+        if not success:
+            for partial, final, pf in handles:
+                if pf is not None:
+                    pf.abandon()
+                for path in (partial, final):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()

@@ -43,7 +43,8 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "PORT": str(self.port), "HOST": "127.0.0.1",
                     "DATA_DIR": str(self.data_dir), "TMPDIR": str(self.tmp_dir),
-                    "COLMAP_CPU_ONLY": "true", "LOG_LEVEL": "warning", **env}
+                    "COLMAP_CPU_ONLY": "true", "LOG_LEVEL": "warning",
+                    "SHUTDOWN_GRACE_S": "0", **env}  # tests that test the grace set it
         self.log_path = tmp / "server.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, str(REPO / "main.py")], cwd=tmp,

@@ -44,6 +44,8 @@ def test_identity_health_readiness_docs(start_server):
         assert root["message"] == "COLMAP Worker API" and root["status"] == "running"
         assert root["gpu_enabled"] is False and root["version"]
         health = c.get("/health").json()
+        gpu = health.pop("gpu")  # issue 6: probe details (tests/test_deploy.py checks them)
+        assert gpu["enabled"] is False and gpu["cpu_only_forced"] is True and gpu["devices"] == []
         assert health == {"status": "healthy", "service": "colmap-worker", "gpu_status": False,
                           "active_gpu_jobs": 0, "max_gpu_jobs": 4, "active_jobs": 0,
                           "max_concurrent_jobs": 1}

@@ -80,13 +80,18 @@ def test_sample_video_low_quality_end_to_end(start_server, tmp_path):
     assert job["progress"] == 100
     # the stages named while processing are the real ones, in order, and progress never fell
     order = ["Starting", "Frame Extraction", "Feature Detection", "Feature Matching",
-             "Sparse Reconstruction", "Exporting", "Completed"]
+             "Sparse Reconstruction", "Dense Reconstruction", "Meshing", "Exporting",
+             "Completed"]
     seen = [s for i, s in enumerate(stages_seen) if i == 0 or stages_seen[i - 1] != s]
     assert [order.index(s) for s in seen] == sorted(order.index(s) for s in seen)
     assert "Feature Detection" in seen and "Sparse Reconstruction" in seen
     assert progress_seen == sorted(progress_seen)
     assert set(res["timings_s"]) >= {"frames", "features", "matching", "mapping", "export"}
     assert res["camera"]["model"] == "SIMPLE_RADIAL"
+    # issue 6: no CUDA here, so the dense stages are skipped (not failed) and say why
+    assert res["dense"] == {"skipped": True, "reason": "dense skipped: no CUDA GPU"}
+    assert res["meshing"] == res["dense"]
+    assert not {"fused.ply", "mesh.ply", "mesh.glb"} & {a["name"] for a in res["artifacts"]}
     assert len(res["models"]) >= 1
     assert max(m["registered_images"] for m in res["models"]) == res["registered_images"]
 

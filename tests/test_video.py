@@ -232,7 +232,7 @@ def test_full_range_video_keeps_its_contrast(tmp_path):
 def test_gopro_full_range_frames_are_not_washed_out():
     with av.open(str(need(GOPRO_WALK))) as c:
         frame = next(f for i, f in enumerate(c.decode(video=0)) if i == 100)
-    y = video._gray(frame).astype(float)
+    y = video._luma_plane(frame)[0].astype(float)
     g = cv2.cvtColor(frame.to_ndarray(format="bgr24"), cv2.COLOR_BGR2GRAY).astype(float)
     assert g.min() <= 5 and g.max() >= 250
     slope, _ = np.polyfit(y.ravel(), g.ravel(), 1)
@@ -268,10 +268,21 @@ def test_synthetic_static_clip_fails(tmp_path):
     still = next(translating_frames(1, 0))
     frames = [np.clip(still + rng.normal(0, 2, still.shape), 0, 255).astype(np.uint8)
               for _ in range(20)]
-    paths = _frames_of(tmp_path, write_video(tmp_path / "static.mp4", frames), 10)
+    clip = write_video(tmp_path / "static.mp4", frames)
+    # near-duplicate rejection (issue 3) keeps only the first frame; the motion measurement
+    # over every window's sharpest frame still finds no motion
+    res = video.extract_frames(clip, tmp_path / "frames", 10)
+    assert len(res["frames"]) == 1
     with pytest.raises(PipelineError) as ei:
-        video.check_motion(paths)
+        video.check_clip(res, tmp_path / "frames")
     assert ei.value.code == "insufficient_motion"
+    cand = [tmp_path / "all" / f"{i}.png" for i in range(10)]
+    cand[0].parent.mkdir()
+    with av.open(str(clip)) as c:
+        for i, fr in enumerate(f for k, f in enumerate(c.decode(video=0)) if k % 2 == 0):
+            cv2.imwrite(str(cand[i]), fr.to_ndarray(format="bgr24"))
+    with pytest.raises(PipelineError) as ei:
+        video.check_motion(cand)
     assert ei.value.details["accumulated_motion_px"] < 1.0
 
 

@@ -1,0 +1,446 @@
+"""Job lifecycle on a real server (issue 5): resume after SIGKILL at every stage, cancel, retry,
+automatic retries, graceful SIGTERM, retention, idempotent uploads, free-disk limits.
+
+Servers run with ``PIPELINE_RANDOM_SEED=0`` (seeded, single-threaded matching and mapping):
+with random seeds two undisturbed runs of the sample differ by up to 30 % in points.
+
+Fault tests use the TEST-ONLY hook ``TEST_FAULT=pause:STAGE``: the stage child creates
+``WS/test_fault_paused.STAGE`` and blocks until the file is removed. A restarted server without
+``TEST_FAULT`` writes a ``job.json`` without the fault, so the resumed child runs normally.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import SAMPLE_VIDEO, ServerProcess
+
+pytestmark = pytest.mark.e2e
+
+# stages paused at (the skipped-on-CPU dense stages of issue 6 are not paused at); the job's
+# checkpoints cover every stage of the table
+from colmap_pipeline.stages import STAGES  # noqa: E402  (every stage, dense ones included)
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+class Servers:
+    """Start, SIGKILL and restart ``python main.py`` on one DATA_DIR (``tmp/data``)."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.all: list[ServerProcess] = []
+
+    def start(self, **env) -> ServerProcess:
+        log = self.tmp / "server.log"
+        if log.exists():  # keep the previous server's log for debugging
+            log.rename(self.tmp / f"server.{len(self.all)}.log")
+        env = {"PIPELINE_RANDOM_SEED": 0, **env}  # repeatable models: compare with ±1 / ±5 %
+        srv = ServerProcess(self.tmp, {k: str(v) for k, v in env.items()})
+        self.all.append(srv)
+        return srv
+
+    @staticmethod
+    def sigkill(srv: ServerProcess) -> None:
+        srv.proc.send_signal(signal.SIGKILL)
+        srv.proc.wait()
+        srv._log.close()
+
+    def stop_all(self) -> None:
+        for srv in self.all:
+            srv.stop()
+
+
+@pytest.fixture
+def servers(tmp_path):
+    s = Servers(tmp_path)
+    yield s
+    s.stop_all()
+
+
+def upload(c: httpx.Client, data: bytes | None = None, key: str | None = None,
+           **fields) -> httpx.Response:
+    body = SAMPLE_VIDEO.read_bytes() if data is None else data
+    headers = {"Idempotency-Key": key} if key else {}
+    return c.post("/upload-video", files={"video": ("clip.mp4", body, "video/mp4")},
+                  data={"project_id": "life", "quality": "low", **fields}, headers=headers)
+
+
+def wait_until(pred, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = pred()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def workspace(srv: ServerProcess, job_id: str) -> Path:
+    return srv.data_dir / "jobs" / job_id / "work"
+
+
+def pause_flag(ws: Path, stage: str) -> Path:
+    return ws / f"test_fault_paused.{stage}"
+
+
+def stage_children(ws: Path) -> dict[int, str]:
+    """``{pid: start time}`` of live ``colmap_pipeline stage`` processes of workspace ``ws``."""
+    out = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if stat[0] != "Z" and b"stage" in cmd and any(str(ws).encode() in a for a in cmd):
+            out[int(proc.name)] = stat[19]  # field 22: start time (clock ticks after boot)
+    return out
+
+
+def still_alive(children: dict[int, str]) -> list[int]:
+    alive = []
+    for pid, start in children.items():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if stat[19] == start and stat[0] != "Z":
+            alive.append(pid)
+    return alive
+
+
+def checkpoint_mtimes(ws: Path) -> dict[str, int]:
+    return {p.stem: p.stat().st_mtime_ns for p in (ws / "checkpoints").glob("*.json")}
+
+
+def get_job(srv: ServerProcess, job_id: str) -> dict:
+    with srv.client() as c:
+        return c.get(f"/jobs/{job_id}").json()
+
+
+def assert_nothing_processing(srv: ServerProcess) -> None:
+    with srv.client() as c:
+        assert c.get("/jobs", params={"status": "processing"}).json()["total"] == 0
+
+
+@pytest.fixture(scope="session")
+def undisturbed(tmp_path_factory) -> dict:
+    """Results of one undisturbed run of the sample at ``low`` (once per test session)."""
+    srv = ServerProcess(tmp_path_factory.mktemp("undisturbed"), {"PIPELINE_RANDOM_SEED": "0"})
+    try:
+        with srv.client() as c:
+            r = upload(c)
+            assert r.status_code == 202, r.text
+            job = srv.wait_for_job(r.json()["job_id"], timeout_s=400)
+    finally:
+        srv.stop()
+    assert job["status"] == "completed", job.get("error")
+    return job["results"]
+
+
+def assert_matches_undisturbed(job: dict, ref: dict) -> None:
+    assert job["status"] == "completed", job.get("error")
+    res = job["results"]
+    assert res["frames_extracted"] == ref["frames_extracted"]
+    assert abs(res["registered_images"] - ref["registered_images"]) <= 1, (
+        res["registered_images"], ref["registered_images"])
+    assert abs(res["points3d"] - ref["points3d"]) <= 0.05 * ref["points3d"], (
+        res["points3d"], ref["points3d"])
+
+
+# --- resume after SIGKILL at every stage ----------------------------------------------------
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_sigkill_server_at_stage_then_resume(servers, undisturbed, stage):
+    srv = servers.start(TEST_FAULT=f"pause:{stage}")
+    with srv.client() as c:
+        r = upload(c, key=f"fault-{stage}")
+        assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    ws = workspace(srv, job_id)
+    wait_until(lambda: pause_flag(ws, stage).exists(), 240, f"pause at {stage}")
+    done_before = list(STAGES[:STAGES.index(stage)])
+    mtimes = checkpoint_mtimes(ws)
+    assert sorted(mtimes) == sorted(done_before)
+    children = stage_children(ws)
+    assert len(children) == 1
+    assert get_job(srv, job_id)["status"] == "processing"
+
+    servers.sigkill(srv)
+    srv2 = servers.start()  # no TEST_FAULT: the resumed child runs normally
+    assert still_alive(children) == [], "a stage child from before the kill is alive"
+    job = srv2.wait_for_job(job_id, timeout_s=300)
+
+    assert_matches_undisturbed(job, undisturbed)
+    after = checkpoint_mtimes(ws)
+    assert {s: after[s] for s in done_before} == mtimes, "a finished stage ran again"
+    assert sorted(after) == sorted(STAGES)
+    # the killed attempt left no record (its server died); the resumed one ran only the rest
+    [attempt] = job["attempts"]
+    assert attempt["outcome"] == "completed"
+    assert attempt["resumed_from"] == stage and attempt["skipped_stages"] == done_before
+    assert list(attempt["stage_wall_s"]) == list(STAGES[STAGES.index(stage):])
+    assert job["attempt"] == 2
+    assert_nothing_processing(srv2)
+
+
+def test_boot_kills_a_recorded_child_group_that_outlived_its_server(servers):
+    srv = servers.start(TEST_FAULT="pause:frames")
+    with srv.client() as c:
+        job_id = upload(c).json()["job_id"]
+    ws = workspace(srv, job_id)
+    wait_until(lambda: pause_flag(ws, "frames").exists(), 60, "pause at frames")
+    servers.sigkill(srv)
+    # a stand-in for a child whose PR_SET_PDEATHSIG did not fire: same argv shape, own group
+    ghost = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
+                              "colmap_pipeline", "stage", "frames", "--workspace", str(ws)],
+                             start_new_session=True)
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                                 start_new_session=True)
+    try:
+        with sqlite3.connect(srv.data_dir / "colmap_app.db") as db:
+            db.execute("UPDATE jobs SET pgid = ? WHERE job_id = ?", (ghost.pid, job_id))
+            db.execute("INSERT INTO jobs (job_id, scan_id, project_id, scan_name, quality, "
+                       "status, created_at, updated_at, input_path, input_bytes, input_sha256,"
+                       " pgid) VALUES ('other', 's', 'p', 'n', 'low', 'failed', 'x', 'x', "
+                       "'/nonexistent', 0, '', ?)", (bystander.pid,))
+        srv2 = servers.start(TEST_FAULT="pause:frames")
+        assert ghost.wait(5) == -signal.SIGKILL
+        assert bystander.poll() is None, "a pid that is not our child was killed"
+        with sqlite3.connect(srv.data_dir / "colmap_app.db") as db:
+            assert db.execute("SELECT pgid FROM jobs WHERE job_id = 'other'").fetchone() == (
+                None,)
+        # the job resumed (and paused again at frames); delete it to end quickly
+        wait_until(lambda: get_job(srv2, job_id)["status"] == "processing", 30, "resume")
+        with srv2.client() as c:
+            assert c.delete(f"/jobs/{job_id}").json()["status"] == "deleted"
+            assert c.get(f"/jobs/{job_id}").status_code == 404
+        assert not (srv.data_dir / "jobs" / job_id).exists()
+    finally:
+        for p in (ghost, bystander):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+# --- cancel, retry, automatic retries -------------------------------------------------------
+
+def test_cancel_during_matching_then_retry_completes(servers, undisturbed):
+    srv = servers.start(TEST_FAULT="pause:matching")
+    with srv.client() as c:
+        job_id = upload(c).json()["job_id"]
+        ws = workspace(srv, job_id)
+        flag = pause_flag(ws, "matching")
+        wait_until(flag.exists, 240, "pause at matching")
+        children = stage_children(ws)
+        assert len(children) == 1
+        mtimes = checkpoint_mtimes(ws)
+        t0 = time.monotonic()
+        r = c.post(f"/jobs/{job_id}/cancel")
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "cancelled"
+        wait_until(lambda: not still_alive(children) and not stage_children(ws), 5,
+                   "stage child to die")
+        print(f"child gone {time.monotonic() - t0:.2f} s after the cancel request")
+        job = c.get(f"/jobs/{job_id}").json()
+        assert job["status"] == "cancelled" and job["finished_at"]
+        assert c.get("/health").json()["active_jobs"] == 0
+        assert ws.exists(), "the workspace stays for a retry"
+        again = c.post(f"/jobs/{job_id}/cancel")
+        assert again.status_code == 409
+        assert again.json()["error"]["code"] == "job_not_cancellable"
+
+        flag.unlink()
+        r = c.post(f"/jobs/{job_id}/retry")
+        assert r.status_code == 200 and r.json()["status"] in ("pending", "processing")
+        wait_until(flag.exists, 60, "the retry to reach matching")  # resumed at matching
+        flag.unlink()
+        job = srv.wait_for_job(job_id, timeout_s=300)
+        assert_matches_undisturbed(job, undisturbed)
+        after = checkpoint_mtimes(ws)
+        assert {s: after[s] for s in mtimes} == mtimes  # frames, features not redone
+        assert [(a["attempt"], a["outcome"], a["failed_stage"]) for a in job["attempts"]] == [
+            (1, "cancelled", "matching"), (2, "completed", None)]
+        assert job["attempts"][1]["skipped_stages"] == ["frames", "features"]
+        r = c.post(f"/jobs/{job_id}/retry")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "job_not_retryable"
+
+
+def test_outside_sigkill_of_child_is_retried_once(servers, undisturbed):
+    srv = servers.start(TEST_FAULT="pause:frames")
+    with srv.client() as c:
+        job_id = upload(c).json()["job_id"]
+    ws = workspace(srv, job_id)
+    flag = pause_flag(ws, "frames")
+
+    def kill_paused_child() -> None:
+        wait_until(flag.exists, 60, "pause at frames")
+        [pid] = stage_children(ws)
+        os.kill(pid, signal.SIGKILL)
+        flag.unlink()  # the next child must create it again (it needs > 0.5 s to start)
+
+    kill_paused_child()  # 1st outside kill: retried in place
+    kill_paused_child()  # 2nd: not retried again
+    job = srv.wait_for_job(job_id, timeout_s=60)
+    assert job["status"] == "failed" and job["error"]["code"] == "pipeline_crashed"
+    assert "SIGKILL" in job["error"]["message"]
+    assert [(a["attempt"], a["outcome"], a.get("retry")) for a in job["attempts"]] == [
+        (1, "retrying", "outside_signal"), (2, "failed", None)]
+
+    with srv.client() as c:  # an operator retry then completes
+        assert c.post(f"/jobs/{job_id}/retry").status_code == 200
+    wait_until(flag.exists, 60, "pause at frames after the retry")
+    flag.unlink()
+    job = srv.wait_for_job(job_id, timeout_s=300)
+    assert_matches_undisturbed(job, undisturbed)
+    assert [a["outcome"] for a in job["attempts"]] == ["retrying", "failed", "completed"]
+    assert job["attempt"] == 3
+
+
+def _static_video(path: Path) -> Path:
+    """4 s of one textured frame (no camera motion): probes fine, fails insufficient_motion."""
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(0)
+    img = cv2.GaussianBlur((rng.random((240, 320, 3)) * 255).astype(np.uint8), (5, 5), 0)
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (320, 240))
+    for _ in range(40):
+        w.write(img)
+    w.release()
+    return path
+
+
+def test_invalid_video_and_timeout_are_never_retried(servers, tmp_path):
+    srv = servers.start(JOB_TIMEOUT_S=4, TEST_FAULT="sleep:features")
+    with srv.client() as c:
+        bad = upload(c, _static_video(tmp_path / "static.mp4").read_bytes()).json()["job_id"]
+        slow = upload(c).json()["job_id"]
+        job = srv.wait_for_job(bad, timeout_s=60)
+        assert job["status"] == "failed" and job["error"]["code"] == "insufficient_motion"
+        job = srv.wait_for_job(slow, timeout_s=60)
+        assert job["status"] == "failed" and job["error"]["code"] == "job_timeout"
+        time.sleep(1.0)
+        for jid, code in ((bad, "insufficient_motion"), (slow, "job_timeout")):
+            job = c.get(f"/jobs/{jid}").json()
+            assert job["status"] == "failed" and job["attempt"] == 1
+            assert [(a["outcome"], a["error_code"]) for a in job["attempts"]] == [
+                ("failed", code)]
+
+
+# --- graceful shutdown ----------------------------------------------------------------------
+
+def test_sigterm_drains_then_job_resumes_after_restart(servers, undisturbed):
+    grace = 3.0
+    srv = servers.start(TEST_FAULT="pause:features", SHUTDOWN_GRACE_S=grace)
+    with srv.client() as c:
+        job_id = upload(c).json()["job_id"]
+        ws = workspace(srv, job_id)
+        wait_until(lambda: pause_flag(ws, "features").exists(), 60, "pause at features")
+        mtimes = checkpoint_mtimes(ws)
+        assert list(mtimes) == ["frames"]
+        children = stage_children(ws)
+        assert c.get("/readiness").status_code == 200
+        t0 = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        r = c.get("/readiness")
+        assert r.status_code == 503 and "not_draining" in r.json()["failing"]
+        r = upload(c)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+        assert int(r.headers["Retry-After"]) > 0
+        assert c.get("/health").status_code == 200  # still alive while draining
+    # uvicorn re-raises the captured SIGTERM after its clean shutdown
+    assert srv.proc.wait(grace + 20) in (0, -signal.SIGTERM)
+    took = time.monotonic() - t0
+    assert grace - 0.5 <= took < grace + 15, took
+    srv._log.close()
+    assert still_alive(children) == []
+
+    srv2 = servers.start()
+    job = srv2.wait_for_job(job_id, timeout_s=300)
+    assert_matches_undisturbed(job, undisturbed)
+    assert checkpoint_mtimes(ws)["frames"] == mtimes["frames"]
+    assert [(a["outcome"], a["failed_stage"]) for a in job["attempts"]] == [
+        ("interrupted", "features"), ("completed", None)], job["attempts"]
+    assert_nothing_processing(srv2)
+
+
+# --- retention, orphans, delete -------------------------------------------------------------
+
+def test_retention_expires_files_and_keeps_rows(servers):
+    data = servers.tmp / "data"
+    orphan = data / "jobs" / "not-a-job" / "work"
+    orphan.mkdir(parents=True)
+    (orphan / "frames.json").write_text("{}")
+    (data / "uploads").mkdir(parents=True)
+    (data / "uploads" / "upload-partial.part").write_bytes(b"x" * 100)
+    srv = servers.start(TEST_FAULT="fail:frames", RETENTION_HOURS=2 / 3600,
+                        HOUSEKEEPING_INTERVAL_S=0.5)
+    assert not (data / "jobs" / "not-a-job").exists()
+    assert list((data / "uploads").iterdir()) == []
+    with srv.client() as c:
+        job_id = upload(c).json()["job_id"]
+        job = srv.wait_for_job(job_id, timeout_s=60)
+        assert job["status"] == "failed"
+        assert (data / "jobs" / job_id / "input").is_dir()
+        job = wait_until(lambda: (j := c.get(f"/jobs/{job_id}").json())["status"] == "expired"
+                         and j, 15, "expiry")
+        assert job["error"]["code"] == "pipeline_error"  # the row keeps its history
+        # the row turns expired first (so no retry can race the removal), then files go
+        wait_until(lambda: not (data / "jobs" / job_id).exists(), 5, "file removal")
+        assert c.post(f"/jobs/{job_id}/retry").status_code == 409
+        assert c.get("/jobs", params={"status": "expired"}).json()["total"] == 1
+        r = c.delete(f"/jobs/{job_id}")
+        assert r.status_code == 200 and r.json()["status"] == "deleted"
+        assert c.get(f"/jobs/{job_id}").status_code == 404
+        assert c.delete(f"/jobs/{job_id}").status_code == 404
+
+
+def test_idempotency_key_returns_same_job_across_restart(servers):
+    srv = servers.start(TEST_FAULT="pause:frames")
+    with srv.client() as c:
+        r1 = upload(c, key="scan-42")
+        r2 = upload(c, key="scan-42")
+        r3 = upload(c, key="scan-43")
+        assert r1.status_code == r2.status_code == r3.status_code == 202
+        assert r2.json()["job_id"] == r1.json()["job_id"] != r3.json()["job_id"]
+        assert r2.headers["Idempotent-Replayed"] == "true"
+        assert c.get("/jobs").json()["total"] == 2
+        assert upload(c, key="x" * 201).status_code == 422
+    srv.stop()
+    srv2 = servers.start(TEST_FAULT="pause:frames")
+    with srv2.client() as c:
+        r4 = upload(c, key="scan-42")
+        assert r4.status_code == 202 and r4.json()["job_id"] == r1.json()["job_id"]
+        assert c.get("/jobs").json()["total"] == 2
+        # a deleted job frees its key
+        assert c.delete(f"/jobs/{r1.json()['job_id']}").status_code == 200
+        r5 = upload(c, key="scan-42")
+        assert r5.status_code == 202 and r5.json()["job_id"] != r1.json()["job_id"]
+
+
+def test_low_disk_rejects_uploads_with_507_and_fails_readiness(servers):
+    free = shutil.disk_usage(servers.tmp).free
+    srv = servers.start(MIN_FREE_DISK_BYTES=free * 4)
+    with srv.client() as c:
+        r = c.get("/readiness")
+        assert r.status_code == 503 and r.json()["failing"] == ["free_disk"]
+        r = upload(c)
+        assert r.status_code == 507
+        err = r.json()["error"]
+        assert err["code"] == "insufficient_storage" and err["hint"]
+        assert err["details"]["min_free_disk_bytes"] == free * 4
+        assert c.get("/jobs").json()["total"] == 0
+        assert list((srv.data_dir / "uploads").iterdir()) == []
