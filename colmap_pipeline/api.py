@@ -112,6 +112,23 @@ def _writable(path: Path) -> bool:
         return False
 
 
+def multipart_body(file_field: str, file_schema: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI ``requestBody`` of an upload route: ``file_field`` plus the scan form fields.
+
+    The routes parse the body themselves (streaming), so FastAPI cannot infer this schema.
+    """
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": [file_field, "project_id"],
+        "properties": {
+            file_field: file_schema,
+            "project_id": {"type": "string", "description": "the frontend's project id"},
+            "scan_name": {"type": "string", "description": "display name of the scan"},
+            "quality": {"type": "string", "enum": ["low", "medium", "high"],
+                        "default": "medium",
+                        "description": "low: 30 frames/1000 px; medium: 50/1600; high: 100/2400"},
+            "user_email": {"type": "string", "description": "owner's e-mail (optional)"}}}}}}}
+
+
 def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
     """All routes; the upload route is limited to ``MAX_REQUESTS_PER_MINUTE`` per client."""
     router = APIRouter()
@@ -150,17 +167,9 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
 
     @router.post("/upload-video", status_code=202, response_model=UploadResponse,
                  responses=ERROR_RESPONSES, summary="Upload a video and queue a job",
-                 openapi_extra={"requestBody": {"required": True, "content": {
-                     "multipart/form-data": {"schema": {
-                         "type": "object", "required": ["video", "project_id"],
-                         "properties": {
-                             "video": {"type": "string", "format": "binary",
-                                       "description": "the video file (MP4/MOV/MKV…)"},
-                             "project_id": {"type": "string"},
-                             "scan_name": {"type": "string"},
-                             "quality": {"type": "string", "enum": ["low", "medium", "high"],
-                                         "default": "medium"},
-                             "user_email": {"type": "string"}}}}}}})
+                 openapi_extra=multipart_body("video", {
+                     "type": "string", "format": "binary",
+                     "description": "the video file (MP4/MOV/MKV…)"}))
     @limiter.limit(lambda: f"{settings.max_requests_per_minute}/minute")
     async def upload_video(request: Request) -> JSONResponse:
         """Stream the body to disk (size limit enforced while it arrives), validate the fields,
@@ -262,19 +271,9 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
 
     @router.post("/upload-images", status_code=202, response_model=UploadResponse,
                  responses=ERROR_RESPONSES, summary="Upload photos (or one zip) and queue a job",
-                 openapi_extra={"requestBody": {"required": True, "content": {
-                     "multipart/form-data": {"schema": {
-                         "type": "object", "required": ["images", "project_id"],
-                         "properties": {
-                             "images": {"type": "array", "items": {
-                                 "type": "string", "format": "binary"},
-                                 "description": "JPEG/PNG photos (repeat the field), or one "
-                                                "zip of them"},
-                             "project_id": {"type": "string"},
-                             "scan_name": {"type": "string"},
-                             "quality": {"type": "string", "enum": ["low", "medium", "high"],
-                                         "default": "medium"},
-                             "user_email": {"type": "string"}}}}}}})
+                 openapi_extra=multipart_body("images", {
+                     "type": "array", "items": {"type": "string", "format": "binary"},
+                     "description": "JPEG/PNG photos (repeat the field), or one zip of them"}))
     @limiter.limit(lambda: f"{settings.max_requests_per_minute}/minute")
     async def upload_images(request: Request) -> JSONResponse:
         """Photo-set input (issue 4): same flow, limits and errors as ``/upload-video``; zips

@@ -80,6 +80,26 @@ def _chunks(items: list, n_min: int, target: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def registration_progress(progress: Progress, num_frames: int) -> Callable[[bool], None]:
+    """Callback for ``incremental_mapping``'s image callbacks that reports registered images.
+
+    The returned ``on_image(initial)`` is called with ``True`` for an initial pair and ``False``
+    for each next image. The callbacks fire for every initialisation trial (failed trials are
+    discarded), so the count restarts at 2 on each initial pair; ``progress`` receives the
+    running maximum as ``(registered / num_frames, message)`` and so never goes backwards.
+    """
+    state = {"registered": 0, "best": 0}
+
+    def on_image(initial: bool) -> None:
+        state["registered"] = 2 if initial else state["registered"] + 1
+        if state["registered"] > state["best"]:
+            state["best"] = state["registered"]
+            n = min(state["best"], num_frames)
+            progress(n / max(1, num_frames), f"Registering images ({n}/{num_frames})...")
+
+    return on_image
+
+
 def list_images(image_dir: str | os.PathLike) -> list[str]:
     """Sorted image file names (``.jpg``/``.jpeg``/``.png``) directly inside ``image_dir``."""
     return sorted(p.name for p in Path(image_dir).iterdir()
@@ -363,16 +383,7 @@ def map_incremental(database_path: str | os.PathLike, image_dir: str | os.PathLi
     opts.mapper.num_threads = num_threads
     opts.mapper.random_seed = random_seed
     opts.triangulation.random_seed = random_seed
-    # The callbacks fire for every initialisation trial (failed trials are discarded), so the
-    # count restarts at 2 on each initial pair; progress is the running maximum.
-    state = {"registered": 0, "best": 0}
-
-    def on_image(initial: bool) -> None:
-        state["registered"] = 2 if initial else state["registered"] + 1
-        if state["registered"] > state["best"]:
-            state["best"] = state["registered"]
-            n = min(state["best"], num_frames)
-            progress(n / max(1, num_frames), f"Registering images ({n}/{num_frames})...")
+    on_image = registration_progress(progress, num_frames)
 
     progress(0.0, "Initializing reconstruction...")
     recs = pycolmap.incremental_mapping(
@@ -624,14 +635,7 @@ def map_models(database_path: str | os.PathLike, image_dir: str | os.PathLike,
             if not hasattr(opts, k):
                 raise ValueError(f"unknown incremental pipeline option {k!r}")
             setattr(opts, k, v)
-        state = {"registered": 0, "best": 0}
-
-        def on_image(initial: bool) -> None:
-            state["registered"] = 2 if initial else state["registered"] + 1
-            if state["registered"] > state["best"]:
-                state["best"] = state["registered"]
-                n = min(state["best"], num_frames)
-                progress(n / max(1, num_frames), f"Registering images ({n}/{num_frames})...")
+        on_image = registration_progress(progress, num_frames)
 
         recs = pycolmap.incremental_mapping(
             database_path, image_dir, out, options=opts,
