@@ -12,23 +12,36 @@ ladder climbs, in this order (:data:`STEPS`):
 2. ``exhaustive``: every pair, when n (n - 1) / 2 <= ``EXHAUSTIVE_MAX_PAIRS`` (cheap);
 3. ``loop_closure``: retrieval pairs from a vocabulary built from the job's own descriptors
    (offline; no vocabulary-tree download), skipped after ``exhaustive`` (nothing to add);
-4. ``init_thresholds``: relaxed initial-pair thresholds (``RELAXED_INIT``): slow, distant
-   footage (the Karma drone clip) has no pair with COLMAP's 16 degree triangulation angle;
-5. ``global_mapper``: global SfM (GLOMAP) on the same matches, when the preset's mapper is
-   incremental (on the Karma clip's exhaustive matches it registered 30/30 where an incremental
-   run registered 8/30);
-6. ``camera_model``: OPENCV (fx, fy, cx, cy, k1, k2, p1, p2), then OPENCV_FISHEYE (k1..k4) for
+4. ``other_mapper``: the other mapper on the same matches: global SfM (GLOMAP) when the
+   preset's mapper is incremental (no initial pair to find, all views at once: on the Karma
+   clip's exhaustive matches it registered every frame each time it was tried, 30/30 and
+   50/50, where incremental runs on the same kind of matches gave 8/30 or failed their checks;
+   BENCHMARKS.md, issue 4), incremental SfM when it is global;
+5. ``init_thresholds``: relaxed initial-pair thresholds (``RELAXED_INIT``), incremental
+   mapping whatever the preset's mapper: slow, distant footage (the Karma drone clip) has no
+   pair with COLMAP's 16 degree triangulation angle;
+6. ``focal_prior``: the focal length from the photos' metadata (EXIF, :mod:`.photos`) as a
+   trusted prior, first as the initial value with ``has_prior_focal_length`` (refined by
+   bundle adjustment), then, if that still fails, held fixed (``ba_refine_focal_length`` off);
+   skipped without metadata (videos: containers carry no focal length). With a prior, every
+   model is also checked against it (``focal_disagrees_with_metadata``,
+   :data:`reconstruction.FOCAL_PRIOR_TOLERANCE`): self-calibration on low-parallax views
+   drifts to a plausible-looking but wrong focal length that the other checks cannot see;
+7. ``camera_model``: OPENCV (fx, fy, cx, cy, k1, k2, p1, p2), then OPENCV_FISHEYE (k1..k4) for
    wide action-camera lenses; a camera change that does not help is undone;
-7. ``focal_prior``: the focal length from the photos' metadata (EXIF) as a trusted prior, when
-   known (skipped for videos, whose containers carry no focal length).
+8. ``more_frames``: one more frame in the middle of every gap between selected frames (from
+   the video, :func:`video.extract_between`, through the ``more_frames`` callback), with
+   features and sequential matches for them: halves the baseline between neighbours when the
+   preset's cap spreads the frames too thin to match (measured: the GoPro walk at 15 frames
+   gives a 2-image model, at 20 or more 20/20). Skipped for photo sets (no frame source).
 
 Matching steps add pairs to the database (they stay for later steps). Every attempt is recorded
 with its settings, outcome (size and checks of every model) and time; a step that would not fit
 in the preset's time budget (``LADDER_BUDGET_S``) is recorded as skipped. The best model of all
 attempts (most registered images among the models passing the checks) is the result.
 
-"More frames" is not a rung here: frames are selected once by the frames stage (up to the
-preset's cap) and every one of them is already given to SfM.
+The registered share of an attempt is over the frames it was given (``frames`` of the attempt:
+more after ``more_frames``).
 """
 from __future__ import annotations
 
@@ -47,8 +60,8 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
 
-STEPS = ("more_overlap", "exhaustive", "loop_closure", "init_thresholds", "global_mapper",
-         "camera_model", "focal_prior")
+STEPS = ("more_overlap", "exhaustive", "loop_closure", "other_mapper", "init_thresholds",
+         "focal_prior", "camera_model", "more_frames")
 #: Wall-clock budget (s) of the ladder after the first attempt, per preset (the job timeout is
 #: 3600 s). Measured on 2 CPU cores shared 5x (BENCHMARKS.md, issue 4): one Karma mapping
 #: attempt at low takes 100-370 s there, so 300 s allowed a single rung.
@@ -70,8 +83,13 @@ RELAXED_INIT = {"init_min_num_inliers": 50, "init_min_tri_angle": 8.0, "init_max
                 "abs_pose_min_num_inliers": 15}
 #: Camera models tried by ``camera_model`` (COLMAP ``src/colmap/sensor/models.h``).
 CAMERA_MODELS = ("OPENCV", "OPENCV_FISHEYE")
-#: Mapper per preset, from the incremental-vs-global measurements in BENCHMARKS.md (issue 4).
-MAPPER_BY_QUALITY = {"low": "incremental", "medium": "incremental", "high": "incremental"}
+#: Mapper of the first attempt per preset, from the incremental-vs-global measurements in
+#: BENCHMARKS.md (issue 4, ``scripts/bench_reconstruction.py --mapper ...``, idle 2-core
+#: machine): global SfM registered every frame of the Karma clip on its first attempt in 6 of 6
+#: runs (mapping 19-53 s) where incremental mapping passed its checks first time in 1 of 6 and
+#: needed the ladder for up to 526 s; on the GoPro walk both register everything in about the
+#: same time.
+MAPPER_BY_QUALITY = {"low": "global", "medium": "global", "high": "global"}
 
 
 def _noop(fraction: float, message: str) -> None:  # pragma: no cover - trivial
@@ -87,7 +105,7 @@ def _brief(m: dict | None) -> dict | None:
         return None
     return {k: m[k] for k in ("index", "registered_images", "points3d",
                               "mean_reprojection_error_px", "mean_track_length",
-                              "camera_plausible", "camera_model", "focal_ratio",
+                              "camera_plausible", "camera_model", "focal_px", "focal_ratio",
                               "camera_params", "checks") if k in m}
 
 
@@ -97,7 +115,8 @@ def run_ladder(database_path: str | os.PathLike, image_dir: str | os.PathLike,
                progress: Progress | None = None, steps: tuple[str, ...] | None = None,
                budget_s: float | None = None, mapper: str | None = None,
                num_threads: int = -1, random_seed: int = -1,
-               target_fraction: float = TARGET_FRACTION) -> dict:
+               target_fraction: float = TARGET_FRACTION,
+               more_frames: Callable[[], dict] | None = None) -> dict:
     """Map, check, and climb the recovery ladder until a model is good enough or time is up.
 
     Args:
@@ -106,19 +125,26 @@ def run_ladder(database_path: str | os.PathLike, image_dir: str | os.PathLike,
         sparse_dir: created; on return holds the chosen attempt's models as ``<k>/``.
         num_frames: frames selected for SfM.
         quality: preset name (budget and mapper).
-        focal_prior_px: focal length from metadata (px at the frames' size) or ``None``.
+        focal_prior_px: focal length from metadata (px at the frames' size) or ``None``; with
+            it, models that disagree with it fail their checks.
         steps: ladder steps to allow (default :data:`STEPS`, in that order).
         budget_s: time budget after the first attempt (default ``LADDER_BUDGET_S[quality]``).
         mapper: ``"incremental"`` or ``"global"`` (default ``MAPPER_BY_QUALITY[quality]``).
         num_threads, random_seed: as pycolmap (-1 = all cores / random).
         target_fraction: stop once the best model registers this share of the frames.
+        more_frames: frame source of the ``more_frames`` rung: called once, writes new frames
+            into ``image_dir``, adds their features to the database (existing camera) and
+            returns ``{"added": [file names], "frames": total frames now}``; ``None`` (photo
+            sets): the rung is skipped.
 
     Returns:
-        ``{"frames", "models"`` (every model of the chosen attempt with its checks),
+        ``{"frames"`` (frames given to the chosen attempt), ``"frames_added": [names]`` (by
+        ``more_frames``, whether or not the chosen attempt used them),
+        ``"models"`` (every model of the chosen attempt with its checks),
         ``"model_sizes"`` (registered images per model of every attempt),
         ``"chosen_model", "registered_images", "points3d", "checks", "partial": bool,
         "quality_warning": {"code", "message", "hint"} | None, "attempts": [{"step",
-        "settings", "elapsed_s", "outcome", "models", "best", "new_pairs"?}], "mapper",
+        "settings", "elapsed_s", "outcome", "frames", "models", "best", "new_pairs"?}], "mapper",
         "budget_s", "ladder_elapsed_s"}``.
 
     Raises:
@@ -134,9 +160,9 @@ def run_ladder(database_path: str | os.PathLike, image_dir: str | os.PathLike,
     if sparse.exists():
         shutil.rmtree(sparse)
     work.mkdir(parents=True)
-    target = max(rc.min_registered_images(num_frames), math.ceil(target_fraction * num_frames))
     attempts: list[dict] = []
-    state = {"best": None, "best_dir": None, "progress": 0.0}
+    state = {"best": None, "best_dir": None, "progress": 0.0, "frames": int(num_frames),
+             "added": []}
     t_first = time.monotonic()
     ladder_t0: list[float] = []
 
@@ -146,6 +172,8 @@ def run_ladder(database_path: str | os.PathLike, image_dir: str | os.PathLike,
 
     def good_enough() -> bool:
         b = state["best"]
+        n = state["frames"]
+        target = max(rc.min_registered_images(n), math.ceil(target_fraction * n))
         return b is not None and b["registered_images"] >= target
 
     def remaining() -> float:
@@ -163,8 +191,9 @@ def run_ladder(database_path: str | os.PathLike, image_dir: str | os.PathLike,
         opts = dict(mapper_options or {})
         if i > 0 and this_mapper == "incremental":
             opts.setdefault("pipeline", {})["max_runtime_seconds"] = int(max(10, remaining()))
-        models = rc.map_models(database_path, image_dir, out, num_frames, mapper=this_mapper,
-                               mapper_options=opts,
+        models = rc.map_models(database_path, image_dir, out, state["frames"],
+                               mapper=this_mapper, mapper_options=opts,
+                               focal_prior_px=focal_prior_px,
                                progress=lambda f, m: report(base + span * f,
                                                             m if i == 0 else f"{step}: {m}"),
                                num_threads=num_threads, random_seed=random_seed)
@@ -176,7 +205,7 @@ def run_ladder(database_path: str | os.PathLike, image_dir: str | os.PathLike,
                    "improved" if improved else "passed" if b is not None else "failed_checks")
         attempts.append({
             "step": step, "settings": settings, "elapsed_s": round(time.monotonic() - t0, 3),
-            "outcome": outcome, "models": [_brief(m) for m in models],
+            "outcome": outcome, "frames": state["frames"], "models": [_brief(m) for m in models],
             "model_sizes": [m["registered_images"] for m in models], "best": _brief(b),
             **(extra or {})})
         log.info("ladder attempt %d (%s): %s, sizes %s", i, step, outcome,
@@ -222,7 +251,7 @@ def run_ladder(database_path: str | os.PathLike, image_dir: str | os.PathLike,
         if step not in STEPS:
             raise ValueError(f"unknown ladder step {step!r}")
         if step == "more_overlap":
-            n_pairs = num_frames * (num_frames - 1) // 2
+            n_pairs = state["frames"] * (state["frames"] - 1) // 2
             if "exhaustive" in steps and n_pairs <= EXHAUSTIVE_MAX_PAIRS:
                 skip(step, "exhaustive_matching_is_cheap", {"pairs": n_pairs})
             elif fits(step):
@@ -230,7 +259,7 @@ def run_ladder(database_path: str | os.PathLike, image_dir: str | os.PathLike,
                                                              quadratic=False),
                            {"overlap": MORE_OVERLAP, "quadratic_overlap": False})
         elif step == "exhaustive":
-            n_pairs = num_frames * (num_frames - 1) // 2
+            n_pairs = state["frames"] * (state["frames"] - 1) // 2
             if n_pairs > EXHAUSTIVE_MAX_PAIRS:
                 skip(step, "too_many_pairs", {"pairs": n_pairs,
                                               "max_pairs": EXHAUSTIVE_MAX_PAIRS})
@@ -257,7 +286,9 @@ def run_ladder(database_path: str | os.PathLike, image_dir: str | os.PathLike,
                 if good_enough() or not fits(step):
                     break
                 t0 = time.monotonic()
-                saved = rc.set_camera_model(database_path, model)
+                # a known focal length stays the starting point (and trusted) with any model
+                saved = rc.set_camera_model(database_path, model, focal_px=focal_prior_px,
+                                            prior=bool(focal_prior_px))
                 b = map_attempt(step, {"camera_model": model}, t0)
                 if not (b is not None and state["best"] is not None
                         and state["best"].get("attempt") == len(attempts) - 1):
@@ -268,30 +299,65 @@ def run_ladder(database_path: str | os.PathLike, image_dir: str | os.PathLike,
         elif step == "focal_prior":
             if not focal_prior_px:
                 skip(step, "no_focal_length_metadata")
-            elif fits(step):
+                continue
+            for fixed in (False, True):
+                if good_enough() or not fits(step):
+                    break
                 t0 = time.monotonic()
                 model = rc.read_camera(database_path).model_name
                 saved = rc.set_camera_model(database_path, model, focal_px=focal_prior_px,
                                             prior=True)
-                b = map_attempt(step, {"focal_px": round(float(focal_prior_px), 3),
-                                       "camera_model": model}, t0)
-                if not (b is not None and state["best"].get("attempt") == len(attempts) - 1):
+                settings = {"focal_px": round(float(focal_prior_px), 3), "camera_model": model,
+                            "focal": "fixed" if fixed else "refined", "mapper": "incremental"}
+                # held fixed: incremental mapping (its bundle adjustment option is documented)
+                b = map_attempt(step, settings, t0, use_mapper="incremental",
+                                mapper_options={"pipeline": {"ba_refine_focal_length": False}}
+                                if fixed else None)
+                kept = (b is not None and state["best"] is not None
+                        and state["best"].get("attempt") == len(attempts) - 1)
+                attempts[-1]["camera_kept"] = kept
+                if not kept:
                     rc.restore_cameras(database_path, saved)
-        elif step == "global_mapper":
-            if mapper == "global":
-                skip(step, "already_global")
-            elif fits(step):
-                map_attempt(step, {"mapper": "global"}, time.monotonic(), use_mapper="global")
-        elif step == "init_thresholds":
+        elif step == "other_mapper":
             if fits(step):
-                map_attempt(step, dict(RELAXED_INIT), time.monotonic(),
-                            mapper_options=dict(RELAXED_INIT))
+                other = "incremental" if mapper == "global" else "global"
+                map_attempt(step, {"mapper": other}, time.monotonic(), use_mapper=other)
+        elif step == "more_frames":
+            if more_frames is None:
+                skip(step, "no_frame_source")
+            elif fits(step):
+                t0 = time.monotonic()
+                report(state["progress"], f"{step}: adding frames between the selected ones")
+                got = more_frames()
+                added = list(got.get("added") or [])
+                if not added:
+                    attempts.append({"step": step, "settings": {}, "outcome": "skipped",
+                                     "elapsed_s": round(time.monotonic() - t0, 3),
+                                     "reason": "no_usable_frames_between"})
+                    continue
+                state["frames"] = int(got["frames"])
+                state["added"].extend(added)
+                base = state["progress"]
+                pairs = rc.sequential_pairs(database_path, rc.SEQUENTIAL_OVERLAP)
+                if exhaustive_done and (state["frames"] * (state["frames"] - 1) // 2
+                                        <= EXHAUSTIVE_MAX_PAIRS):
+                    pairs = rc.all_pairs(database_path)
+                res = rc.match_new_pairs(
+                    database_path, pairs, use_gpu=use_gpu, num_threads=num_threads,
+                    progress=lambda f, m: report(base + (0.99 - base) * 0.1 * f, f"{step}: {m}"))
+                map_attempt(step, {"added_frames": len(added), "frames": state["frames"]}, t0,
+                            extra={"new_pairs": res["image_pairs"],
+                                   "verified_pairs": res["verified_pairs"]})
+        elif step == "init_thresholds":
+            if fits(step):  # initial-pair thresholds exist only in incremental mapping
+                map_attempt(step, {**RELAXED_INIT, "mapper": "incremental"}, time.monotonic(),
+                            mapper_options=dict(RELAXED_INIT), use_mapper="incremental")
     elapsed = round(time.monotonic() - ladder_t0[0], 3)
     best = state["best"]
     if best is None:
         shutil.rmtree(work, ignore_errors=True)
         raise PipelineError("reconstruction_failed", details={
-            "frames": num_frames, "attempts": attempts,
+            "frames": state["frames"], "frames_added": state["added"], "attempts": attempts,
             "reason": "no attempt gave a model with plausible intrinsics, low reprojection "
                       "error and enough registered images"})
     # keep only the chosen attempt's models, as sparse/<k>
@@ -303,15 +369,17 @@ def run_ladder(database_path: str | os.PathLike, image_dir: str | os.PathLike,
     shutil.rmtree(work, ignore_errors=True)
     checks = best["checks"]
     warning = None
+    used = attempt["frames"]
     if checks["partial"]:
         warning = {"code": "partial_reconstruction",
-                   "message": f"Only {best['registered_images']} of {num_frames} selected "
+                   "message": f"Only {best['registered_images']} of {used} selected "
                               f"frames were registered.",
                    "hint": "Film with more overlap between views (slower sideways motion, "
                            "no fast turns), avoid sky, water and blur, or upload more photos."}
-    report(1.0, f"Registered {best['registered_images']}/{num_frames} images")
+    report(1.0, f"Registered {best['registered_images']}/{used} images")
     return {
-        "frames": num_frames, "mapper": mapper, "budget_s": budget,
+        "frames": used, "frames_added": state["added"],
+        "mapper": mapper, "budget_s": budget,
         "ladder_elapsed_s": elapsed,
         "models": attempt["models"], "chosen_model": best["index"],
         "chosen_attempt": best["attempt"],

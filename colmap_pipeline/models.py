@@ -116,8 +116,10 @@ class JobPublic(BaseModel):
     error: JobError | None = Field(None, description="set when status is failed")
     results: dict[str, Any] | None = Field(
         None, description="completed jobs: metrics read from the reconstruction "
-        "(frames_extracted, registered_images, points3d, mean_reprojection_error_px, "
-        "mean_track_length, models, camera, timings_s)")
+        "(frames_extracted, frames_used (more when the ladder added frames), frames_added, "
+        "registered_images, points3d, mean_reprojection_error_px, mean_track_length, models, "
+        "camera, checks, partial, quality_warning, attempts (every mapping attempt of the "
+        "recovery ladder with settings, outcome, time), focal_prior_px, timings_s)")
     artifacts: list[ArtifactPublic] = Field(default_factory=list)
     attempts: list[dict[str, Any]] = Field(
         default_factory=list, description="one record per run of the job: attempt, outcome, "

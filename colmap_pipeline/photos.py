@@ -16,7 +16,9 @@ Frames-stage side (child process): :func:`prepare_photo_frames` decodes each pho
 which applies the EXIF orientation tag (``cv2.IMREAD_COLOR`` honours it unless
 ``IMREAD_IGNORE_ORIENTATION`` is given), scales it to the preset's size and writes it as a plain
 JPEG without EXIF into ``frames/``. COLMAP then reads those upright pixels, so decoding and SfM
-see the same orientation (COLMAP itself ignores the EXIF orientation tag).
+see the same orientation (COLMAP itself ignores the EXIF orientation tag). Because the frames
+carry no EXIF, the focal length COLMAP would have read from it is taken here instead
+(:func:`exif_focal_px`, with Pillow) and handed to the mapping stage as ``focal_prior_px``.
 """
 from __future__ import annotations
 
@@ -228,6 +230,87 @@ def extract_photo_zip(zip_path: Path, dest_dir: Path,
         return out
 
 
+#: EXIF tags (CIPA DC-008 / JEITA CP-3451): the Exif sub-IFD pointer, FocalLength (mm),
+#: FocalLengthIn35mmFilm (mm), FocalPlaneXResolution, FocalPlaneResolutionUnit, PixelXDimension,
+#: PixelYDimension.
+EXIF_IFD = 0x8769
+TAG_FOCAL_LENGTH = 0x920A
+TAG_FOCAL_35MM = 0xA405
+TAG_FOCAL_PLANE_XRES = 0xA20E
+TAG_FOCAL_PLANE_UNIT = 0xA210
+TAG_PIXEL_X = 0xA002
+TAG_PIXEL_Y = 0xA003
+#: FocalPlaneResolutionUnit values in mm (2 = inch, 3 = cm, 4 = mm, 5 = micrometre).
+_PLANE_UNIT_MM = {2: 25.4, 3: 10.0, 4: 1.0, 5: 0.001}
+#: Diagonal of the 36 x 24 mm frame: the 35 mm equivalent focal length scales with the diagonal
+#: (crop factor = 43.27 mm / sensor diagonal).
+FULL_FRAME_DIAGONAL_MM = 43.2666
+#: Photos whose EXIF focal lengths (px) differ by more than this fraction are not one camera
+#: setting (zoomed between shots): no shared prior.
+FOCAL_PRIOR_AGREEMENT = 0.02
+
+
+def exif_focal_px(path: str | os.PathLike, width: int, height: int) -> dict | None:
+    """Focal length (px) of a photo at the size it is given to SfM, from its EXIF.
+
+    In order: ``FocalLengthIn35mmFilm`` x (pixel diagonal / 43.27 mm); else ``FocalLength`` x
+    ``FocalPlaneXResolution`` (px per unit on the sensor, at ``PixelXDimension``), scaled to
+    ``max(width, height)``. Both are what COLMAP's own image reader would use when it sees the
+    EXIF (``src/colmap/sensor/bitmap.cc``, ``ExifFocalLength``); the frames written here carry no
+    EXIF, so the value is passed on instead.
+
+    Args:
+        path: the uploaded photo (JPEG or PNG; PNG usually has no EXIF).
+        width, height: size (px) of the frame made from it (after orientation and scaling).
+
+    Returns:
+        ``{"focal_px": float, "source": "exif_focal_35mm" | "exif_focal_plane"}``, or ``None``
+        when the photo has no usable EXIF focal length. Never raises for bad EXIF.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            ifd = im.getexif().get_ifd(EXIF_IFD)
+            orig = (im.width, im.height)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+        return None
+
+    def num(tag: int) -> float | None:
+        try:
+            v = float(ifd.get(tag)) if ifd.get(tag) is not None else None
+        except (TypeError, ValueError, ZeroDivisionError):
+            return None
+        return v if v is not None and v > 0 and v == v and v != float("inf") else None
+
+    f35 = num(TAG_FOCAL_35MM)
+    if f35:
+        diag = (float(width) ** 2 + float(height) ** 2) ** 0.5
+        return {"focal_px": f35 * diag / FULL_FRAME_DIAGONAL_MM, "source": "exif_focal_35mm"}
+    f_mm, xres = num(TAG_FOCAL_LENGTH), num(TAG_FOCAL_PLANE_XRES)
+    unit = _PLANE_UNIT_MM.get(int(num(TAG_FOCAL_PLANE_UNIT) or 2))
+    if f_mm and xres and unit:
+        px_w = num(TAG_PIXEL_X) or max(orig)
+        px_h = num(TAG_PIXEL_Y) or min(orig)
+        f_orig = f_mm * xres / unit  # px at the sensor's full resolution
+        return {"focal_px": f_orig * max(width, height) / max(px_w, px_h),
+                "source": "exif_focal_plane"}
+    return None
+
+
+def shared_focal_prior(priors: list[dict | None]) -> dict | None:
+    """One focal prior for a photo set (one shared camera): the median of the photos' EXIF
+    focal lengths when every photo has one and they agree within ``FOCAL_PRIOR_AGREEMENT``;
+    else ``None``. Returns ``{"focal_px", "source", "photos"}``."""
+    if not priors or any(p is None for p in priors):
+        return None
+    f = sorted(p["focal_px"] for p in priors)
+    if f[-1] > f[0] * (1.0 + FOCAL_PRIOR_AGREEMENT):
+        return None
+    mid = f[len(f) // 2] if len(f) % 2 else 0.5 * (f[len(f) // 2 - 1] + f[len(f) // 2])
+    return {"focal_px": round(mid, 3), "source": priors[0]["source"], "photos": len(priors)}
+
+
 def prepare_photo_frames(input_dir: str | os.PathLike, frames_dir: str | os.PathLike,
                          max_image_size: int | None = None, jpeg_quality: int = 95) -> dict:
     """Decode every photo of ``input_dir`` upright (EXIF orientation applied by OpenCV), scale
@@ -235,9 +318,11 @@ def prepare_photo_frames(input_dir: str | os.PathLike, frames_dir: str | os.Path
     ``frames_dir/frame_NNNNN.jpg`` (no EXIF, so COLMAP sees the same upright pixels).
 
     Returns:
-        ``{"frames": [{"file", "source", "width", "height"}], "num_decoded": int,
-        "video": {"kind": "images", "images": int, "width": int, "height": int},
-        "input_kind": "images"}`` (the shape of the video path's ``frames.json``).
+        ``{"frames": [{"file", "source", "width", "height", "exif_focal_px"}], "num_decoded":
+        int, "video": {"kind": "images", "images": int, "width": int, "height": int},
+        "input_kind": "images", "focal_prior_px": float | None, "focal_prior": {"focal_px",
+        "source", "photos"} | None}`` (the shape of the video path's ``frames.json``; the prior
+        from :func:`shared_focal_prior`).
 
     Raises:
         PipelineError("unsupported_image"): a photo cannot be decoded;
@@ -253,6 +338,7 @@ def prepare_photo_frames(input_dir: str | os.PathLike, frames_dir: str | os.Path
                    key=natural_key)
     _check_count(len(names))
     frames = []
+    priors: list[dict | None] = []
     sizes = set()
     for i, name in enumerate(names):
         img = cv2.imread(str(src / name), cv2.IMREAD_COLOR)  # applies EXIF orientation
@@ -268,7 +354,10 @@ def prepare_photo_frames(input_dir: str | os.PathLike, frames_dir: str | os.Path
         file = f"frame_{i:05d}.jpg"
         if not cv2.imwrite(str(out / file), img, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]):
             raise PipelineError("pipeline_error", details={"reason": f"cannot write {file}"})
-        frames.append({"file": file, "source": name, "width": w, "height": h})
+        exif = exif_focal_px(src / name, w, h)
+        priors.append(exif)
+        frames.append({"file": file, "source": name, "width": w, "height": h,
+                       "exif_focal_px": None if exif is None else round(exif["focal_px"], 3)})
     if len(sizes) != 1:
         raise PipelineError("invalid_request",
                             message="The photos have different sizes after orientation; one "
@@ -276,5 +365,7 @@ def prepare_photo_frames(input_dir: str | os.PathLike, frames_dir: str | os.Path
                             hint="Upload photos from one camera at one resolution and zoom.",
                             details={"sizes": sorted(sizes)[:10]})
     w, h = sizes.pop()
+    prior = shared_focal_prior(priors)
     return {"frames": frames, "num_decoded": len(frames), "input_kind": "images",
-            "video": {"kind": "images", "images": len(frames), "width": w, "height": h}}
+            "video": {"kind": "images", "images": len(frames), "width": w, "height": h},
+            "focal_prior": prior, "focal_prior_px": None if prior is None else prior["focal_px"]}

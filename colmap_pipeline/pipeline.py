@@ -36,6 +36,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import closing
 from pathlib import Path
 from collections.abc import Callable
 
@@ -78,6 +79,11 @@ class Workspace:
         self.frames_dir = self.root / "frames"
         self.frames_json = self.root / "frames.json"
         self.database = self.root / "database.db"
+        #: the database as the matching stage left it, saved by the mapping stage (whose
+        #: ladder adds pairs, cameras and frames) so that a re-run starts from it
+        self.database_before_mapping = self.root / "database.before_mapping.db"
+        #: frames the ladder's ``more_frames`` rung added to ``frames/``
+        self.frames_added_json = self.root / "frames_added.json"
         self.sparse_dir = self.root / "sparse"
         self.artifacts_dir = self.root / "artifacts"
         self.checkpoints_dir = self.root / "checkpoints"
@@ -212,10 +218,38 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _sqlite_copy(src: Path, dst: Path) -> None:
+    """Consistent copy of a SQLite database (the backup API), written next to ``dst`` then
+    renamed over it, so ``dst`` is never half-written."""
+    import sqlite3
+
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    with closing(sqlite3.connect(src)) as a, closing(sqlite3.connect(tmp)) as b:
+        a.backup(b)
+    os.replace(tmp, dst)
+
+
+def _undo_mapping_changes(ws: Workspace) -> None:
+    """Put the database and ``frames/`` back as they were before the mapping stage's ladder
+    changed them (pairs, cameras, ``more_frames``), then forget the saved copy."""
+    if ws.database_before_mapping.exists():
+        for suffix in ("-wal", "-shm", "-journal"):
+            _remove(Path(str(ws.database) + suffix))
+        os.replace(ws.database_before_mapping, ws.database)
+    if ws.frames_added_json.exists():
+        for name in _read_json(ws.frames_added_json).get("added", []):
+            if "/" not in name and name not in ("", ".", ".."):
+                (ws.frames_dir / name).unlink(missing_ok=True)
+        ws.frames_added_json.unlink()
+
+
 def _clean_stage(ws: Workspace, stage: str) -> None:
     """Remove outputs of ``stage`` and checkpoints of ``stage`` and every later stage."""
     for s in STAGE_ORDER[STAGE_ORDER.index(stage):]:
         ws.checkpoint(s).unlink(missing_ok=True)
+    if STAGE_ORDER.index(stage) <= STAGE_ORDER.index("mapping"):
+        _undo_mapping_changes(ws)
     if stage == "frames":
         _remove(ws.frames_dir)
         _remove(ws.frames_json)
@@ -303,10 +337,28 @@ def _stage_mapping(ws: Workspace, job: dict, progress: Progress, t0: float) -> d
     _require(ws, "matching")
     frames = _read_json(ws.frames_json)
     preset: Preset = job["preset"]
+    _sqlite_copy(ws.database, ws.database_before_mapping)
+    repeatable = _repeatable(job)
+
+    def more_frames() -> dict:
+        """The ladder's ``more_frames`` rung: a frame between each pair of selected frames."""
+        from . import reconstruction, video
+
+        added = video.extract_between(job["input"], ws.frames_dir, frames["frames"],
+                                      max_image_size=preset.max_image_size)
+        names = [a["file"] for a in added]
+        write_json_atomic(ws.frames_added_json, {"added": names, "frames": added})
+        if names:
+            reconstruction.extract_features(
+                ws.database, ws.frames_dir, preset, use_gpu=bool(job["use_gpu"]), names=names,
+                num_threads=repeatable.get("num_threads", -1))
+        return {"added": names, "frames": len(frames["frames"]) + len(names)}
+
+    is_video = not Path(job["input"]).is_dir()
     return ladder.run_ladder(ws.database, ws.frames_dir, ws.sparse_dir, len(frames["frames"]),
                              quality=preset.quality, use_gpu=bool(job["use_gpu"]),
                              focal_prior_px=frames.get("focal_prior_px"), progress=progress,
-                             **_repeatable(job))
+                             more_frames=more_frames if is_video else None, **repeatable)
 
 
 def _stage_export(ws: Workspace, job: dict, progress: Progress, t0: float) -> dict:
@@ -337,6 +389,10 @@ def _stage_export(ws: Workspace, job: dict, progress: Progress, t0: float) -> di
     timings["total"] = round(sum(v for v in timings.values() if v is not None), 3)
     result = {
         "frames_extracted": len(frames["frames"]),
+        # frames given to the chosen mapping attempt (more after the ``more_frames`` rung)
+        "frames_used": int(mapping_cp["summary"].get("frames", len(frames["frames"]))),
+        "frames_added": mapping_cp["summary"].get("frames_added", []),
+        "focal_prior_px": frames.get("focal_prior_px"),
         "registered_images": summary["registered_images"],
         "points3d": summary["points3d"],
         "observations": summary["observations"],

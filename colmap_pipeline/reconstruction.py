@@ -18,10 +18,13 @@ Facts used here (checked on pycolmap 4.2.1, CPU build):
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -109,7 +112,8 @@ def list_images(image_dir: str | os.PathLike) -> list[str]:
 
 def extract_features(database_path: str | os.PathLike, image_dir: str | os.PathLike,
                      preset: Preset, use_gpu: bool = False,
-                     progress: Progress | None = None, num_threads: int = -1) -> dict:
+                     progress: Progress | None = None, num_threads: int = -1,
+                     names: list[str] | None = None) -> dict:
     """Detect SIFT features (Lowe, IJCV 2004; COLMAP's SIFT) in every image of ``image_dir``.
 
     One shared camera (``CameraMode.SINGLE``, model ``CAMERA_MODEL``, focal length initialised
@@ -125,6 +129,8 @@ def extract_features(database_path: str | os.PathLike, image_dir: str | os.PathL
         use_gpu: use CUDA SIFT when pycolmap was built with CUDA (ignored otherwise).
         progress: ``progress(fraction, message)``.
         num_threads: CPU threads (-1 = all cores).
+        names: only these files of ``image_dir``, added to the database's existing camera
+            (the ladder's ``more_frames`` rung); default: every image, new camera.
 
     Returns:
         ``{"images": int, "cameras": int, "keypoints": int, "mean_keypoints_per_image": float,
@@ -135,7 +141,12 @@ def extract_features(database_path: str | os.PathLike, image_dir: str | os.PathL
         PipelineError("pipeline_error"): the database does not end with exactly one camera.
     """
     progress = progress or _noop
-    names = list_images(image_dir)
+    camera_id = -1
+    if names is None:
+        names = list_images(image_dir)
+    else:
+        names = list(names)
+        camera_id = int(read_camera(database_path).camera_id) if names else -1
     if not names:
         raise PipelineError("too_few_frames", details={"images": 0})
     device = _device(use_gpu)
@@ -144,7 +155,6 @@ def extract_features(database_path: str | os.PathLike, image_dir: str | os.PathL
     ext.sift.max_num_features = int(preset.max_num_features)
     ext.num_threads = num_threads
     ext.use_gpu = device == pycolmap.Device.cuda
-    camera_id = -1
     done = 0
     progress(0.0, f"Detecting features in images (0/{len(names)})...")
     for chunk in _chunks(names, MIN_IMAGES_PER_CHUNK, TARGET_CHUNKS):
@@ -549,18 +559,28 @@ LOOP_VOCAB_SAMPLE = 20000
 LOOP_NUM_IMAGES = 8
 
 
-def check_model(stats: dict, num_frames: int) -> dict:
-    """Judge one model's statistics (as from :func:`_model_stats`).
+#: With a focal length from metadata (EXIF), a model whose mean focal length differs from it by
+#: more than this fraction fails the ``focal_disagrees_with_metadata`` check. EXIF's 35 mm
+#: equivalent is rounded to whole millimetres (about 4% at 26 mm) and phones crop a little for
+#: stabilisation; self-calibration from low-parallax views drifts much further (seen: 27-41% on
+#: a synthetic lateral sweep with 0.5-1.5 px noise, tests/test_ladder.py).
+FOCAL_PRIOR_TOLERANCE = 0.2
+
+
+def check_model(stats: dict, num_frames: int, focal_prior_px: float | None = None) -> dict:
+    """Judge one model's statistics (as from :func:`_model_stats` and :func:`_camera_stats`).
 
     Args:
         stats: ``{"registered_images", "points3d", "mean_reprojection_error_px",
-            "camera_plausible"}``.
+            "camera_plausible", "focal_px"?}``.
         num_frames: frames selected for SfM.
+        focal_prior_px: focal length from metadata (px at the frames' size), or ``None``.
 
     Returns:
         ``{"passed": bool, "registered_share": float in [0, 1], "partial": bool`` (share <
         ``PARTIAL_BELOW_FRACTION``), ``"failures": [str]`` (empty when passed: any of
-        ``implausible_intrinsics``, ``reprojection_error``, ``too_few_points``,
+        ``implausible_intrinsics``, ``focal_disagrees_with_metadata`` (only with a prior:
+        off by more than ``FOCAL_PRIOR_TOLERANCE``), ``reprojection_error``, ``too_few_points``,
         ``too_few_images``)}.
     """
     reg = int(stats.get("registered_images", 0))
@@ -568,6 +588,9 @@ def check_model(stats: dict, num_frames: int) -> dict:
     failures = []
     if not stats.get("camera_plausible", False):
         failures.append("implausible_intrinsics")
+    if focal_prior_px and stats.get("focal_px") and (
+            abs(float(stats["focal_px"]) / float(focal_prior_px) - 1.0) > FOCAL_PRIOR_TOLERANCE):
+        failures.append("focal_disagrees_with_metadata")
     if float(stats.get("mean_reprojection_error_px", 1e9)) > MAX_MEAN_REPROJECTION_ERROR_PX:
         failures.append("reprojection_error")
     if int(stats.get("points3d", 0)) < MIN_POINTS3D:
@@ -584,14 +607,47 @@ def _camera_stats(rec: pycolmap.Reconstruction) -> dict:
         return {}
     cam = cams[0]
     return {"camera_model": cam.model_name,
+            "focal_px": round(float(cam.mean_focal_length()), 3),
             "focal_ratio": round(float(cam.mean_focal_length()) / max(1, cam.width), 4),
             "camera_params": [round(float(v), 6) for v in cam.params]}
+
+
+#: Progress of global SfM, which has no callbacks: a heartbeat every ``HEARTBEAT_S`` seconds
+#: reports 1 - exp(-t / T) with T = ``GLOBAL_S_PER_FRAME`` x frames (measured on 2 CPU cores:
+#: Karma 30 frames 19-26 s, 50 frames 45-53 s; the walk 30 frames 6-9 s), capped below 1, and
+#: the elapsed time in the message, so a client sees it moving without a promise of when it
+#: ends. pycolmap releases the GIL while mapping, so the thread runs.
+HEARTBEAT_S = 2.0
+GLOBAL_S_PER_FRAME = 1.0
+
+
+@contextlib.contextmanager
+def _heartbeat(progress: Progress, num_frames: int):
+    stop = threading.Event()
+    t0 = time.monotonic()
+    expected = max(5.0, GLOBAL_S_PER_FRAME * num_frames)
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            t = time.monotonic() - t0
+            progress(min(0.95, 1.0 - math.exp(-t / expected)),
+                     f"Global SfM: rotation averaging, positions, bundle adjustment "
+                     f"({t:.0f} s)...")
+
+    th = threading.Thread(target=beat, name="global-sfm-heartbeat", daemon=True)
+    th.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        th.join()
 
 
 def map_models(database_path: str | os.PathLike, image_dir: str | os.PathLike,
                output_dir: str | os.PathLike, num_frames: int, mapper: str = "incremental",
                mapper_options: dict | None = None, progress: Progress | None = None,
-               num_threads: int = -1, random_seed: int = -1) -> list[dict]:
+               num_threads: int = -1, random_seed: int = -1,
+               focal_prior_px: float | None = None) -> list[dict]:
     """Run SfM once and judge every model it returns; never raises for a failed mapping.
 
     Incremental: Schoenberger & Frahm, CVPR 2016 (``pycolmap.incremental_mapping``); global:
@@ -604,11 +660,13 @@ def map_models(database_path: str | os.PathLike, image_dir: str | os.PathLike,
             global mapper, of ``GlobalPipelineOptions``; the key ``"pipeline"`` may hold
             overrides of ``IncrementalPipelineOptions`` itself (e.g. ``ba_refine_focal_length``).
         num_frames: frames given to SfM (progress and checks).
+        focal_prior_px: focal length from metadata, for :func:`check_model`.
 
     Returns:
         ``[{"index", "registered_images", "points3d", "mean_reprojection_error_px",
-        "mean_track_length", "camera_plausible", "camera_model", "focal_ratio"`` (focal / image
-        width), ``"camera_params", "checks": check_model(...)}]`` sorted by index; ``[]`` when
+        "mean_track_length", "camera_plausible", "camera_model", "focal_px"`` (mean focal
+        length), ``"focal_ratio"`` (focal / image width), ``"camera_params", "checks":
+        check_model(...)}]`` sorted by index; ``[]`` when
         SfM found no initial pair.
 
     Raises:
@@ -651,7 +709,8 @@ def map_models(database_path: str | os.PathLike, image_dir: str | os.PathLike,
             if not hasattr(opts, k):
                 raise ValueError(f"unknown global pipeline option {k!r}")
             setattr(opts, k, v)
-        recs = pycolmap.global_mapping(database_path, image_dir, out, options=opts)
+        with _heartbeat(progress, num_frames):
+            recs = pycolmap.global_mapping(database_path, image_dir, out, options=opts)
     else:
         raise ValueError(f"unknown mapper {mapper!r}")
     models = []
@@ -661,7 +720,7 @@ def map_models(database_path: str | os.PathLike, image_dir: str | os.PathLike,
             model_dir.mkdir(parents=True, exist_ok=True)
             recs[k].write_binary(str(model_dir))
         stats = {"index": int(k), **_model_stats(recs[k]), **_camera_stats(recs[k])}
-        stats["checks"] = check_model(stats, num_frames)
+        stats["checks"] = check_model(stats, num_frames, focal_prior_px)
         models.append(stats)
     progress(1.0, "Mapping done")
     return models

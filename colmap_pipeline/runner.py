@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import random
 import shutil
 import signal
@@ -532,7 +531,7 @@ class JobRunner:
             job_id, ["processing"], "completed", results=result, progress=100,
             current_stage="Completed", finished_at=_now(),
             message=(f"Registered {result.get('registered_images')} of "
-                     f"{result.get('frames_extracted')} frames; "
+                     f"{result.get('frames_used') or result.get('frames_extracted')} frames; "
                      f"{result.get('points3d')} 3D points"))
         log.info("job %s completed in %.1f s", job_id, time.monotonic() - started)
 

@@ -763,6 +763,97 @@ def extract_frames(path: str | os.PathLike, out_dir: str | os.PathLike, max_fram
             "selection": selection, "warnings": warnings, "truncated": truncated}
 
 
+#: :func:`extract_between` looks for an in-between frame only in the middle of each gap (from
+#: this fraction of the gap to 1 minus it), so the new frame halves the baseline.
+BETWEEN_MARGIN = 0.25
+
+
+def between_name(file: str) -> str:
+    """Name of the frame inserted after ``file``: ``frame_00003.jpg`` -> ``frame_00003_m.jpg``.
+
+    It sorts after ``frame_00003.jpg`` ('.' < '_') and before ``frame_00004.jpg``, so name
+    order (what sequential matching follows) stays time order."""
+    stem, dot, ext = file.rpartition(".")
+    return f"{stem}_m.{ext}" if dot else f"{file}_m"
+
+
+def extract_between(path: str | os.PathLike, out_dir: str | os.PathLike, kept: list[dict],
+                    max_image_size: int | None = None) -> list[dict]:
+    """Add one frame in the middle of each gap between consecutive kept frames ("more frames",
+    a rung of the recovery ladder, :mod:`.ladder`): halves the baseline between neighbours, for
+    clips whose frames at the preset's cap are too far apart to match.
+
+    One sequential decode. For each gap between ``kept[i]`` and ``kept[i + 1]`` the sharpest
+    frame whose timestamp lies in the middle half of the gap (``BETWEEN_MARGIN``) and that is
+    not black, overexposed, blank (:func:`exposure_reason`) or blurry (sharpness below
+    ``BLUR_ABSOLUTE``) is written as :func:`between_name` of ``kept[i]["file"]``, scaled like
+    the kept frames. A gap whose middle holds no usable frame gets none; an existing file of
+    that name is left alone (already added).
+
+    Args:
+        path: the video.
+        out_dir: the frames folder.
+        kept: frames as in ``extract_frames(...)["frames"]`` (``file``, ``timestamp_s``), in
+            time order.
+        max_image_size: as for :func:`extract_frames`.
+
+    Returns:
+        ``[{"file", "timestamp_s", "sharpness", "after"}]`` of the frames written, time order.
+
+    Raises:
+        PipelineError("no_video_stream"): see :func:`probe_video`.
+    """
+    out = Path(out_dir)
+    info = probe_video(path)
+    gaps = []
+    for a, b in zip(kept, kept[1:], strict=False):
+        ta, tb = float(a["timestamp_s"]), float(b["timestamp_s"])
+        name = between_name(a["file"])
+        if tb - ta > 0 and not (out / name).exists():
+            m = BETWEEN_MARGIN * (tb - ta)
+            gaps.append({"lo": ta + m, "hi": tb - m, "name": name, "after": a["file"],
+                         "best": None})
+    if not gaps:
+        return []
+    luts = _LumaLut()
+    end = gaps[-1]["hi"]
+    g = 0
+    with av.open(str(path), mode="r") as container:
+        stream = container.streams[info["stream_index"]]
+        stream.thread_type = "AUTO"
+        stream.thread_count = DECODE_MAX_THREADS
+        fps = info.get("fps") or 30.0
+        t0 = _time_range(container, stream, info)[0]
+        try:
+            for i, frame in enumerate(container.decode(stream)):
+                t = frame.time if frame.time is not None else t0 + i / fps
+                if t > end:
+                    break
+                while g < len(gaps) and t > gaps[g]["hi"]:
+                    g += 1
+                if g >= len(gaps) or t < gaps[g]["lo"]:
+                    continue
+                sc = frame_scores(analysis_gray(frame, luts))
+                if exposure_reason(sc) is not None or sc["sharpness"] < BLUR_ABSOLUTE:
+                    continue
+                best = gaps[g]["best"]
+                if best is None or sc["sharpness"] > best["sharpness"]:
+                    gaps[g]["best"] = {"timestamp_s": round(float(t), 6),
+                                       "sharpness": sc["sharpness"],
+                                       "image": _output_image(frame, max_image_size)}
+        except (av.FFmpegError, EOFError) as exc:
+            log.warning("decoding for in-between frames stopped: %s", exc)
+    added = []
+    for gap in gaps:
+        best = gap["best"]
+        if best is None:
+            continue
+        _write_jpeg(out / gap["name"], best.pop("image"))  # atomic (temporary + rename)
+        added.append({"file": gap["name"], "timestamp_s": best["timestamp_s"],
+                      "sharpness": best["sharpness"], "after": gap["after"]})
+    return added
+
+
 # --------------------------------------------------------------------------------------------
 # Motion check
 # --------------------------------------------------------------------------------------------

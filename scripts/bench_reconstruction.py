@@ -55,8 +55,9 @@ def run_once(clip: Path, quality: str, ws: Path, mapper: str | None) -> dict:
     cam = res["camera"]
     f = [v for k, v in cam["params"].items() if k in ("f", "fx", "fy")]
     focal_ratio = sum(f) / len(f) / cam["width"]
-    return {"ok": True, "registered": res["registered_images"], "frames": res["frames_extracted"],
-            "share": round(res["registered_images"] / res["frames_extracted"], 3),
+    used = res.get("frames_used") or res["frames_extracted"]  # more after ``more_frames``
+    return {"ok": True, "registered": res["registered_images"], "frames": used,
+            "share": round(res["registered_images"] / used, 3),
             "camera_model": cam["model"], "focal_ratio": round(focal_ratio, 3),
             "plausible": bool((res.get("checks") or {}).get("passed")),
             "points3d": res["points3d"], "reproj_px": res["mean_reprojection_error_px"],

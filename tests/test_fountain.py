@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import zipfile
-from pathlib import Path
 
 import pytest
 

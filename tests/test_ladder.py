@@ -10,15 +10,26 @@ about a second.
   ``loop_closure`` (own vocabulary, offline) each add pairs across the gap;
 * ``init_thresholds``: 70 scene points, so no image pair reaches COLMAP's 100 inliers for an
   initial pair; the relaxed thresholds find one;
-* ``global_mapper``: the same 70-point scene, mapped by global SfM (no initial pair needed).
+* ``other_mapper``: the same 70-point scene, mapped by global SfM (no initial pair needed).
 
-Not covered by a unit test: ``camera_model`` and ``focal_prior`` (no synthetic case was found
-where SIMPLE_RADIAL fails and OPENCV/OPENCV_FISHEYE or a focal prior fixes it; see the report
-in BENCHMARKS.md, issue 4).
+Rungs are climbed from an incremental baseline (``mapper="incremental"``), whatever the
+presets' default mapper.
+
+* ``camera_model``: the true camera is OPENCV with fy = 1.5 fx (non-square pixels); the shared
+  SIMPLE_RADIAL camera can only fit it with an absurd distortion term, so every baseline model
+  fails the plausibility check; OPENCV recovers fx, fy;
+* ``focal_prior``: a lateral sweep past a distant slab of points (0.5 px noise), where the focal
+  length is not observable: self-calibration lands 27% off the true 400 px (a plausible-looking
+  290 px), so with the metadata focal the models fail ``focal_disagrees_with_metadata``; the
+  prior, held fixed, gives a model that agrees;
+* ``more_frames``: every pair across the middle of the selected frames failed to match (too far
+  apart); the frame source adds the frames in between, which match both sides.
 """
 from __future__ import annotations
 
 import shutil
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -31,22 +42,27 @@ from colmap_pipeline import reconstruction as rc  # noqa: E402
 from colmap_pipeline.errors import PipelineError  # noqa: E402
 
 
-def synth(tmp: Path, n: int, points: int, seed: int = 1) -> Path:
-    """A synthetic database (one SIMPLE_RADIAL camera, ``n`` images) with all pairs matched."""
+def synth(tmp: Path, n: int, points: int, seed: int = 1, camera: tuple | None = None,
+          size: tuple[int, int] = (640, 480), return_rec: bool = False):
+    """A synthetic database (one camera, default SIMPLE_RADIAL; ``camera`` = (model name,
+    params)) of ``n`` images with all pairs matched."""
     pycolmap.set_random_seed(seed)
     opts = pycolmap.SyntheticDatasetOptions()
     opts.num_rigs = 1
     opts.num_cameras_per_rig = 1
     opts.num_frames_per_rig = n
     opts.num_points3D = points
-    opts.camera_width, opts.camera_height = 640, 480
+    opts.camera_width, opts.camera_height = size
+    if camera is not None:
+        opts.camera_model_id = getattr(pycolmap.CameraModelId, camera[0])
+        opts.camera_params = list(camera[1])
     (tmp / "img").mkdir(parents=True, exist_ok=True)
     db = pycolmap.Database.open(str(tmp / "db.db"))
     try:
-        pycolmap.synthesize_dataset(opts, db)
+        rec = pycolmap.synthesize_dataset(opts, db)
     finally:
         db.close()
-    return tmp / "db.db"
+    return (tmp / "db.db", rec) if return_rec else tmp / "db.db"
 
 
 def broken_chain(tmp: Path, n: int = 12) -> Path:
@@ -68,7 +84,7 @@ def broken_chain(tmp: Path, n: int = 12) -> Path:
 
 def climb(tmp: Path, dbp: Path, n: int, steps: tuple[str, ...]) -> dict:
     return ladder.run_ladder(dbp, tmp / "img", tmp / "sparse", n, steps=steps, budget_s=120,
-                             num_threads=1, random_seed=1)
+                             mapper="incremental", num_threads=1, random_seed=1)
 
 
 def test_check_model_names_each_failure():
@@ -150,28 +166,187 @@ def test_time_budget_skips_rungs_and_records_them(tmp_path):
     dbp = broken_chain(tmp_path, n)
     out = ladder.run_ladder(dbp, tmp_path / "img", tmp_path / "sparse", n,
                             steps=("more_overlap", "init_thresholds"), budget_s=0.0,
-                            num_threads=1, random_seed=1)
+                            mapper="incremental", num_threads=1, random_seed=1)
     assert [(a["step"], a["outcome"], a.get("reason")) for a in out["attempts"][1:]] == [
         ("more_overlap", "skipped", "time_budget"), ("init_thresholds", "skipped",
                                                      "time_budget")]
 
 
-def test_focal_prior_rung_is_skipped_without_metadata(tmp_path):
+@pytest.mark.parametrize("step,reason", [("focal_prior", "no_focal_length_metadata"),
+                                         ("more_frames", "no_frame_source")])
+def test_rung_without_its_input_is_skipped_and_recorded(tmp_path, step, reason):
+    """No focal length in the metadata (videos), no frame source (photo sets)."""
     n = 12
     dbp = broken_chain(tmp_path, n)
-    out = climb(tmp_path, dbp, n, ("focal_prior",))
-    assert out["attempts"][1] == {"step": "focal_prior", "settings": {}, "elapsed_s": 0.0,
-                                  "outcome": "skipped", "reason": "no_focal_length_metadata"}
+    out = climb(tmp_path, dbp, n, (step,))
+    assert out["attempts"][1] == {"step": step, "settings": {}, "elapsed_s": 0.0,
+                                  "outcome": "skipped", "reason": reason}
 
 
-def test_global_mapper_rung_needs_no_initial_pair(tmp_path):
+def test_other_mapper_rung_maps_globally_without_an_initial_pair(tmp_path):
     """Global SfM (rotation averaging + global positioning) has no initial-pair thresholds:
     on the 70-point scene where incremental mapping finds no initial pair it maps every view."""
     n = 8
     dbp = synth(tmp_path, n, 70)
-    out = climb(tmp_path, dbp, n, ("global_mapper",))
+    out = climb(tmp_path, dbp, n, ("other_mapper",))
     base, rung = out["attempts"]
     assert base["step"] == "baseline" and base["outcome"] in ("no_model", "failed_checks")
-    assert rung["step"] == "global_mapper" and rung["settings"] == {"mapper": "global"}
+    assert rung["step"] == "other_mapper" and rung["settings"] == {"mapper": "global"}
     assert rung["outcome"] == "improved" and out["registered_images"] == n
     assert out["chosen_mapper"] == "global"
+
+
+def test_camera_model_rung_fits_non_square_pixels(tmp_path):
+    """True camera OPENCV fx=800, fy=1200: SIMPLE_RADIAL (one focal length) cannot fit it."""
+    n = 10
+    dbp = synth(tmp_path, n, 400, camera=("OPENCV", [800., 1200., 512., 384., 0.05, 0, 0, 0]),
+                size=(1024, 768))
+    rc.set_camera_model(dbp, "SIMPLE_RADIAL")  # what feature extraction gives every video
+    with pytest.raises(PipelineError) as ei:
+        climb(tmp_path, dbp, n, ())
+    base = ei.value.details["attempts"][0]
+    assert base["outcome"] == "failed_checks"
+    assert all("implausible_intrinsics" in m["checks"]["failures"] for m in base["models"])
+    shutil.rmtree(tmp_path / "sparse", ignore_errors=True)
+    out = climb(tmp_path, dbp, n, ("camera_model",))
+    rung = out["attempts"][1]
+    assert rung["step"] == "camera_model" and rung["settings"] == {"camera_model": "OPENCV"}
+    assert rung["outcome"] == "improved" and rung["camera_kept"] is True
+    assert out["registered_images"] == n and out["chosen_attempt"] == 1
+    fx, fy = rung["best"]["camera_params"][:2]
+    assert fx == pytest.approx(800, rel=0.01) and fy == pytest.approx(1200, rel=0.01)
+    assert rung["best"]["mean_reprojection_error_px"] < 0.1
+    assert rc.read_camera(dbp).model_name == "OPENCV"  # kept for the later stages
+
+
+def lateral_sweep(tmp: Path, n: int = 10, f: float = 400.0, noise_px: float = 0.5,
+                  seed: int = 1) -> Path:
+    """A camera (SIMPLE_RADIAL, f px, 640x480, no distortion) sliding 14 m sideways past a
+    slab of points 40-44 m away, keypoints with ``noise_px`` Gaussian noise. The tracks are
+    those of ``synthesize_dataset``; only the geometry is replaced. Pure translation past a
+    shallow scene leaves the focal length unobservable (it trades off against depth)."""
+    w, h = 640, 480
+    dbp, rec = synth(tmp, n, 400, seed=seed, camera=("SIMPLE_RADIAL", [f, w / 2, h / 2, 0.0]),
+                     return_rec=True)
+    rng = np.random.default_rng(seed)
+    half = 40.0 / f * np.array([w / 2, h / 2]) * 0.8  # inside the view from every position
+    xyz = {pid: np.array([rng.uniform(-half[0], half[0]), rng.uniform(-half[1], half[1]),
+                          rng.uniform(40.0, 44.0)]) for pid in rec.points3D}
+    db = pycolmap.Database.open(str(dbp))
+    try:
+        for k, iid in enumerate(sorted(rec.images)):
+            kps = np.array(db.read_keypoints(iid), dtype=np.float32)
+            for j, p2 in enumerate(rec.images[iid].points2D):
+                if p2.point3D_id in xyz:
+                    x = xyz[p2.point3D_id] - np.array([14.0 * k / (n - 1), 0.0, 0.0])
+                    kps[j, 0] = f * x[0] / x[2] + w / 2 + rng.normal(0, noise_px)
+                    kps[j, 1] = f * x[1] / x[2] + h / 2 + rng.normal(0, noise_px)
+            db.update_keypoints(iid, kps)
+    finally:
+        db.close()
+    return dbp
+
+
+def test_focal_prior_rung_holds_the_metadata_focal_length(tmp_path):
+    n = 10
+    dbp = lateral_sweep(tmp_path, n)
+    # without metadata the drifted focal length looks plausible: nothing to climb for
+    out = climb(tmp_path, dbp, n, ("focal_prior",))
+    assert [a["outcome"] for a in out["attempts"]] == ["improved"]
+    drifted = out["attempts"][0]["best"]["focal_px"]
+    assert abs(drifted / 400.0 - 1) > rc.FOCAL_PRIOR_TOLERANCE  # 290 px: 27% off
+    shutil.rmtree(tmp_path / "sparse")
+    rc.set_camera_model(dbp, "SIMPLE_RADIAL")
+    out = ladder.run_ladder(dbp, tmp_path / "img", tmp_path / "sparse", n,
+                            steps=("focal_prior",), budget_s=120, mapper="incremental",
+                            num_threads=1, random_seed=1, focal_prior_px=400.0)
+    steps = [(a["step"], a["outcome"], a["settings"].get("focal")) for a in out["attempts"]]
+    assert steps[0] == ("baseline", "failed_checks", None)
+    assert out["attempts"][0]["models"][0]["checks"]["failures"] == [
+        "focal_disagrees_with_metadata"]
+    assert steps[-1] == ("focal_prior", "improved", "fixed")
+    assert out["registered_images"] == n and out["partial"] is False
+    assert out["attempts"][-1]["best"]["focal_px"] == pytest.approx(400.0, rel=1e-3)
+    assert out["checks"]["failures"] == []
+
+
+def _copy_images(src: Path, dst: Path, image_ids: list[int]) -> None:
+    """Copy images (rows, keypoints, descriptors, frames) between COLMAP databases (SQL: the
+    pycolmap Database API has no way to delete or copy an image)."""
+    q = ",".join(str(int(i)) for i in image_ids)
+    with closing(sqlite3.connect(dst)) as c:
+        c.execute("ATTACH DATABASE ? AS src", (str(src),))
+        for table, key in (("frames", "frame_id"), ("frame_data", "frame_id"),
+                           ("images", "image_id"), ("keypoints", "image_id"),
+                           ("descriptors", "image_id")):
+            c.execute(f"INSERT INTO main.{table} SELECT * FROM src.{table} WHERE {key} IN ({q})")
+        c.commit()
+
+
+def test_more_frames_rung_bridges_frames_too_far_apart(tmp_path):
+    """Selected frames = the even ones of 12; every pair across the middle failed to match.
+    The frame source adds the odd ones (as the video's in-between frames would be)."""
+    n = 12
+    src = synth(tmp_path / "src", n, 400)
+    ids = sorted(rc._id_names(src), key=lambda i: rc._id_names(src)[i])
+    even, odd = ids[0::2], ids[1::2]
+    dbp = tmp_path / "db.db"
+    db = pycolmap.Database.open(str(dbp))  # an empty database with COLMAP's schema
+    db.close()
+    with closing(sqlite3.connect(dbp)) as c, closing(sqlite3.connect(src)) as s:
+        for table in ("rigs", "rig_sensors", "cameras"):
+            rows = s.execute(f"SELECT * FROM {table}").fetchall()
+            if rows:
+                c.executemany(f"INSERT INTO {table} VALUES ({','.join('?' * len(rows[0]))})",
+                              rows)
+        c.commit()
+    _copy_images(src, dbp, even)
+    left, right = even[:3], even[3:]
+    rc.match_new_pairs(dbp, [(a, b) for a, b in zip(even, even[1:], strict=False)
+                             if not (a in left and b in right)], num_threads=1)
+    db = pycolmap.Database.open(str(dbp))
+    try:  # the wide pairs across the middle were tried and failed
+        for a in left:
+            for b in right:
+                db.write_matches(a, b, np.zeros((0, 2), dtype=np.uint32))
+                db.write_two_view_geometry(a, b, pycolmap.TwoViewGeometry())
+    finally:
+        db.close()
+    (tmp_path / "img").mkdir(exist_ok=True)
+    calls = []
+
+    def more_frames() -> dict:
+        calls.append(1)
+        _copy_images(src, dbp, odd)
+        names = rc._id_names(src)
+        return {"added": [names[i] for i in odd], "frames": n}
+
+    out = ladder.run_ladder(dbp, tmp_path / "img", tmp_path / "sparse", len(even), steps=(),
+                            budget_s=120, mapper="incremental", num_threads=1, random_seed=1)
+    assert out["registered_images"] <= 3 and out["partial"] is True  # one half at most
+    out = ladder.run_ladder(dbp, tmp_path / "img", tmp_path / "sparse", len(even),
+                            steps=("more_frames",), budget_s=120, mapper="incremental",
+                            num_threads=1, random_seed=1, more_frames=more_frames)
+    base, rung = out["attempts"]
+    assert calls == [1]
+    assert base["frames"] == len(even) and max(base["model_sizes"], default=0) <= 3
+    assert rung["step"] == "more_frames" and rung["outcome"] == "improved"
+    assert rung["settings"] == {"added_frames": len(odd), "frames": n}
+    assert rung["new_pairs"] > 0 and rung["frames"] == n
+    assert out["registered_images"] == n and out["frames"] == n
+    assert sorted(out["frames_added"]) == sorted(rc._id_names(src)[i] for i in odd)
+
+
+def test_global_mapping_reports_progress_while_it_runs(tmp_path, monkeypatch):
+    """Global SfM has no callbacks: a heartbeat thread reports elapsed time, never 'done'."""
+    monkeypatch.setattr(rc, "HEARTBEAT_S", 0.01)
+    dbp = synth(tmp_path, 40, 2000)
+    seen: list[tuple[float, str]] = []
+    models = rc.map_models(dbp, tmp_path / "img", tmp_path / "out", 40, mapper="global",
+                           progress=lambda f, m: seen.append((f, m)), num_threads=1,
+                           random_seed=1)
+    assert models and models[0]["registered_images"] == 40
+    beats = [f for f, m in seen if m.startswith("Global SfM")]
+    assert len(beats) >= 2, seen  # the mapping takes > 0.02 s
+    assert beats == sorted(beats) and 0 < beats[0] and beats[-1] <= 0.95
+    assert seen[0] == (0.0, "Initializing reconstruction...") and seen[-1] == (1.0, "Mapping done")

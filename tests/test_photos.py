@@ -189,3 +189,63 @@ def test_upload_images_creates_a_pending_job_from_files_and_from_a_zip(start_ser
     assert (imgs / "img_00000.jpg").read_bytes() == jpeg_bytes(seed=1)
     assert (imgs / "img_00002.jpg").read_bytes() == jpeg_bytes(seed=10)
     assert not any((srv.data_dir / "uploads").glob("*"))
+
+
+def exif_jpeg(path: Path, size=(400, 300), orientation: int | None = None, **tags) -> None:
+    """Write a textured JPEG with Exif sub-IFD ``tags`` (tag id -> value) using Pillow."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    im = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    sub = exif.get_ifd(photos.EXIF_IFD)
+    for tag, value in tags.items():
+        sub[int(tag)] = value
+    im.save(path, exif=exif, quality=90)
+
+
+def test_exif_focal_length_becomes_the_focal_prior(tmp_path):
+    """A phone photo: 26 mm equivalent, 4:3. At 400x300 the diagonal is 500 px, so the focal
+    length is 26 x 500 / 43.2666 = 300.46 px; scaled to 200x150 by the preset, 150.23 px.
+    Orientation 6 (portrait: frames 150x200) swaps the sides but not the diagonal."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        exif_jpeg(src / f"img_{i}.jpg", orientation=6,
+                  **{str(photos.TAG_FOCAL_35MM): 26})
+    res = photos.prepare_photo_frames(src, tmp_path / "frames", max_image_size=200)
+    assert res["focal_prior_px"] == pytest.approx(26 * 250 / 43.2666, abs=0.01)
+    assert res["focal_prior"]["source"] == "exif_focal_35mm"
+    assert res["focal_prior"]["photos"] == 3
+    assert res["video"]["width"] == 150 and res["video"]["height"] == 200
+    assert [f["exif_focal_px"] for f in res["frames"]] == [pytest.approx(150.23, abs=0.01)] * 3
+
+
+def test_exif_focal_plane_resolution_gives_the_focal_length(tmp_path):
+    """No 35 mm equivalent: FocalLength 4.0 mm on a sensor with 1000 px per cm (FocalPlane
+    resolution unit 3) at 4000x3000 is 400 px at full size; the 400x300 file is 1/10 of it."""
+    from PIL.TiffImagePlugin import IFDRational
+
+    p = tmp_path / "a.jpg"
+    exif_jpeg(p, **{str(photos.TAG_FOCAL_LENGTH): IFDRational(4, 1),
+                    str(photos.TAG_FOCAL_PLANE_XRES): IFDRational(1000, 1),
+                    str(photos.TAG_FOCAL_PLANE_UNIT): 3,
+                    str(photos.TAG_PIXEL_X): 4000, str(photos.TAG_PIXEL_Y): 3000})
+    got = photos.exif_focal_px(p, 400, 300)
+    assert got == {"focal_px": pytest.approx(40.0), "source": "exif_focal_plane"}
+
+
+def test_no_shared_focal_prior_without_exif_or_when_zoom_changed(tmp_path):
+    plain = tmp_path / "plain.jpg"
+    exif_jpeg(plain)
+    assert photos.exif_focal_px(plain, 400, 300) is None
+    png = tmp_path / "x.png"
+    cv2.imwrite(str(png), np.zeros((10, 10, 3), np.uint8))
+    assert photos.exif_focal_px(png, 10, 10) is None
+    a = {"focal_px": 300.0, "source": "exif_focal_35mm"}
+    assert photos.shared_focal_prior([a, a, None]) is None  # one photo without EXIF
+    assert photos.shared_focal_prior([a, {**a, "focal_px": 330.0}]) is None  # zoomed
+    assert photos.shared_focal_prior([a, {**a, "focal_px": 303.0}, a]) == {
+        "focal_px": 300.0, "source": "exif_focal_35mm", "photos": 3}
