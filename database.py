@@ -205,11 +205,13 @@ class JobStore:
 
     # ---- transitions (compare-and-set) ------------------------------------------------------
     async def transition(self, job_id: str, from_statuses: Iterable[str], to_status: str,
-                         **fields: Any) -> bool:
+                         attempt_record: dict | None = None, **fields: Any) -> bool:
         """Move ``job_id`` to ``to_status`` only if its status is one of ``from_statuses``.
 
         Extra ``fields`` (column=value; JSON columns take Python objects) are set in the same
-        statement. Returns whether the row changed.
+        statement, and ``attempt_record`` (a JSON object) is appended to ``attempts`` in it too,
+        so no reader sees the new status without the attempt that led to it. Returns whether
+        the row changed.
         Raises: ValueError for an unknown status.
         """
         if to_status not in JOB_STATUSES:
@@ -220,10 +222,14 @@ class JobStore:
             if col in sets and sets[col] is not None:
                 sets[col] = json.dumps(sets[col])
         assignments = ", ".join(f"{c} = ?" for c in sets)
+        values = list(sets.values())
+        if attempt_record is not None:
+            assignments += ", attempts = json_insert(attempts, '$[#]', json(?))"
+            values.append(json.dumps(attempt_record))
         marks = ", ".join("?" for _ in froms)
         cur = await self._conn.execute(
             f"UPDATE jobs SET {assignments} WHERE job_id = ? AND status IN ({marks})",
-            [*sets.values(), job_id, *froms])
+            [*values, job_id, *froms])
         await self._conn.commit()
         return cur.rowcount == 1
 

@@ -368,8 +368,9 @@ class JobRunner:
             try:
                 kind, stage, outcome = await self._attempt(job, deadline, timings, info)
                 if kind == "completed":
-                    await self._complete(job_id, started)
-                    await self._record_attempt(job_id, attempt, timings, "completed", None, info)
+                    rec = await self._attempt_record(job_id, attempt, timings, "completed",
+                                                     None, info)
+                    await self._complete(job_id, started, rec)
                     return
                 if kind in ("gone", "drained"):
                     if kind == "drained":
@@ -520,7 +521,9 @@ class JobRunner:
             raise DiskFull(f"only {free} bytes free in DATA_DIR; MIN_FREE_DISK_BYTES is "
                            f"{self.settings.min_free_disk_bytes}")
 
-    async def _complete(self, job_id: str, started: float) -> None:
+    async def _complete(self, job_id: str, started: float, attempt_record: dict) -> None:
+        """Store the results and the completed attempt's record with the ``completed`` status,
+        in one statement (a client polling never sees ``completed`` without its attempt)."""
         ws = workspace_dir(self.settings, job_id)
         result = await asyncio.to_thread(_read_json, ws / "result.json")
         for art in result.get("artifacts", []):
@@ -528,7 +531,8 @@ class JobRunner:
         result["job_wall_time_s"] = round(time.monotonic() - started, 3)
         await self.store.update_progress(job_id, 100, "Completed", "Reconstruction complete")
         await self.store.transition(
-            job_id, ["processing"], "completed", results=result, progress=100,
+            job_id, ["processing"], "completed", attempt_record=attempt_record,
+            results=result, progress=100,
             current_stage="Completed", finished_at=_now(),
             message=(f"Registered {result.get('registered_images')} of "
                      f"{result.get('frames_used') or result.get('frames_extracted')} frames; "
@@ -539,7 +543,16 @@ class JobRunner:
                               outcome: str, failed_stage: str | None, info: dict | None = None,
                               *, retry: str | None = None, error_code: str | None = None,
                               detail: str | None = None) -> None:
-        """Append one attempt record to the job row::
+        """Append one attempt record (:meth:`_attempt_record`) to the job row."""
+        await self.store.append_attempt(job_id, await self._attempt_record(
+            job_id, attempt, timings, outcome, failed_stage, info, retry=retry,
+            error_code=error_code, detail=detail))
+
+    async def _attempt_record(self, job_id: str, attempt: dict, timings: dict[str, float],
+                              outcome: str, failed_stage: str | None, info: dict | None = None,
+                              *, retry: str | None = None, error_code: str | None = None,
+                              detail: str | None = None) -> dict:
+        """One attempt record::
 
             {"attempt", "outcome", "failed_stage", "error_code", "started_at", "finished_at",
              "stage_wall_s", "resumed_from", "skipped_stages", "retry"?, "detail"?}
@@ -560,7 +573,7 @@ class JobRunner:
             rec["retry"] = retry
         if detail:
             rec["detail"] = detail
-        await self.store.append_attempt(job_id, rec)
+        return rec
 
     async def _run_stage(self, job_id: str, stage: str, ws: Path, deadline: float) -> StageOutcome:
         name = STAGE_NAMES[stage]
