@@ -32,8 +32,10 @@ ladder climbs, in this order (:data:`STEPS`):
 8. ``more_frames``: one more frame in the middle of every gap between selected frames (from
    the video, :func:`video.extract_between`, through the ``more_frames`` callback), with
    features and sequential matches for them: halves the baseline between neighbours when the
-   preset's cap spreads the frames too thin to match (measured: the GoPro walk at 15 frames
-   gives a 2-image model, at 20 or more 20/20). Skipped for photo sets (no frame source).
+   preset's cap spreads the frames too thin to match (fast motion, long clips at a low cap).
+   Last, because it costs new decoding, features and matching. No shared clip needs it at the
+   presets' caps (tested on a synthetic case, ``tests/test_ladder.py``). Skipped for photo
+   sets (no frame source).
 
 Matching steps add pairs to the database (they stay for later steps). Every attempt is recorded
 with its settings, outcome (size and checks of every model) and time; a step that would not fit
