@@ -220,12 +220,16 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
 
     async def _require_disk(request: Request) -> None:
         """507 ``insufficient_storage`` when the upload would leave less than
-        ``MIN_FREE_DISK_BYTES`` free in DATA_DIR (``Content-Length`` counted when sent)."""
+        ``MIN_FREE_DISK_BYTES`` free in DATA_DIR (``Content-Length`` counted when sent). A
+        ``Content-Length`` over ``MAX_UPLOAD_BYTES`` is not a disk problem: it passes here and
+        gets 413 ``upload_too_large`` from the upload itself (a 507 would invite retries)."""
         free = await asyncio.to_thread(_free_disk, Path(settings.data_dir))
         try:
             incoming = max(0, int(request.headers.get("content-length") or 0))
         except ValueError:
             incoming = 0
+        if incoming > settings.max_upload_bytes:
+            return
         if free - incoming < settings.min_free_disk_bytes:
             raise PipelineError(
                 "insufficient_storage",

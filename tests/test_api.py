@@ -217,3 +217,23 @@ def test_queue_position_listing_and_stored_names(start_server):
     stored = _files(srv.data_dir)
     assert not any("evil" in p for p in stored)
     assert sum(p.endswith("input/video.mp4") for p in stored) == 3
+
+
+def test_content_length_beyond_the_disk_is_413_not_507(start_server):
+    """A Content-Length larger than the free disk AND the upload limit is the client's error
+    (413, do not retry), not the operator's (507)."""
+    srv = start_server()
+    for path in ("/upload-video", "/upload-images"):
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            sock.sendall((f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                          "Content-Type: multipart/form-data; boundary=XX\r\n"
+                          "Content-Length: 99999999999999\r\n\r\nx").encode())
+            data = b""
+            while b'"hint"' not in data:  # the JSON error body ends with its hint
+                chunk = sock.recv(65536)
+                assert chunk, data
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert int(head.split(b" ", 2)[1]) == 413, data
+        assert b'"code":"upload_too_large"' in body.replace(b" ", b""), body
+    assert httpx.get(srv.url + "/health", timeout=5).status_code == 200
