@@ -83,6 +83,13 @@ EXHAUSTIVE_MAX_PAIRS = 1225
 #: init_max_error 4 px, abs_pose_min_num_inliers 30; halved (error doubled) here.
 RELAXED_INIT = {"init_min_num_inliers": 50, "init_min_tri_angle": 8.0, "init_max_error": 8.0,
                 "abs_pose_min_num_inliers": 15}
+#: ``focal_prior``: a model held to the metadata focal length is vetoed when its mean
+#: reprojection error exceeds this many times that of the best free-focal model that failed
+#: only the metadata check (floor ``PRIOR_ERROR_FLOOR_PX``): a wrong EXIF value (crop, digital
+#: zoom) fits visibly worse (seen: 1.08 px vs 0.25 px on fountain crops labelled 26 mm whose
+#: true focal is 41 mm equivalent), a right one as well (0.5757 vs 0.5756 px, tests).
+PRIOR_MAX_ERROR_RATIO = 1.5
+PRIOR_ERROR_FLOOR_PX = 0.3
 #: Camera models tried by ``camera_model`` (COLMAP ``src/colmap/sensor/models.h``).
 CAMERA_MODELS = ("OPENCV", "OPENCV_FISHEYE")
 #: Mapper of the first attempt per preset, from the incremental-vs-global measurements in
@@ -164,7 +171,7 @@ def run_ladder(database_path: str | os.PathLike, image_dir: str | os.PathLike,
     work.mkdir(parents=True)
     attempts: list[dict] = []
     state = {"best": None, "best_dir": None, "progress": 0.0, "frames": int(num_frames),
-             "added": []}
+             "added": [], "meta_only": None, "meta_only_dir": None}
     t_first = time.monotonic()
     ladder_t0: list[float] = []
 
@@ -184,7 +191,8 @@ def run_ladder(database_path: str | os.PathLike, image_dir: str | os.PathLike,
         return budget - (time.monotonic() - ladder_t0[0])
 
     def map_attempt(step: str, settings: dict, t0: float, mapper_options: dict | None = None,
-                    extra: dict | None = None, use_mapper: str | None = None) -> dict | None:
+                    extra: dict | None = None, use_mapper: str | None = None,
+                    veto: Callable[[dict], str | None] | None = None) -> dict | None:
         i = len(attempts)
         this_mapper = use_mapper or mapper
         out = work / str(i)
@@ -199,12 +207,21 @@ def run_ladder(database_path: str | os.PathLike, image_dir: str | os.PathLike,
                                progress=lambda f, m: report(base + span * f,
                                                             m if i == 0 else f"{step}: {m}"),
                                num_threads=num_threads, random_seed=random_seed)
+        for m in models:  # data-driven models the metadata alone condemns (see the end)
+            if m["checks"]["failures"] == ["focal_disagrees_with_metadata"] and (
+                    state["meta_only"] is None or _key(m) > _key(state["meta_only"])):
+                state["meta_only"], state["meta_only_dir"] = dict(m, attempt=i), out
         b = rc.best_model(models)
+        rejected = veto(b) if (b is not None and veto is not None) else None
+        if rejected:
+            b = None
         improved = b is not None and (state["best"] is None or _key(b) > _key(state["best"]))
         if improved:
             state["best"], state["best_dir"] = dict(b, attempt=i), out
-        outcome = ("no_model" if not models else
+        outcome = ("no_model" if not models else "rejected" if rejected else
                    "improved" if improved else "passed" if b is not None else "failed_checks")
+        if rejected:
+            extra = {**(extra or {}), "reason": rejected}
         attempts.append({
             "step": step, "settings": settings, "elapsed_s": round(time.monotonic() - t0, 3),
             "outcome": outcome, "frames": state["frames"], "models": [_brief(m) for m in models],
@@ -213,6 +230,15 @@ def run_ladder(database_path: str | os.PathLike, image_dir: str | os.PathLike,
         log.info("ladder attempt %d (%s): %s, sizes %s", i, step, outcome,
                  [m["registered_images"] for m in models])
         return b
+
+    def worse_fit_than_free_focal(b: dict) -> str | None:
+        """Veto of a focal-prior model that explains the data clearly worse than a model with
+        a free focal length did: then the metadata is what is wrong (a crop, digital zoom)."""
+        ref = state["meta_only"]
+        if ref is not None and b["mean_reprojection_error_px"] > PRIOR_MAX_ERROR_RATIO * max(
+                ref["mean_reprojection_error_px"], PRIOR_ERROR_FLOOR_PX):
+            return "fits_worse_than_the_free_focal_length"
+        return None
 
     def skip(step: str, reason: str, settings: dict | None = None) -> None:
         attempts.append({"step": step, "settings": settings or {}, "elapsed_s": 0.0,
@@ -314,7 +340,7 @@ def run_ladder(database_path: str | os.PathLike, image_dir: str | os.PathLike,
                 # held fixed: incremental mapping (its bundle adjustment option is documented)
                 b = map_attempt(step, settings, t0, use_mapper="incremental",
                                 mapper_options={"pipeline": {"ba_refine_focal_length": False}}
-                                if fixed else None)
+                                if fixed else None, veto=worse_fit_than_free_focal)
                 kept = (b is not None and state["best"] is not None
                         and state["best"].get("attempt") == len(attempts) - 1)
                 attempts[-1]["camera_kept"] = kept
@@ -356,6 +382,21 @@ def run_ladder(database_path: str | os.PathLike, image_dir: str | os.PathLike,
                             mapper_options=dict(RELAXED_INIT), use_mapper="incremental")
     elapsed = round(time.monotonic() - ladder_t0[0], 3)
     best = state["best"]
+    warnings: list[dict] = []
+    if best is None and state["meta_only"] is not None:
+        # Every model that failed ONLY the metadata check fits the data; the metadata focal
+        # length, held fixed, did not do as well (or was not tried): trust the images.
+        m = state["meta_only"]
+        best = dict(m, checks=dict(m["checks"], passed=True, failures=[],
+                                   overridden=["focal_disagrees_with_metadata"]))
+        state["best"], state["best_dir"] = best, state["meta_only_dir"]
+        warnings.append({
+            "code": "focal_metadata_ignored",
+            "message": f"The photos' metadata says the focal length is {focal_prior_px:.0f} px; "
+                       f"the images say {m.get('focal_px', 0):.0f} px, and a model held to the "
+                       f"metadata fitted them worse, so the metadata was ignored.",
+            "hint": "Photos that were cropped, digitally zoomed or edited keep the original "
+                    "focal length in their EXIF; upload the originals."})
     if best is None:
         shutil.rmtree(work, ignore_errors=True)
         raise PipelineError("reconstruction_failed", details={
@@ -370,14 +411,14 @@ def run_ladder(database_path: str | os.PathLike, image_dir: str | os.PathLike,
             os.replace(d, sparse / d.name)
     shutil.rmtree(work, ignore_errors=True)
     checks = best["checks"]
-    warning = None
     used = attempt["frames"]
     if checks["partial"]:
-        warning = {"code": "partial_reconstruction",
-                   "message": f"Only {best['registered_images']} of {used} selected "
-                              f"frames were registered.",
-                   "hint": "Film with more overlap between views (slower sideways motion, "
-                           "no fast turns), avoid sky, water and blur, or upload more photos."}
+        warnings.insert(0, {
+            "code": "partial_reconstruction",
+            "message": f"Only {best['registered_images']} of {used} selected frames were "
+                       f"registered.",
+            "hint": "Film with more overlap between views (slower sideways motion, no fast "
+                    "turns), avoid sky, water and blur, or upload more photos."})
     report(1.0, f"Registered {best['registered_images']}/{used} images")
     return {
         "frames": used, "frames_added": state["added"],
@@ -388,6 +429,7 @@ def run_ladder(database_path: str | os.PathLike, image_dir: str | os.PathLike,
         "chosen_mapper": attempt["settings"].get("mapper", mapper),
         "model_sizes": {str(i): a.get("model_sizes", []) for i, a in enumerate(attempts)},
         "registered_images": best["registered_images"], "points3d": best["points3d"],
-        "checks": checks, "partial": bool(checks["partial"]), "quality_warning": warning,
+        "checks": checks, "partial": bool(checks["partial"]),
+        "quality_warning": warnings[0] if warnings else None, "warnings": warnings,
         "attempts": attempts,
     }

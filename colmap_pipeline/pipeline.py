@@ -414,8 +414,11 @@ def _stage_export(ws: Workspace, job: dict, progress: Progress, t0: float) -> di
         "checks": mapping_cp["summary"].get("checks"),
         "partial": bool(mapping_cp["summary"].get("partial", False)),
         "quality_warning": mapping_cp["summary"].get("quality_warning"),
+        "warnings": mapping_cp["summary"].get("warnings", []),
         "model_sizes": mapping_cp["summary"].get("model_sizes"),
-        "mapper": mapping_cp["summary"].get("mapper"),
+        # the mapper of the chosen attempt; ``first_mapper`` = the preset's (first attempt)
+        "mapper": mapping_cp["summary"].get("chosen_mapper", mapping_cp["summary"].get("mapper")),
+        "first_mapper": mapping_cp["summary"].get("mapper"),
         "attempts": mapping_cp["summary"].get("attempts"),
         "input_kind": frames.get("input_kind", "video"),
         # issue 6: {"skipped": true, "reason": "dense skipped: no CUDA GPU"} on a CPU machine

@@ -350,3 +350,29 @@ def test_global_mapping_reports_progress_while_it_runs(tmp_path, monkeypatch):
     assert len(beats) >= 2, seen  # the mapping takes > 0.02 s
     assert beats == sorted(beats) and 0 < beats[0] and beats[-1] <= 0.95
     assert seen[0] == (0.0, "Initializing reconstruction...") and seen[-1] == (1.0, "Mapping done")
+
+
+def test_wrong_focal_metadata_is_outvoted_by_the_images(tmp_path):
+    """EXIF says 600 px (a crop keeps the original's focal length); the images, from a
+    general scene where the focal length is observable, say 400 px. The model held to 600 px
+    fits worse, so the free-focal model is the result, with a warning."""
+    n = 10
+    dbp = synth(tmp_path, n, 400, camera=("SIMPLE_RADIAL", [400.0, 320.0, 240.0, 0.0]))
+    rc.set_camera_model(dbp, "SIMPLE_RADIAL")
+    out = ladder.run_ladder(dbp, tmp_path / "img", tmp_path / "sparse", n,
+                            steps=("focal_prior",), budget_s=120, mapper="incremental",
+                            num_threads=1, random_seed=1, focal_prior_px=600.0)
+    by_step = [(a["step"], a["settings"].get("focal"), a["outcome"]) for a in out["attempts"]]
+    assert by_step[0] == ("baseline", None, "failed_checks")
+    assert out["attempts"][0]["models"][0]["checks"]["failures"] == [
+        "focal_disagrees_with_metadata"]
+    fixed = out["attempts"][-1]
+    assert fixed["settings"]["focal"] == "fixed" and fixed["outcome"] in ("rejected",
+                                                                          "failed_checks")
+    assert out["registered_images"] == n
+    assert out["checks"]["passed"] is True
+    assert out["checks"]["overridden"] == ["focal_disagrees_with_metadata"]
+    assert [w["code"] for w in out["warnings"]] == ["focal_metadata_ignored"]
+    assert out["quality_warning"]["code"] == "focal_metadata_ignored"
+    rec = pycolmap.Reconstruction(str(tmp_path / "sparse" / str(out["chosen_model"])))
+    assert next(iter(rec.cameras.values())).params[0] == pytest.approx(400.0, rel=0.01)
