@@ -643,6 +643,21 @@ def _heartbeat(progress: Progress, num_frames: int):
         th.join()
 
 
+def _seeded(opts, num_threads: int, random_seed: int):
+    """Set threads and seed on pipeline options and on their ``mapper`` options."""
+    opts.num_threads = opts.mapper.num_threads = num_threads
+    opts.random_seed = opts.mapper.random_seed = random_seed
+    return opts
+
+
+def _override(target, overrides: dict, what: str) -> None:
+    """``setattr`` each override on ``target``; ``ValueError`` names an unknown option."""
+    for k, v in overrides.items():
+        if not hasattr(target, k):
+            raise ValueError(f"unknown {what} option {k!r}")
+        setattr(target, k, v)
+
+
 def map_models(database_path: str | os.PathLike, image_dir: str | os.PathLike,
                output_dir: str | os.PathLike, num_frames: int, mapper: str = "incremental",
                mapper_options: dict | None = None, progress: Progress | None = None,
@@ -679,20 +694,10 @@ def map_models(database_path: str | os.PathLike, image_dir: str | os.PathLike,
     pipe_over = overrides.pop("pipeline", {})
     progress(0.0, "Initializing reconstruction...")
     if mapper == "incremental":
-        opts = pycolmap.IncrementalPipelineOptions()
-        opts.num_threads = num_threads
-        opts.random_seed = random_seed
-        opts.mapper.num_threads = num_threads
-        opts.mapper.random_seed = random_seed
+        opts = _seeded(pycolmap.IncrementalPipelineOptions(), num_threads, random_seed)
         opts.triangulation.random_seed = random_seed
-        for k, v in overrides.items():
-            if not hasattr(opts.mapper, k):
-                raise ValueError(f"unknown incremental mapper option {k!r}")
-            setattr(opts.mapper, k, v)
-        for k, v in pipe_over.items():
-            if not hasattr(opts, k):
-                raise ValueError(f"unknown incremental pipeline option {k!r}")
-            setattr(opts, k, v)
+        _override(opts.mapper, overrides, "incremental mapper")
+        _override(opts, pipe_over, "incremental pipeline")
         on_image = registration_progress(progress, num_frames)
 
         recs = pycolmap.incremental_mapping(
@@ -700,15 +705,8 @@ def map_models(database_path: str | os.PathLike, image_dir: str | os.PathLike,
             initial_image_pair_callback=lambda: on_image(True),
             next_image_callback=lambda: on_image(False))
     elif mapper == "global":
-        opts = pycolmap.GlobalPipelineOptions()
-        opts.num_threads = num_threads
-        opts.random_seed = random_seed
-        opts.mapper.num_threads = num_threads
-        opts.mapper.random_seed = random_seed
-        for k, v in {**overrides, **pipe_over}.items():
-            if not hasattr(opts, k):
-                raise ValueError(f"unknown global pipeline option {k!r}")
-            setattr(opts, k, v)
+        opts = _seeded(pycolmap.GlobalPipelineOptions(), num_threads, random_seed)
+        _override(opts, {**overrides, **pipe_over}, "global pipeline")
         with _heartbeat(progress, num_frames):
             recs = pycolmap.global_mapping(database_path, image_dir, out, options=opts)
     else:

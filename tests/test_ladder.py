@@ -376,3 +376,13 @@ def test_wrong_focal_metadata_is_outvoted_by_the_images(tmp_path):
     assert out["quality_warning"]["code"] == "focal_metadata_ignored"
     rec = pycolmap.Reconstruction(str(tmp_path / "sparse" / str(out["chosen_model"])))
     assert next(iter(rec.cameras.values())).params[0] == pytest.approx(400.0, rel=0.01)
+
+
+@pytest.mark.parametrize("mapper,options,what", [
+    ("incremental", {"init_min_num_inliers_typo": 1}, "incremental mapper"),
+    ("incremental", {"pipeline": {"no_such_option": 1}}, "incremental pipeline"),
+    ("global", {"no_such_option": 1}, "global pipeline")])
+def test_unknown_mapper_option_is_refused_before_mapping(tmp_path, mapper, options, what):
+    with pytest.raises(ValueError, match=f"unknown {what} option"):
+        rc.map_models(tmp_path / "absent.db", tmp_path, tmp_path / "out", 3, mapper=mapper,
+                      mapper_options=options)
