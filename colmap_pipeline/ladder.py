@@ -86,8 +86,9 @@ RELAXED_INIT = {"init_min_num_inliers": 50, "init_min_tri_angle": 8.0, "init_max
 #: ``focal_prior``: a model held to the metadata focal length is vetoed when its mean
 #: reprojection error exceeds this many times that of the best free-focal model that failed
 #: only the metadata check (floor ``PRIOR_ERROR_FLOOR_PX``): a wrong EXIF value (crop, digital
-#: zoom) fits visibly worse (seen: 1.08 px vs 0.25 px on fountain crops labelled 26 mm whose
-#: true focal is 41 mm equivalent), a right one as well (0.5757 vs 0.5756 px, tests).
+#: zoom) fits visibly worse (seen in a fresh-user trial: 1.08 px vs 0.25 px on fountain crops
+#: labelled 26 mm whose true focal length is 41 mm equivalent), a right one fits as well
+#: (0.5757 vs 0.5756 px, tests/test_ladder.py).
 PRIOR_MAX_ERROR_RATIO = 1.5
 PRIOR_ERROR_FLOOR_PX = 0.3
 #: Camera models tried by ``camera_model`` (COLMAP ``src/colmap/sensor/models.h``).
