@@ -62,6 +62,10 @@ class ServerProcess:
         raise RuntimeError("server did not start in 60 s")
 
     def client(self, **kw) -> httpx.Client:
+        # Idle keep-alive connections are dropped after 2 s, before uvicorn closes them (5 s):
+        # reusing one the server is closing raced into RemoteProtocolError ("Server
+        # disconnected without sending a response") after a ~5 s job.
+        kw.setdefault("limits", httpx.Limits(keepalive_expiry=2.0))
         return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 60), **kw)
 
     def wait_for_job(self, job_id: str, timeout_s: float = 600,
