@@ -24,10 +24,10 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from colmap_pipeline import __version__
-from colmap_pipeline.api import build_router, install_error_handlers, make_limiter
+from colmap_pipeline.web.routes import build_router, install_error_handlers, make_limiter
 from colmap_pipeline.config import Settings
-from colmap_pipeline.gpu import probe_gpu
-from colmap_pipeline.runner import JobRunner
+from colmap_pipeline.runner.gpu import probe_gpu
+from colmap_pipeline.runner.scheduler import JobRunner
 from database import JobStore
 
 log = logging.getLogger("colmap_worker")

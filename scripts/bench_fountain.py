@@ -84,7 +84,7 @@ def centre_errors(model_dir: Path, name_of: dict[str, str], gt: dict[str, np.nda
 
 def run_service(quality: str, work: Path, gt: dict) -> dict:
     """The photo-set pipeline (all five stages) at ``quality``."""
-    from colmap_pipeline import pipeline
+    from colmap_pipeline.core import pipeline
     from colmap_pipeline.config import default_preset
 
     ws = work / f"svc_{quality}"

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
-from colmap_pipeline import video
+from colmap_pipeline.core import video
 out = {}
 if sys.argv[2] == "decode":  # bare PyAV decode with the same threading, nothing kept
     import av

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from conftest import SAMPLE_VIDEO, ServerProcess  # noqa: E402
 
 sys.path.insert(0, str(REPO))
-from colmap_pipeline.stages import STAGES  # noqa: E402
+from colmap_pipeline.protocol import STAGES  # noqa: E402
 
 
 def _upload(srv: ServerProcess) -> str:

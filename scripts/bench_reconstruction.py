@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from colmap_pipeline import pipeline  # noqa: E402
+from colmap_pipeline.core import pipeline  # noqa: E402
 from colmap_pipeline.config import default_preset  # noqa: E402
 from colmap_pipeline.errors import PipelineError  # noqa: E402
 
@@ -38,7 +38,7 @@ CLIPS = {"karma": DATA / "gopro_karma_drone" / "karma.mp4",
 
 def run_once(clip: Path, quality: str, ws: Path, mapper: str | None) -> dict:
     """All stages on ``clip`` at ``quality`` in workspace ``ws``; returns the row."""
-    from colmap_pipeline import ladder
+    from colmap_pipeline.core import ladder
 
     if mapper:
         ladder.MAPPER_BY_QUALITY[quality] = mapper

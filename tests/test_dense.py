@@ -21,7 +21,7 @@ import pytest
 pycolmap = pytest.importorskip("pycolmap")
 trimesh = pytest.importorskip("trimesh")
 
-from colmap_pipeline import dense  # noqa: E402
+from colmap_pipeline.core import dense  # noqa: E402
 from colmap_pipeline.errors import PipelineError  # noqa: E402
 
 RADIUS = 1.0
@@ -147,7 +147,7 @@ def test_empty_cloud_is_an_error_not_a_crash(tmp_path):
 def test_patch_match_without_cuda_is_a_clean_error(tmp_path):
     if pycolmap.has_cuda:
         pytest.skip("CUDA build: PatchMatch runs (scripts/gpu_check.sh)")
-    code = ("import sys; from colmap_pipeline import dense\n"
+    code = ("import sys; from colmap_pipeline.core import dense\n"
             "from colmap_pipeline.errors import PipelineError\n"
             "try:\n    dense.patch_match(sys.argv[1], dense.DENSE_PRESETS['low'])\n"
             "except PipelineError as e:\n    print(e.code)\n")
@@ -174,7 +174,7 @@ def test_no_preset_forces_sift_onto_the_cpu():
     leaves both at pycolmap's defaults, which must be off."""
     import inspect
 
-    from colmap_pipeline import reconstruction
+    from colmap_pipeline.core import reconstruction
 
     src = inspect.getsource(reconstruction.extract_features)
     assert "estimate_affine_shape" not in src and "domain_size_pooling" not in src

@@ -18,7 +18,7 @@ import pytest
 
 pycolmap = pytest.importorskip("pycolmap")
 
-from colmap_pipeline import export  # noqa: E402
+from colmap_pipeline.core import export  # noqa: E402
 
 
 def synthetic_model(tmp_path: Path, model: str, params: list[float]) -> Path:

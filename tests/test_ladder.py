@@ -37,8 +37,8 @@ import pytest
 
 pycolmap = pytest.importorskip("pycolmap")
 
-from colmap_pipeline import ladder  # noqa: E402
-from colmap_pipeline import reconstruction as rc  # noqa: E402
+from colmap_pipeline.core import ladder  # noqa: E402
+from colmap_pipeline.core import reconstruction as rc  # noqa: E402
 from colmap_pipeline.errors import PipelineError  # noqa: E402
 
 

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.e2e
 
 # stages paused at (the skipped-on-CPU dense stages of issue 6 are not paused at); the job's
 # checkpoints cover every stage of the table
-from colmap_pipeline.stages import STAGES  # noqa: E402  (every stage, dense ones included)
+from colmap_pipeline.protocol import STAGES  # noqa: E402  (every stage, dense ones included)
 
 
 # --- helpers --------------------------------------------------------------------------------

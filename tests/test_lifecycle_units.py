@@ -15,17 +15,17 @@ import pytest
 import database
 from colmap_pipeline.config import default_preset
 from colmap_pipeline.errors import PipelineError
-from colmap_pipeline.executor import kill_recorded_group
-from colmap_pipeline.pipeline import next_stage, write_json_atomic
-from colmap_pipeline.runner import backoff_delay, prepare_workspace, sweep_orphans
-from colmap_pipeline.workspace_lock import is_locked, workspace_lock
+from colmap_pipeline.runner.executor import kill_recorded_group
+from colmap_pipeline.core.pipeline import next_stage, write_json_atomic
+from colmap_pipeline.runner.scheduler import backoff_delay, prepare_workspace, sweep_orphans
+from colmap_pipeline.core.workspace_lock import is_locked, workspace_lock
 
 from conftest import REPO
 
 
 def test_workspace_lock_excludes_another_process_and_dies_with_it(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from colmap_pipeline.workspace_lock import "
+        [sys.executable, "-c", "import sys, time; from colmap_pipeline.core.workspace_lock import "
          "workspace_lock\nwith workspace_lock(sys.argv[1]):\n print('held', flush=True); "
          "time.sleep(60)", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:

@@ -10,7 +10,7 @@ import sqlite3
 from contextlib import closing
 
 
-from colmap_pipeline import ladder, pipeline, video
+from colmap_pipeline.core import ladder, pipeline, video
 from colmap_pipeline.config import Preset
 from colmap_pipeline.errors import PipelineError
 from conftest import SAMPLE_VIDEO

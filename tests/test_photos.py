@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from colmap_pipeline import photos
+from colmap_pipeline.core import photos
 from colmap_pipeline.errors import PipelineError
 
 

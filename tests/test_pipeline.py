@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from colmap_pipeline import pipeline
+from colmap_pipeline.core import pipeline
 from colmap_pipeline.config import default_preset
 from colmap_pipeline.errors import PipelineError
 
@@ -80,7 +80,7 @@ def test_parse_test_fault():
 
 
 def test_choose_model_prefers_the_largest_plausible_model():
-    from colmap_pipeline.reconstruction import choose_model
+    from colmap_pipeline.core.reconstruction import choose_model
 
     def m(i, n, p, ok=True):
         return {"index": i, "registered_images": n, "points3d": p, "camera_plausible": ok}
@@ -92,7 +92,7 @@ def test_choose_model_prefers_the_largest_plausible_model():
 
 
 def test_wide_distances_fit_the_pair_budget():
-    from colmap_pipeline.reconstruction import wide_distances
+    from colmap_pipeline.core.reconstruction import wide_distances
 
     assert wide_distances(30, 1225) == list(range(1, 30))  # exhaustive for the low preset
     assert wide_distances(50, 1225) == list(range(1, 50))
@@ -102,9 +102,9 @@ def test_wide_distances_fit_the_pair_budget():
 
 
 def test_core_imports_no_web_or_database_framework_and_probe_path_no_pycolmap():
-    code = ("import sys, colmap_pipeline.pipeline, colmap_pipeline.__main__, colmap_pipeline.video;"
+    code = ("import sys, colmap_pipeline.core.pipeline, colmap_pipeline.__main__, colmap_pipeline.core.video;"
             "print('pycolmap' in sys.modules);"
-            "import colmap_pipeline.reconstruction, colmap_pipeline.export;"
+            "import colmap_pipeline.core.reconstruction, colmap_pipeline.core.export;"
             "print(sorted(m for m in ('fastapi','starlette','aiosqlite','asyncpg','uvicorn')"
             " if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
@@ -213,7 +213,7 @@ def test_stage_protocol_errors(tmp_path):
 
 def test_mapping_empty_result_is_reconstruction_failed(tmp_path):
     """Features but no matches: incremental_mapping returns {} without raising."""
-    from colmap_pipeline import reconstruction, video
+    from colmap_pipeline.core import reconstruction, video
 
     res = video.extract_frames(synthetic_clip(tmp_path, n=12), tmp_path / "frames", 4)
     db = tmp_path / "database.db"

@@ -21,8 +21,8 @@ def test_api_process_never_imports_pycolmap_av_or_opencv():
 
 
 def test_pipeline_core_imports_no_web_or_database_framework():
-    code = ("import sys, json, colmap_pipeline.pipeline, colmap_pipeline.video, "
-            "colmap_pipeline.reconstruction, colmap_pipeline.export; "
+    code = ("import sys, json, colmap_pipeline.core.pipeline, colmap_pipeline.core.video, "
+            "colmap_pipeline.core.reconstruction, colmap_pipeline.core.export; "
             "print(json.dumps(sorted(m for m in ('fastapi','starlette','aiosqlite','database',"
             "'uvicorn','slowapi') if m in sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,

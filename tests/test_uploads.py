@@ -1,4 +1,4 @@
-"""Tests for colmap_pipeline.uploads against a real uvicorn server on a real socket.
+"""Tests for colmap_pipeline.intake.multipart against a real uvicorn server on a real socket.
 
 A TestClient would hand the whole body to the app in one piece; these tests need a socket so
 that the server can answer 413 while the client has sent only part of the body, and so that a
@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from colmap_pipeline.errors import PipelineError
-from colmap_pipeline.uploads import (
+from colmap_pipeline.intake.multipart import (
     MULTIPART_OVERHEAD_BYTES,
     PARTIAL_SUFFIX,
     UPLOAD_SUFFIX,

@@ -1,4 +1,4 @@
-"""Tests of colmap_pipeline.video: probing, frame selection, rotation, colour range, motion check.
+"""Tests of colmap_pipeline.core.video: probing, frame selection, rotation, colour range, motion check.
 
 Synthetic clips are rendered here with PyAV (libx264) from a random texture with a fixed seed;
 real clips come from ``../shared/data`` and are skipped with a reason when it is absent.
@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import pytest
 
-from colmap_pipeline import video
+from colmap_pipeline.core import video
 from colmap_pipeline.errors import PipelineError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

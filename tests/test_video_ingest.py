@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import pytest
 
-from colmap_pipeline import video
+from colmap_pipeline.core import video
 from colmap_pipeline.errors import PipelineError
 from conftest import shared_file
 from test_video import scene_texture, write_video

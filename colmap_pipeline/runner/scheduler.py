@@ -26,12 +26,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Awaitable
 
-from .config import Preset, Settings
-from .errors import ERROR_CATALOG
-from .pipeline import Workspace, next_stage, write_job
+from ..config import Preset, Settings
+from ..errors import ERROR_CATALOG
+from ..core.pipeline import Workspace, next_stage, write_job
 from .executor import (StageOutcome, describe_exit, kill_process_group, kill_recorded_group,
                        run_stage)
-from .stages import GPU_STAGES, STAGE_NAMES, STAGES, overall_progress
+from ..protocol import GPU_STAGES, STAGE_NAMES, STAGES, overall_progress
 
 log = logging.getLogger("colmap_worker.runner")
 

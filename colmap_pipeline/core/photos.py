@@ -28,7 +28,7 @@ import stat
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from .errors import PipelineError
+from ..errors import PipelineError
 
 #: Accepted photo types, by extension and by magic bytes (JPEG: FF D8 FF, ITU T.81 / JFIF;
 #: PNG: the 8-byte signature of RFC 2083 section 3.1).

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
 
-from .errors import PipelineError
+from ..errors import PipelineError
 
 ProgressCallback = Callable[[float, str], Awaitable[None]]
 
 #: folder holding the ``colmap_pipeline`` package
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 #: seconds between SIGTERM and SIGKILL when stopping a child's process group
 KILL_GRACE_S = 3.0
 

@@ -34,7 +34,7 @@ import av
 import cv2
 import numpy as np
 
-from .errors import PipelineError
+from ..errors import PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -23,14 +23,14 @@ from slowapi.util import get_remote_address
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from . import __version__
-from .config import Settings
-from .errors import PipelineError
-from .jobs import create_job_from_upload, job_public, parse_form, probe_upload
-from .models import (ErrorResponse, FramesResponse, HealthResponse, JobList, JobPublic,
+from .. import __version__
+from ..config import Settings
+from ..errors import PipelineError
+from ..intake.intake import create_job_from_upload, job_public, parse_form, probe_upload
+from .schemas import (ErrorResponse, FramesResponse, HealthResponse, JobList, JobPublic,
                      ReadinessResponse, RootResponse, UploadResponse)
-from .runner import workspace_dir
-from .uploads import receive_upload
+from ..runner.scheduler import workspace_dir
+from ..intake.multipart import receive_upload
 
 log = logging.getLogger("colmap_worker.api")
 
@@ -282,7 +282,7 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
     async def upload_images(request: Request) -> JSONResponse:
         """Photo-set input (issue 4): same flow, limits and errors as ``/upload-video``; zips
         are checked (zip-slip, links, entry count, size and ratio caps) before extraction."""
-        from .photo_upload import create_photo_job
+        from ..intake.photo_intake import create_photo_job
 
         state = request.app.state
         if state.draining:

@@ -40,11 +40,11 @@ from contextlib import closing
 from pathlib import Path
 from collections.abc import Callable
 
-from .config import Preset
-from .errors import PipelineError
-from .stages import STAGE_NAMES
-from .stages import STAGE_WEIGHTS, overall_progress  # noqa: F401 - re-exported (CLI, tests)
-from .stages import STAGES as STAGE_IDS
+from ..config import Preset
+from ..errors import PipelineError
+from ..protocol import STAGE_NAMES
+from ..protocol import STAGE_WEIGHTS, overall_progress  # noqa: F401 - re-exported (CLI, tests)
+from ..protocol import STAGES as STAGE_IDS
 from .workspace_lock import workspace_lock
 
 log = logging.getLogger(__name__)

@@ -20,11 +20,11 @@ from typing import Any
 
 from starlette.requests import Request
 
-from . import photos
-from .config import Settings
-from .jobs import parse_form
-from .runner import job_dir
-from .uploads import ReceivedUpload, receive_files
+from ..core import photos
+from ..config import Settings
+from .intake import parse_form
+from ..runner.scheduler import job_dir
+from .multipart import ReceivedUpload, receive_files
 
 #: File fields of the form.
 FILE_FIELDS = frozenset({"images", "zip"})
@@ -43,7 +43,7 @@ def _install(files: list[ReceivedUpload], images_dir: Path) -> tuple[list[dict],
     if len(files) == 1 and _is_zip(files[0]):
         return photos.extract_photo_zip(files[0].path, images_dir), "zip"
     if any(_is_zip(f) for f in files):
-        from .errors import PipelineError
+        from ..errors import PipelineError
 
         raise PipelineError("invalid_request", message="Send either photos or one zip, not "
                             "a zip together with other files.")

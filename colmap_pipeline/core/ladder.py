@@ -56,7 +56,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import reconstruction as rc
-from .errors import PipelineError
+from ..errors import PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .errors import PipelineError
+from ..errors import PipelineError
 
 try:
     import fcntl

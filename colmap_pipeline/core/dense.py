@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pycolmap
 
-from .errors import PipelineError
+from ..errors import PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pycolmap
 
-from .config import Preset
-from .errors import PipelineError
+from ..config import Preset
+from ..errors import PipelineError
 
 log = logging.getLogger(__name__)
 

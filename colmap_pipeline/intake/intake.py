@@ -15,11 +15,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from .config import Settings
-from .errors import PipelineError
-from .executor import run_json_command
-from .models import ArtifactPublic, JobError, JobPublic
-from .runner import job_dir
+from ..config import Settings
+from ..errors import PipelineError
+from ..runner.executor import run_json_command
+from ..web.schemas import ArtifactPublic, JobError, JobPublic
+from ..runner.scheduler import job_dir
 
 #: seconds the probe child may take for one upload
 PROBE_TIMEOUT_S = 60.0
