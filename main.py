@@ -26,6 +26,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from colmap_pipeline import __version__
 from colmap_pipeline.web.routes import build_router, install_error_handlers, make_limiter
 from colmap_pipeline.config import Settings
+from colmap_pipeline.layout import DataDir
 from colmap_pipeline.runner.gpu import probe_gpu
 from colmap_pipeline.runner.scheduler import JobRunner
 from database import JobStore
@@ -86,10 +87,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        data_dir = Path(settings.data_dir)
-        for sub in ("uploads", "jobs"):
-            (data_dir / sub).mkdir(parents=True, exist_ok=True)
-        swept = await asyncio.to_thread(sweep_partial_uploads, data_dir / "uploads")
+        data = DataDir(settings.data_dir)
+        await asyncio.to_thread(data.make_dirs)
+        swept = await asyncio.to_thread(sweep_partial_uploads, data.uploads)
         if swept:
             log.warning("removed %d partial upload(s) left by a previous run", swept)
         app.state.draining = False
@@ -99,7 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.runner.start()  # kills recorded child groups, requeues, schedules
         await app.state.runner.housekeeping(startup=True)  # retention, orphan workspaces
         app.state.runner.start_housekeeping()
-        log.info("COLMAP worker %s ready: data_dir=%s gpu=%s", __version__, data_dir.resolve(),
+        log.info("COLMAP worker %s ready: data_dir=%s gpu=%s", __version__, data.root.resolve(),
                  app.state.gpu.enabled)
         try:
             yield

@@ -7,38 +7,13 @@ deployment guide (``MAX_FRAMES_LOW/MEDIUM/HIGH`` = 30/50/100).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-Quality = Literal["low", "medium", "high"]
-
-
-@dataclass(frozen=True)
-class Preset:
-    """Per-quality pipeline parameters.
-
-    Attributes:
-        quality: preset name.
-        max_frames: frames selected from the video (cap).
-        max_image_size: longest image side in px given to SIFT (COLMAP ``max_image_size``).
-        max_num_features: SIFT features per image (COLMAP ``max_num_features``).
-    """
-
-    quality: str
-    max_frames: int
-    max_image_size: int
-    max_num_features: int
-
-    def to_dict(self) -> dict:
-        """Plain dict (JSON-serialisable)."""
-        return asdict(self)
-
-
-PRESET_SIFT = {"low": (1000, 2048), "medium": (1600, 4096), "high": (2400, 8192)}
+from .layout import DATABASE_FILE
+from .presets import PRESET_SIFT, Preset, Quality, default_preset  # noqa: F401 - re-exported
 
 
 class Settings(BaseSettings):
@@ -91,7 +66,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _default_db(self) -> "Settings":
         if self.database_path is None:
-            self.database_path = self.data_dir / "colmap_app.db"
+            self.database_path = self.data_dir / DATABASE_FILE
         return self
 
     def preset(self, quality: str) -> Preset:
@@ -105,9 +80,3 @@ class Settings(BaseSettings):
     def cors_origin_list(self) -> list[str]:
         """``CORS_ORIGINS`` split on commas."""
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
-
-
-def default_preset(quality: str) -> Preset:
-    """Preset with the default frame caps (for the CLI, which has no Settings)."""
-    size, feats = PRESET_SIFT[quality]
-    return Preset(quality, {"low": 30, "medium": 50, "high": 100}[quality], size, feats)

@@ -16,8 +16,9 @@ import database
 from colmap_pipeline.config import default_preset
 from colmap_pipeline.errors import PipelineError
 from colmap_pipeline.runner.executor import kill_recorded_group
-from colmap_pipeline.core.pipeline import next_stage, write_json_atomic
-from colmap_pipeline.runner.scheduler import backoff_delay, prepare_workspace, sweep_orphans
+from colmap_pipeline.layout import next_stage, write_json_atomic
+from colmap_pipeline.layout import DataDir, prepare_workspace
+from colmap_pipeline.runner.scheduler import backoff_delay, sweep_orphans
 from colmap_pipeline.core.workspace_lock import is_locked, workspace_lock
 
 from conftest import REPO
@@ -78,10 +79,10 @@ def test_sweep_orphans_respects_live_rows_and_age(tmp_path):
     old = time.time() - 7200
     for p in (jobs / "orphan-old", jobs / "live", uploads / "old.part"):
         os.utime(p, (old, old))
-    assert sweep_orphans(tmp_path, {"live"}, min_age_s=3600) == (1, 1)
+    assert sweep_orphans(DataDir(tmp_path), {"live"}, min_age_s=3600) == (1, 1)
     assert sorted(p.name for p in jobs.iterdir()) == ["live", "orphan-new"]
     assert [p.name for p in uploads.iterdir()] == ["new.part"]
-    assert sweep_orphans(tmp_path, {"live"}, min_age_s=0) == (1, 1)  # start-up: all of them
+    assert sweep_orphans(DataDir(tmp_path), {"live"}, min_age_s=0) == (1, 1)  # start-up: all of them
 
 
 def test_kill_recorded_group_only_kills_our_child_of_that_workspace(tmp_path):

@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from contextlib import closing
 from pathlib import Path
@@ -42,6 +41,8 @@ from collections.abc import Callable
 
 from ..config import Preset
 from ..errors import PipelineError
+from ..layout import (Workspace, next_stage, read_checkpoint, read_job,  # noqa: F401 - re-exported
+                      read_json, write_job, write_json_atomic)
 from ..protocol import STAGE_NAMES
 from ..protocol import STAGE_WEIGHTS, overall_progress  # noqa: F401 - re-exported (CLI, tests)
 from ..protocol import STAGES as STAGE_IDS
@@ -57,10 +58,9 @@ STAGE_ORDER = STAGE_IDS
 #: Environment variable of the test-fault hook (see module docstring).
 TEST_FAULT_ENV = "COLMAP_TEST_FAULT"
 TEST_FAULT_ACTIONS = ("abort", "fail", "sleep", "pause")
-#: ``pause:STAGE`` creates this file (``WS/test_fault_paused.STAGE``) when it reaches the stage,
+#: ``pause:STAGE`` creates ``Workspace.test_pause_file(STAGE)`` when it reaches the stage,
 #: then blocks while the file exists: a test waits for the file, then kills, cancels or releases
 #: (deletes it). Gives up after :data:`TEST_PAUSE_MAX_S`.
-TEST_PAUSE_FILE = "test_fault_paused.{stage}"
 TEST_PAUSE_MAX_S = 3600.0
 
 Progress = Callable[[float, str], None]
@@ -70,109 +70,10 @@ def _noop(fraction: float, message: str) -> None:  # pragma: no cover - trivial
     pass
 
 
-class Workspace:
-    """Paths of one job's workspace (nothing is created by constructing it)."""
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-        self.job_json = self.root / "job.json"
-        self.frames_dir = self.root / "frames"
-        self.frames_json = self.root / "frames.json"
-        self.database = self.root / "database.db"
-        #: the database as the matching stage left it, saved by the mapping stage (whose
-        #: ladder adds pairs, cameras and frames) so that a re-run starts from it
-        self.database_before_mapping = self.root / "database.before_mapping.db"
-        #: frames the ladder's ``more_frames`` rung added to ``frames/``
-        self.frames_added_json = self.root / "frames_added.json"
-        self.sparse_dir = self.root / "sparse"
-        self.artifacts_dir = self.root / "artifacts"
-        self.checkpoints_dir = self.root / "checkpoints"
-        self.result_json = self.root / "result.json"
-
-    def checkpoint(self, stage: str) -> Path:
-        """Path of ``checkpoints/<stage>.json``."""
-        return self.checkpoints_dir / f"{stage}.json"
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Write ``obj`` as JSON to ``path``: temporary file in the same folder, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _read_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
-
-
-def write_job(workspace: str | os.PathLike, video: str | os.PathLike, preset: Preset,
-              use_gpu: bool = False, test_fault: str = "", random_seed: int = -1) -> Path:
-    """Create the workspace folder and write ``job.json`` atomically; returns its path.
-
-    ``random_seed`` >= 0 makes matching and mapping repeatable: RANSAC and the mapper get that
-    seed and run on one thread (pycolmap's multi-threaded verification and mapping differ from
-    run to run; see DESIGN.md section 8). -1 = random seed, all cores.
-    """
-    ws = Workspace(workspace)
-    ws.root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(ws.job_json, {"input": str(Path(video).resolve()),
-                                    "preset": preset.to_dict(), "use_gpu": bool(use_gpu),
-                                    "test_fault": test_fault, "random_seed": int(random_seed)})
-    return ws.job_json
-
-
 def _repeatable(job: dict) -> dict:
     """``{"num_threads": 1, "random_seed": seed}`` when job.json fixes a seed, else ``{}``."""
     seed = int(job.get("random_seed", -1))
     return {"num_threads": 1, "random_seed": seed} if seed >= 0 else {}
-
-
-def read_job(workspace: str | os.PathLike) -> dict:
-    """``job.json`` as a dict with ``"preset"`` turned into a :class:`Preset`.
-
-    Raises:
-        PipelineError("pipeline_error"): missing or malformed ``job.json``.
-    """
-    ws = Workspace(workspace)
-    try:
-        job = _read_json(ws.job_json)
-        job["preset"] = Preset(**job["preset"])
-        job["input"] = str(job["input"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise PipelineError("pipeline_error", details={
-            "reason": f"bad job.json: {exc}"}) from None
-    job.setdefault("use_gpu", False)
-    job.setdefault("test_fault", "")
-    return job
-
-
-def read_checkpoint(workspace: str | os.PathLike, stage: str) -> dict | None:
-    """The checkpoint of ``stage`` or ``None`` if the stage has not completed."""
-    try:
-        return _read_json(Workspace(workspace).checkpoint(stage))
-    except (OSError, ValueError):
-        return None
-
-
-def next_stage(workspace: str | os.PathLike) -> str | None:
-    """First stage (in :data:`STAGE_ORDER`) without a checkpoint; ``None`` when all are done."""
-    for stage in STAGE_ORDER:
-        if read_checkpoint(workspace, stage) is None:
-            return stage
-    return None
-
-
 
 
 def parse_test_fault(spec: str) -> tuple[str, str] | None:
@@ -204,7 +105,7 @@ def _apply_test_fault(job: dict, stage: str, workspace: Path | None = None) -> N
     if action == "sleep":
         time.sleep(3600)
     if action == "pause" and workspace is not None:
-        flag = workspace / TEST_PAUSE_FILE.format(stage=stage)
+        flag = Workspace(workspace).test_pause_file(stage)
         flag.write_text(str(os.getpid()))
         deadline = time.monotonic() + TEST_PAUSE_MAX_S
         while flag.exists() and time.monotonic() < deadline:
@@ -238,7 +139,7 @@ def _undo_mapping_changes(ws: Workspace) -> None:
             _remove(Path(str(ws.database) + suffix))
         os.replace(ws.database_before_mapping, ws.database)
     if ws.frames_added_json.exists():
-        for name in _read_json(ws.frames_added_json).get("added", []):
+        for name in read_json(ws.frames_added_json).get("added", []):
             if "/" not in name and name not in ("", ".", ".."):
                 (ws.frames_dir / name).unlink(missing_ok=True)
         ws.frames_added_json.unlink()
@@ -264,10 +165,10 @@ def _clean_stage(ws: Workspace, stage: str) -> None:
     elif stage == "mapping":
         _remove(ws.sparse_dir)
     elif stage == "dense":
-        _remove(ws.root / "dense")
+        _remove(ws.dense_dir)
     elif stage == "meshing":
         for name in ("mesh.ply", "mesh.glb"):
-            _remove(ws.root / "dense" / name)
+            _remove(ws.dense_dir / name)
     elif stage == "export":
         _remove(ws.artifacts_dir)
         _remove(ws.result_json)
@@ -335,7 +236,7 @@ def _stage_mapping(ws: Workspace, job: dict, progress: Progress, t0: float) -> d
     from . import ladder
 
     _require(ws, "matching")
-    frames = _read_json(ws.frames_json)
+    frames = read_json(ws.frames_json)
     preset: Preset = job["preset"]
     _sqlite_copy(ws.database, ws.database_before_mapping)
     repeatable = _repeatable(job)
@@ -372,7 +273,7 @@ def _stage_export(ws: Workspace, job: dict, progress: Progress, t0: float) -> di
     artifacts = export.export_model(model_dir, ws.frames_dir, ws.artifacts_dir)
     # issue 6: dense artifacts, when the GPU stages made them
     for name in ("fused.ply", "mesh.ply", "mesh.glb"):
-        src = ws.root / "dense" / name
+        src = ws.dense_dir / name
         if src.is_file():
             shutil.copyfile(src, ws.artifacts_dir / name)
             artifacts.append(export.describe_artifact(ws.artifacts_dir / name))
@@ -380,7 +281,7 @@ def _stage_export(ws: Workspace, job: dict, progress: Progress, t0: float) -> di
     meshing_summary = (read_checkpoint(ws.root, "meshing") or {}).get("summary")
     progress(0.8, "Reading back model statistics...")
     summary = reconstruction.summarize_model(model_dir)
-    frames = _read_json(ws.frames_json)
+    frames = read_json(ws.frames_json)
     timings = {}
     for s in STAGE_ORDER[:-1]:
         cp = read_checkpoint(ws.root, s)
@@ -442,7 +343,7 @@ def _stage_dense(ws: Workspace, job: dict, progress: Progress, t0: float) -> dic
         progress(1.0, reason)
         return {"skipped": True, "reason": reason}
     model_dir = ws.sparse_dir / str(mapping_cp["summary"]["chosen_model"])
-    return {"skipped": False, **dense.run_dense(model_dir, ws.frames_dir, ws.root / "dense",
+    return {"skipped": False, **dense.run_dense(model_dir, ws.frames_dir, ws.dense_dir,
                                                 job["preset"].quality, progress=progress)}
 
 
@@ -454,7 +355,7 @@ def _stage_meshing(ws: Workspace, job: dict, progress: Progress, t0: float) -> d
     if dense_cp["summary"].get("skipped"):
         progress(1.0, dense_cp["summary"]["reason"])
         return {"skipped": True, "reason": dense_cp["summary"]["reason"]}
-    d = ws.root / "dense"
+    d = ws.dense_dir
     progress(0.0, "Building a Poisson mesh...")
     out = dense.mesh(d / "fused.ply", d / "mesh.ply", d / "mesh.glb",
                      dense.DENSE_PRESETS[job["preset"].quality])
@@ -535,4 +436,4 @@ def run_all(video: str | os.PathLike, out_dir: str | os.PathLike, preset: Preset
     for stage in STAGE_ORDER:
         cb = (lambda f, m, _s=stage: progress(_s, f, m)) if progress else None
         run_stage(stage, out_dir, cb)
-    return _read_json(Workspace(out_dir).result_json)
+    return read_json(Workspace(out_dir).result_json)

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import PipelineError
+from ..layout import Workspace
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-LOCK_NAME = ".lock"
 #: seconds a stage child waits for the lock before failing with ``workspace_busy``; long enough
 #: for a killed predecessor to be reaped, short enough to surface a real conflict
 DEFAULT_WAIT_S = 30.0
@@ -28,7 +28,7 @@ DEFAULT_WAIT_S = 30.0
 
 def lock_path(workspace: str | os.PathLike) -> Path:
     """``WS/.lock``."""
-    return Path(workspace) / LOCK_NAME
+    return Workspace(workspace).lock_file
 
 
 def is_locked(workspace: str | os.PathLike) -> bool:

@@ -19,7 +19,7 @@ from ..config import Settings
 from ..errors import PipelineError
 from ..runner.executor import run_json_command
 from ..web.schemas import ArtifactPublic, JobError, JobPublic
-from ..runner.scheduler import job_dir
+from ..layout import DataDir
 
 #: seconds the probe child may take for one upload
 PROBE_TIMEOUT_S = 60.0
@@ -105,7 +105,8 @@ async def create_job_from_upload(store: Any, settings: Settings, *, upload_path:
     names = [re.sub(r"[^a-z0-9]", "", n.lower())[:8]
              for n in str(video.get("container", "")).split(",")]
     ext = "mp4" if "mp4" in names else next((n for n in names if n), "bin")
-    dest = job_dir(settings, job_id) / "input" / f"video.{ext}"
+    jdir = DataDir(settings.data_dir).job(job_id)
+    dest = jdir.input_video(ext)
     await asyncio.to_thread(_install_input, upload_path, dest)
     try:
         return await store.create_job({
@@ -115,7 +116,7 @@ async def create_job_from_upload(store: Any, settings: Settings, *, upload_path:
             "input_bytes": size_bytes, "input_sha256": sha256, "video_info": video,
             **({"idempotency_key": idempotency_key} if idempotency_key else {})})
     except BaseException:
-        await asyncio.to_thread(shutil.rmtree, job_dir(settings, job_id), True)
+        await asyncio.to_thread(shutil.rmtree, jdir.root, True)
         raise
 
 

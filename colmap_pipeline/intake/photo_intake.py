@@ -23,7 +23,7 @@ from starlette.requests import Request
 from ..core import photos
 from ..config import Settings
 from .intake import parse_form
-from ..runner.scheduler import job_dir
+from ..layout import DataDir
 from .multipart import ReceivedUpload, receive_files
 
 #: File fields of the form.
@@ -69,14 +69,15 @@ async def create_photo_job(request: Request, store: Any, settings: Settings,
             ``upload_too_large`` 413, ``empty_file`` 400, ``invalid_request`` 422). On every
             failure the job folder is removed and the received files are deleted.
     """
-    upload_dir = Path(settings.data_dir) / "uploads"
+    data = DataDir(settings.data_dir)
+    upload_dir = data.uploads
     received = await receive_files(request, upload_dir, max_bytes=settings.max_upload_bytes,
                                    file_fields=FILE_FIELDS, max_files=photos.MAX_PHOTOS)
     try:
         form = parse_form(received.fields)
         job_id = str(uuid.uuid4())
-        root = job_dir(settings, job_id)
-        images_dir = root / "input" / "images"
+        jdir = data.job(job_id)
+        root, images_dir = jdir.root, jdir.input_images
         try:
             listing, source = await asyncio.to_thread(_install, received.files, images_dir)
             digest = hashlib.sha256()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from ..errors import PipelineError
+from ..layout import Workspace
 
 ProgressCallback = Callable[[float, str], Awaitable[None]]
 
@@ -191,9 +192,9 @@ async def run_stage(stage: str, workspace: Path, *, on_progress: ProgressCallbac
         cancelled (shutdown).
     """
     loop = asyncio.get_running_loop()
-    log_dir = workspace / "logs"
-    await asyncio.to_thread(log_dir.mkdir, parents=True, exist_ok=True)
-    log_path = log_dir / f"{stage}.log"
+    ws = Workspace(workspace)
+    await asyncio.to_thread(ws.logs_dir.mkdir, parents=True, exist_ok=True)
+    log_path = ws.log(stage)
     log = await asyncio.to_thread(open, log_path, "ab")
     try:
         proc = await asyncio.create_subprocess_exec(

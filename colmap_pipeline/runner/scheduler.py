@@ -28,7 +28,7 @@ from typing import Any, Awaitable
 
 from ..config import Preset, Settings
 from ..errors import ERROR_CATALOG
-from ..core.pipeline import Workspace, next_stage, write_job
+from ..layout import DataDir, Workspace, next_stage, prepare_workspace
 from .executor import (StageOutcome, describe_exit, kill_process_group, kill_recorded_group,
                        run_stage)
 from ..protocol import GPU_STAGES, STAGE_NAMES, STAGES, overall_progress
@@ -72,36 +72,13 @@ def free_disk_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def prepare_workspace(ws: Path, video: str, preset: Preset, *, use_gpu: bool,
-                      test_fault: str, random_seed: int = -1) -> bool:
-    """Write ``job.json`` for an attempt; drop every checkpoint when the input or preset
-    differs from the one they were made with (settings changed between attempts), so only
-    still-valid checkpoints are reused. Blocking: call in a thread.
-
-    Returns: True when existing checkpoints were invalidated.
-    """
-    w = Workspace(ws)
-    invalid = False
-    try:
-        old = json.loads(w.job_json.read_text())
-        invalid = (old.get("input") != str(Path(video).resolve())
-                   or old.get("preset") != preset.to_dict())
-    except (OSError, ValueError):
-        pass
-    if invalid and w.checkpoints_dir.exists():
-        shutil.rmtree(w.checkpoints_dir, ignore_errors=True)
-    write_job(ws, video, preset, use_gpu=use_gpu, test_fault=test_fault,
-              random_seed=random_seed)
-    return invalid
-
-
-def sweep_orphans(data_dir: Path, keep: set[str], min_age_s: float) -> tuple[int, int]:
+def sweep_orphans(data_dir: DataDir, keep: set[str], min_age_s: float) -> tuple[int, int]:
     """Remove ``DATA_DIR/jobs/<id>`` folders whose id is not in ``keep`` and files in
     ``DATA_DIR/uploads`` (partial uploads), each only if untouched for ``min_age_s`` seconds.
     Blocking: call in a thread. Returns ``(folders removed, uploads removed)``."""
     now = time.time()
     orphans = uploads = 0
-    jobs = data_dir / "jobs"
+    jobs = data_dir.jobs
     for d in (jobs.iterdir() if jobs.is_dir() else ()):
         try:
             old = now - d.stat().st_mtime >= min_age_s
@@ -110,7 +87,7 @@ def sweep_orphans(data_dir: Path, keep: set[str], min_age_s: float) -> tuple[int
         if d.name not in keep and old:
             shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
             orphans += 1
-    up = data_dir / "uploads"
+    up = data_dir.uploads
     for f in (up.iterdir() if up.is_dir() else ()):
         try:
             if f.is_file() and now - f.stat().st_mtime >= min_age_s:
@@ -119,16 +96,6 @@ def sweep_orphans(data_dir: Path, keep: set[str], min_age_s: float) -> tuple[int
         except OSError:
             continue
     return orphans, uploads
-
-
-def job_dir(settings: Settings, job_id: str) -> Path:
-    """``DATA_DIR/jobs/JOB_ID``: input, workspace and artifacts of one job."""
-    return Path(settings.data_dir) / "jobs" / job_id
-
-
-def workspace_dir(settings: Settings, job_id: str) -> Path:
-    """The pipeline workspace of a job (``job_dir/work``)."""
-    return job_dir(settings, job_id) / "work"
 
 
 def _read_json(path: Path) -> Any:
@@ -147,6 +114,7 @@ class JobRunner:
     def __init__(self, store: Any, settings: Settings, *, gpu_enabled: bool) -> None:
         self.store = store
         self.settings = settings
+        self.data = DataDir(settings.data_dir)
         self.gpu_enabled = gpu_enabled
         self.max_gpu_jobs = settings.max_gpu_jobs
         self.active_gpu_jobs = 0
@@ -184,7 +152,7 @@ class JobRunner:
         """Kill recorded process groups and requeue jobs left ``processing``; returns their ids."""
         for job_id, pgid in await self.store.recorded_pgids():
             killed = await asyncio.to_thread(kill_recorded_group, pgid,
-                                             workspace_dir(self.settings, job_id))
+                                             self.data.job(job_id).work.root)
             if killed:
                 log.warning("killed process group %d left by a previous server (job %s)",
                             pgid, job_id)
@@ -272,7 +240,7 @@ class JobRunner:
         if not ok:
             return False
         await self._abort_task(job_id, "deleted")
-        await asyncio.to_thread(shutil.rmtree, job_dir(self.settings, job_id), True)
+        await asyncio.to_thread(shutil.rmtree, self.data.job(job_id).root, True)
         return True
 
     async def _abort_task(self, job_id: str, reason: str) -> None:
@@ -315,12 +283,12 @@ class JobRunner:
                     continue
                 if await self.store.transition(job_id, ["completed", "failed", "cancelled"],
                                                "expired", message="Files removed by retention"):
-                    await asyncio.to_thread(shutil.rmtree, job_dir(self.settings, job_id), True)
+                    await asyncio.to_thread(shutil.rmtree, self.data.job(job_id).root, True)
                     counts["expired"] += 1
         min_age = 0.0 if startup else max(3600.0, self.settings.housekeeping_interval_s)
         keep = await self.store.job_ids_with_files()
         orphans, uploads = await asyncio.to_thread(
-            sweep_orphans, Path(self.settings.data_dir), keep | set(self._tasks), min_age)
+            sweep_orphans, self.data, keep | set(self._tasks), min_age)
         counts["orphans"], counts["uploads"] = orphans, uploads
         if any(counts.values()):
             log.warning("housekeeping: %s", counts)
@@ -490,7 +458,7 @@ class JobRunner:
         of ``completed``, ``failed`` (stage + outcome), ``drained`` (shutdown between stages),
         ``gone`` (cancelled/deleted meanwhile)."""
         job_id = job["job_id"]
-        ws = workspace_dir(self.settings, job_id)
+        ws = self.data.job(job_id).work.root
         preset = self.settings.preset(job["quality"])
         await asyncio.to_thread(prepare_workspace, ws, job["input_path"], preset,
                                 use_gpu=self.gpu_enabled, test_fault=self.settings.test_fault,
@@ -524,8 +492,8 @@ class JobRunner:
     async def _complete(self, job_id: str, started: float, attempt_record: dict) -> None:
         """Store the results and the completed attempt's record with the ``completed`` status,
         in one statement (a client polling never sees ``completed`` without its attempt)."""
-        ws = workspace_dir(self.settings, job_id)
-        result = await asyncio.to_thread(_read_json, ws / "result.json")
+        ws = self.data.job(job_id).work.root
+        result = await asyncio.to_thread(_read_json, Workspace(ws).result_json)
         for art in result.get("artifacts", []):
             art["url"] = f"/jobs/{job_id}/artifacts/{art['name']}"
         result["job_wall_time_s"] = round(time.monotonic() - started, 3)

@@ -29,7 +29,7 @@ from ..errors import PipelineError
 from ..intake.intake import create_job_from_upload, job_public, parse_form, probe_upload
 from .schemas import (ErrorResponse, FramesResponse, HealthResponse, JobList, JobPublic,
                      ReadinessResponse, RootResponse, UploadResponse)
-from ..runner.scheduler import workspace_dir
+from ..layout import DataDir
 from ..intake.multipart import receive_upload
 
 log = logging.getLogger("colmap_worker.api")
@@ -188,7 +188,7 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
             if existing is not None:
                 return _replayed(existing)
         await _require_disk(request)
-        upload_dir = Path(settings.data_dir) / "uploads"
+        upload_dir = DataDir(settings.data_dir).uploads
         received = await receive_upload(request, upload_dir, max_bytes=settings.max_upload_bytes)
         try:
             form = parse_form(received.fields)
@@ -333,7 +333,7 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
         if name not in arts:
             raise PipelineError("artifact_not_found", f"No artifact {name!r}.",
                                 details={"available": sorted(arts)})
-        path = workspace_dir(settings, job_id) / "artifacts" / name
+        path = DataDir(settings.data_dir).job(job_id).work.artifact(name)
         if not await asyncio.to_thread(path.is_file):
             raise PipelineError("artifact_not_found", f"The file of {name!r} is gone.")
         return FileResponse(path, media_type=arts[name].get("media_type"), filename=name)
@@ -346,7 +346,7 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
         kept (or why not). Available once the frames stage has run, also for failed jobs."""
         await _get(state, job_id)
         doc = await asyncio.to_thread(_read_frames_json,
-                                      workspace_dir(settings, job_id) / "frames.json")
+                                      DataDir(settings.data_dir).job(job_id).work.frames_json)
         if doc is None or "scores" not in doc:
             raise PipelineError("frames_not_ready")
         sel = doc.get("selection") or {}
