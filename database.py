@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from datetime import datetime, timezone
+from collections.abc import Iterable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import aiosqlite
 
@@ -69,7 +70,7 @@ MIGRATIONS: list[str] = [
 
 def utcnow() -> str:
     """Current UTC time as ISO-8601 with microseconds (sortable as text)."""
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 class JobStore:
@@ -87,7 +88,7 @@ class JobStore:
         self.path = path
 
     @classmethod
-    async def open(cls, path: Path) -> "JobStore":
+    async def open(cls, path: Path) -> JobStore:
         """Open (creating parent folders and the file), enable WAL, apply pending migrations."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

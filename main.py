@@ -15,20 +15,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from types import FrameType
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from colmap_pipeline import __version__
-from colmap_pipeline.web.routes import build_router, install_error_handlers, make_limiter
 from colmap_pipeline.config import Settings
 from colmap_pipeline.layout import DataDir
 from colmap_pipeline.runner.gpu import probe_gpu
 from colmap_pipeline.runner.scheduler import JobRunner
+from colmap_pipeline.web.routes import build_router, install_error_handlers, make_limiter
 from database import JobStore
 
 log = logging.getLogger("colmap_worker")

@@ -64,7 +64,7 @@ class Settings(BaseSettings):
         "and one thread for matching and mapping, so runs are repeatable (tests, benchmarks)")
 
     @model_validator(mode="after")
-    def _default_db(self) -> "Settings":
+    def _default_db(self) -> Settings:
         if self.database_path is None:
             self.database_path = self.data_dir / DATABASE_FILE
         return self

@@ -84,8 +84,8 @@ def centre_errors(model_dir: Path, name_of: dict[str, str], gt: dict[str, np.nda
 
 def run_service(quality: str, work: Path, gt: dict) -> dict:
     """The photo-set pipeline (all five stages) at ``quality``."""
-    from colmap_pipeline.core import pipeline
     from colmap_pipeline.config import default_preset
+    from colmap_pipeline.core import pipeline
 
     ws = work / f"svc_{quality}"
     pipeline.write_job(ws, FOUNTAIN / "images", default_preset(quality))

@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from colmap_pipeline.core import video  # noqa: E402
 from colmap_pipeline.config import default_preset  # noqa: E402
+from colmap_pipeline.core import video  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CLIPS = {"gopro_walk": "gopro_max_walk/max-heromode.mp4",

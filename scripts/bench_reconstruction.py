@@ -27,8 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from colmap_pipeline.core import pipeline  # noqa: E402
 from colmap_pipeline.config import default_preset  # noqa: E402
+from colmap_pipeline.core import pipeline  # noqa: E402
 from colmap_pipeline.errors import PipelineError  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"

@@ -5,7 +5,6 @@ import socket
 import time
 
 import httpx
-
 from conftest import SAMPLE_VIDEO
 
 

@@ -10,7 +10,6 @@ import zipfile
 import httpx
 import numpy as np
 import pytest
-
 from conftest import EUROC_VIDEO, SAMPLE_VIDEO, shared_file
 
 pytestmark = pytest.mark.e2e

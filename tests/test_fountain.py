@@ -12,7 +12,6 @@ import io
 import zipfile
 
 import pytest
-
 from conftest import REPO, shared_file
 
 pytestmark = pytest.mark.e2e

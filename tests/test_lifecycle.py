@@ -22,7 +22,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-
 from conftest import SAMPLE_VIDEO, ServerProcess
 
 pytestmark = pytest.mark.e2e
@@ -30,7 +29,6 @@ pytestmark = pytest.mark.e2e
 # stages paused at (the skipped-on-CPU dense stages of issue 6 are not paused at); the job's
 # checkpoints cover every stage of the table
 from colmap_pipeline.protocol import STAGES  # noqa: E402  (every stage, dense ones included)
-
 
 # --- helpers --------------------------------------------------------------------------------
 

@@ -11,17 +11,15 @@ import sys
 import time
 
 import pytest
+from conftest import REPO
 
 import database
 from colmap_pipeline.config import default_preset
-from colmap_pipeline.errors import PipelineError
-from colmap_pipeline.runner.executor import kill_recorded_group
-from colmap_pipeline.layout import next_stage, write_json_atomic
-from colmap_pipeline.layout import DataDir, prepare_workspace
-from colmap_pipeline.runner.scheduler import backoff_delay, sweep_orphans
 from colmap_pipeline.core.workspace_lock import is_locked, workspace_lock
-
-from conftest import REPO
+from colmap_pipeline.errors import PipelineError
+from colmap_pipeline.layout import DataDir, next_stage, prepare_workspace, write_json_atomic
+from colmap_pipeline.runner.executor import kill_recorded_group
+from colmap_pipeline.runner.scheduler import backoff_delay, sweep_orphans
 
 
 def test_workspace_lock_excludes_another_process_and_dies_with_it(tmp_path):

@@ -9,11 +9,11 @@ import json
 import sqlite3
 from contextlib import closing
 
-
-from colmap_pipeline.core import ladder, pipeline, video
-from colmap_pipeline.config import Preset
-from colmap_pipeline.errors import PipelineError
 from conftest import SAMPLE_VIDEO
+
+from colmap_pipeline.config import Preset
+from colmap_pipeline.core import ladder, pipeline, video
+from colmap_pipeline.errors import PipelineError
 
 
 def test_between_name_sorts_between_its_neighbours():

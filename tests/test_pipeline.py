@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from colmap_pipeline.core import pipeline
 from colmap_pipeline.config import default_preset
+from colmap_pipeline.core import pipeline
 from colmap_pipeline.errors import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]

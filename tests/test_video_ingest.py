@@ -20,11 +20,11 @@ import av
 import cv2
 import numpy as np
 import pytest
+from conftest import shared_file
+from test_video import scene_texture, write_video
 
 from colmap_pipeline.core import video
 from colmap_pipeline.errors import PipelineError
-from conftest import shared_file
-from test_video import scene_texture, write_video
 
 W, H = 320, 240
 

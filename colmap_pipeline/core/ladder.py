@@ -55,8 +55,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import reconstruction as rc
 from ..errors import PipelineError
+from . import reconstruction as rc
 
 log = logging.getLogger(__name__)
 

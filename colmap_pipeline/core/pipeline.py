@@ -30,21 +30,26 @@ or database framework.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
-from collections.abc import Callable
 
 from ..config import Preset
 from ..errors import PipelineError
-from ..layout import (Workspace, next_stage, read_checkpoint, read_job,  # noqa: F401 - re-exported
-                      read_json, write_job, write_json_atomic)
-from ..protocol import STAGE_NAMES
-from ..protocol import STAGE_WEIGHTS, overall_progress  # noqa: F401 - re-exported (CLI, tests)
+from ..layout import (  # noqa: F401 - re-exported
+    Workspace,
+    next_stage,
+    read_checkpoint,
+    read_job,
+    read_json,
+    write_job,
+    write_json_atomic,
+)
+from ..protocol import STAGE_NAMES, STAGE_WEIGHTS, overall_progress  # noqa: F401 - re-exported (CLI, tests)
 from ..protocol import STAGES as STAGE_IDS
 from .workspace_lock import workspace_lock
 

@@ -942,7 +942,7 @@ NERFSTUDIO_APPLIED_TRANSFORM = ((1.0, 0.0, 0.0, 0.0), (0.0, 0.0, 1.0, 0.0), (0.0
 
 
 def nerfstudio_transforms(model_dir: str | os.PathLike, image_prefix: str = "images/",
-                          ply_name: str = "sparse_pc.ply") -> tuple[dict, "object", "object"]:
+                          ply_name: str = "sparse_pc.ply") -> tuple[dict, object, object]:
     """The model as nerfstudio's ``transforms.json`` plus its points in the same world frame.
 
     Conventions (nerfstudio ``colmap_utils.colmap_to_json``): ``transform_matrix`` is the 4x4

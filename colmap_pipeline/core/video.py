@@ -27,8 +27,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from pathlib import Path
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import av
 import cv2

@@ -17,9 +17,9 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from ..config import Settings
 from ..errors import PipelineError
+from ..layout import DataDir
 from ..runner.executor import run_json_command
 from ..web.schemas import ArtifactPublic, JobError, JobPublic
-from ..layout import DataDir
 
 #: seconds the probe child may take for one upload
 PROBE_TIMEOUT_S = 60.0

@@ -19,9 +19,9 @@ import asyncio
 import contextlib
 import hashlib
 import os
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Set as AbstractSet
 from uuid import uuid4
 
 from python_multipart import MultipartParser

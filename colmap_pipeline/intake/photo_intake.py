@@ -20,10 +20,10 @@ from typing import Any
 
 from starlette.requests import Request
 
-from ..core import photos
 from ..config import Settings
-from .intake import parse_form
+from ..core import photos
 from ..layout import DataDir
+from .intake import parse_form
 from .multipart import ReceivedUpload, receive_files
 
 #: File fields of the form.

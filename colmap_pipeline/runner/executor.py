@@ -13,9 +13,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable
 
 from ..errors import PipelineError
 from ..layout import Workspace
@@ -114,7 +114,7 @@ async def _stop(proc: asyncio.subprocess.Process, grace_s: float | None = None) 
     kill_process_group(proc.pid, signal.SIGTERM)
     try:
         await asyncio.wait_for(proc.wait(), grace)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     kill_process_group(proc.pid, signal.SIGKILL)
     await proc.wait()
@@ -133,7 +133,7 @@ async def run_json_command(args: list[str], *, timeout_s: float, nice: int = 0,
         start_new_session=True)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         await _stop(proc)
         raise PipelineError("pipeline_error",
                             f"'{args[0]}' took longer than {timeout_s:.0f} s") from None
@@ -213,7 +213,7 @@ async def run_stage(stage: str, workspace: Path, *, on_progress: ProgressCallbac
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise asyncio.TimeoutError
+                raise TimeoutError
             line = await asyncio.wait_for(proc.stdout.readline(), remaining)
             if not line:
                 break
@@ -231,7 +231,7 @@ async def run_stage(stage: str, workspace: Path, *, on_progress: ProgressCallbac
                 outcome.error = {k: event.get(k) for k in ("code", "message", "hint", "details")}
         remaining = max(0.1, deadline - loop.time())
         outcome.returncode = await asyncio.wait_for(proc.wait(), remaining)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         outcome.timed_out = True
         await _stop(proc, kill_grace_s)
         outcome.returncode = proc.returncode if proc.returncode is not None else -signal.SIGKILL

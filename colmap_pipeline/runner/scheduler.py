@@ -22,16 +22,22 @@ import shutil
 import signal
 import sqlite3
 import time
-from datetime import datetime, timedelta, timezone
+from collections.abc import Awaitable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Awaitable
+from typing import Any
 
-from ..config import Preset, Settings
+from ..config import Settings
 from ..errors import ERROR_CATALOG
 from ..layout import DataDir, Workspace, next_stage, prepare_workspace
-from .executor import (StageOutcome, describe_exit, kill_process_group, kill_recorded_group,
-                       run_stage)
 from ..protocol import GPU_STAGES, STAGE_NAMES, STAGES, overall_progress
+from .executor import (
+    StageOutcome,
+    describe_exit,
+    kill_process_group,
+    kill_recorded_group,
+    run_stage,
+)
 
 log = logging.getLogger("colmap_worker.runner")
 
@@ -275,7 +281,7 @@ class JobRunner:
         """
         counts = {"expired": 0, "orphans": 0, "uploads": 0}
         if self.settings.retention_hours > 0:
-            cutoff = (datetime.now(timezone.utc)
+            cutoff = (datetime.now(UTC)
                       - timedelta(hours=self.settings.retention_hours)).isoformat(
                           timespec="microseconds")
             for job_id in await self.store.finished_before(cutoff):
@@ -310,7 +316,7 @@ class JobRunner:
                 log.exception("scheduling failed")
             try:
                 await asyncio.wait_for(self._wake.wait(), POLL_INTERVAL_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
 
@@ -618,4 +624,4 @@ class JobRunner:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")

@@ -27,10 +27,18 @@ from .. import __version__
 from ..config import Settings
 from ..errors import PipelineError
 from ..intake.intake import create_job_from_upload, job_public, parse_form, probe_upload
-from .schemas import (ErrorResponse, FramesResponse, HealthResponse, JobList, JobPublic,
-                     ReadinessResponse, RootResponse, UploadResponse)
-from ..layout import DataDir
 from ..intake.multipart import receive_upload
+from ..layout import DataDir
+from .schemas import (
+    ErrorResponse,
+    FramesResponse,
+    HealthResponse,
+    JobList,
+    JobPublic,
+    ReadinessResponse,
+    RootResponse,
+    UploadResponse,
+)
 
 log = logging.getLogger("colmap_worker.api")
 
