@@ -7,6 +7,7 @@ This module imports nothing from the web or database layers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 # code -> (HTTP status when raised during an API request, default message, default hint)
 ERROR_CATALOG: dict[str, tuple[int, str, str]] = {
@@ -121,9 +122,9 @@ class PipelineError(Exception):
         """HTTP status used when this error answers a request."""
         return ERROR_CATALOG[self.code][0]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """JSON form: ``{"code", "message", "hint", "details"?}``."""
-        out = {"code": self.code, "message": self.message, "hint": self.hint}
+        out: dict[str, Any] = {"code": self.code, "message": self.message, "hint": self.hint}
         if self.details:
             out["details"] = self.details
         return out

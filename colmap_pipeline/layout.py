@@ -180,7 +180,7 @@ def read_job(workspace: str | os.PathLike[str]) -> dict[str, Any]:
             "reason": f"bad job.json: {exc}"}) from None
     job.setdefault("use_gpu", False)
     job.setdefault("test_fault", "")
-    return job  # type: ignore[no-any-return]  # JSON object checked by the keys read above
+    return dict(job)
 
 
 def read_checkpoint(workspace: str | os.PathLike[str], stage: str) -> dict[str, Any] | None:

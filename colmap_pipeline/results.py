@@ -1,0 +1,182 @@
+"""Typed results: what a completed job holds, in one schema.
+
+The export stage (a child) builds a :class:`JobResult` and writes it to ``WS/result.json``; the
+runner stores it on the job row; the API serves the same model as ``JobPublic.results``, so
+``/docs`` shows every field a frontend reads, with its unit. The probe of the input
+(:class:`VideoProbe`), per-frame scores (:class:`FrameScore`), each run of the job
+(:class:`AttemptRecord`) and each artifact (:class:`Artifact`) are typed here too. A light leaf:
+pydantic only.
+
+Sub-models allow extra keys (``extra="allow"``) so that a newer child's result still loads in an
+older server during a rolling deploy; the fields listed are the contract.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class JobWarning(_Open):
+    """Something the user should know about a job that still completed."""
+
+    code: str = Field(description="stable code, e.g. video_truncated, focal_metadata_ignored")
+    message: str = Field(description="what happened, with its numbers, e.g. 'decoded 0.40 s "
+                         "of 1.33 s'")
+    details: dict[str, Any] = Field(default_factory=dict, description="the numbers behind it")
+
+
+class VideoProbe(_Open):
+    """Facts about the input, probed before the job is queued (``kind`` = video or images)."""
+
+    kind: Literal["video", "images"] = Field("video", description="video or photo set")
+    container: str | None = Field(None, description="FFmpeg container name, e.g. mov,mp4,m4a")
+    codec: str | None = Field(None, description="video codec, e.g. h264, hevc")
+    width: int | None = Field(None, description="px, after rotation")
+    height: int | None = Field(None, description="px, after rotation")
+    rotation: int | None = Field(None, description="deg counter-clockwise: 0, 90, 180, 270")
+    fps: float | None = Field(None, description="frames per second (average)")
+    duration_s: float | None = Field(None, description="s")
+    num_frames: int | None = Field(None, description="frames the container announces")
+    images: int | None = Field(None, description="photo sets: number of photos")
+    source: str | None = Field(None, description="photo sets: photos or zip")
+
+
+class FrameScore(BaseModel):
+    """One decoded frame's scores and the selection's verdict on it."""
+
+    timestamp_s: float = Field(description="presentation time (s) from the stream's pts")
+    window: int = Field(description="time window (0 .. cap-1) the frame fell in")
+    sharpness: float = Field(description="variance of the Laplacian on the 480 px analysis image")
+    brightness: float = Field(description="mean luma, 0-255 (full range, HDR tone-mapped)")
+    contrast: float | None = Field(None, description="luma standard deviation, 0-255")
+    texture: float | None = Field(None, description="variance of the Laplacian at 1/4 scale")
+    motion_px: float | None = Field(
+        None, description="median tracked motion (px of the 480 px analysis image) since the "
+        "last kept frame; only for window candidates; null when not measured or tracking lost")
+    kept: bool = Field(description="handed to SfM")
+    reason: str | None = Field(None, description="why it was dropped: black, overexposed, "
+                               "blank, not_sharpest, blurry, near_duplicate; null when kept")
+    file: str | None = Field(None, description="image file name when kept")
+
+
+class Artifact(_Open):
+    """One downloadable file of a completed job."""
+
+    name: str = Field(description="file name, e.g. sparse.ply, model.zip, transforms.json")
+    bytes: int = Field(description="size in bytes")
+    media_type: str = Field(description="MIME type")
+    sha256: str = Field(description="hex digest of the file")
+    url: str | None = Field(None, description="download path, relative to the API root")
+
+
+class CameraModel(_Open):
+    """One COLMAP camera of the sparse model."""
+
+    camera_id: int
+    model: str = Field(description="COLMAP camera model, e.g. SIMPLE_RADIAL, OPENCV")
+    width: int = Field(description="px")
+    height: int = Field(description="px")
+    params: dict[str, float] = Field(description="named as pycolmap names them (f, cx, cy in px; "
+                                     "k, k1, k2, p1, p2 unitless)")
+
+
+class ModelCheck(_Open):
+    """The checks of the chosen sparse model."""
+
+    passed: bool
+    registered_share: float = Field(description="registered images / frames used, 0-1")
+    partial: bool = Field(description="fewer than 80% of the frames registered")
+    failures: list[str] = Field(default_factory=list, description="failed checks: "
+                                "implausible_intrinsics, reprojection_error, too_few_points, "
+                                "too_few_images, focal_disagrees_with_metadata")
+
+
+class MappingAttempt(_Open):
+    """One mapping attempt of the recovery ladder (the first one included)."""
+
+    step: str = Field(description="ladder rung: first, more_overlap, exhaustive, loop_closure, "
+                      "other_mapper, init_thresholds, focal_prior, camera_model, more_frames")
+    outcome: str = Field(description="e.g. chosen, passed, failed, skipped, error")
+    elapsed_s: float | None = Field(None, description="wall time of the attempt (s)")
+
+
+class StageTimings(_Open):
+    """Wall time of each stage (s); null for a stage that did not run in this workspace."""
+
+    frames: float | None = None
+    features: float | None = None
+    matching: float | None = None
+    mapping: float | None = None
+    dense: float | None = None
+    meshing: float | None = None
+    export: float | None = None
+    total: float | None = None
+
+
+class JobResult(_Open):
+    """A completed job's results: every number read from the reconstruction itself."""
+
+    frames_extracted: int = Field(description="frames selected from the video (or photos)")
+    frames_used: int = Field(description="frames given to the chosen mapping attempt")
+    frames_added: list[Any] = Field(default_factory=list,
+                                    description="frames the more_frames rung added")
+    registered_images: int = Field(description="images with a pose in the sparse model")
+    points3d: int = Field(description="3D points of the sparse model")
+    observations: int | None = Field(None, description="2D observations of the 3D points")
+    mean_reprojection_error_px: float = Field(description="mean reprojection error (px)")
+    mean_track_length: float = Field(description="observations per 3D point")
+    mean_observations_per_image: float | None = Field(None, description="per registered image")
+    camera: CameraModel | None = Field(None, description="the (first) camera")
+    cameras: list[CameraModel] | None = Field(None, description="all cameras, when several")
+    models: int | list[Any] | None = Field(None, description="models the mapper produced")
+    chosen_model: int | None = Field(None, description="index of the model served")
+    checks: ModelCheck | None = None
+    partial: bool = Field(False, description="fewer than 80% of the frames registered")
+    quality_warning: str | None = None
+    warnings: list[JobWarning] = Field(default_factory=list,
+                                    description="every warning of every stage")
+    mapper: str | None = Field(None, description="mapper of the chosen attempt: global or "
+                               "incremental")
+    first_mapper: str | None = Field(None, description="the preset's first mapper")
+    mapping_attempts: list[MappingAttempt] = Field(
+        default_factory=list, description="every mapping attempt of the recovery ladder")
+    focal_prior_px: float | None = Field(None, description="focal length from EXIF (px)")
+    input_kind: str = Field("video", description="video or images")
+    preset: dict[str, Any] | None = Field(None, description="quality, max_frames, "
+                                          "max_image_size (px), max_num_features")
+    video: dict[str, Any] | None = Field(None, description="probe of the input")
+    motion: dict[str, Any] | None = None
+    features: dict[str, Any] | None = Field(None, description="feature extraction summary")
+    matching: dict[str, Any] | None = Field(None, description="matching summary")
+    model_sizes: list[Any] | None = None
+    dense: dict[str, Any] | None = Field(None, description="dense MVS summary, or "
+                                         "{skipped, reason}")
+    meshing: dict[str, Any] | None = None
+    timings_s: StageTimings | None = Field(None, description="wall time per stage (s)")
+    artifacts: list[Artifact] = Field(default_factory=list)
+    job_wall_time_s: float | None = Field(None, description="wall time of the attempt that "
+                                          "completed (s), queue time excluded")
+
+
+class AttemptRecord(_Open):
+    """One run of a job (the job's ``attempts``; not the ladder's mapping attempts)."""
+
+    attempt: int = Field(description="1-based run number")
+    outcome: str = Field(description="completed, failed, retrying, cancelled, deleted, "
+                         "interrupted, stopped")
+    failed_stage: str | None = None
+    error_code: str | None = None
+    started_at: str | None = Field(None, description="ISO-8601 UTC")
+    finished_at: str | None = Field(None, description="ISO-8601 UTC")
+    stage_wall_s: dict[str, float] = Field(default_factory=dict,
+                                           description="wall time of each stage child (s)")
+    resumed_from: str | None = Field(None, description="first stage run in this attempt")
+    skipped_stages: list[str] = Field(default_factory=list,
+                                      description="stages reused from checkpoints")
+    retry: str | None = Field(None, description="why an automatic retry followed")
+    detail: str | None = None
