@@ -1,25 +1,59 @@
-"""Job store: SQLite through aiosqlite (WAL), with a versioned schema and migrations.
+"""Job store on one SQLite file (WAL): :class:`SqliteJobStore`, the embedded
+:class:`colmap_pipeline.jobs.JobStore`.
 
-Every status change is a compare-and-set in SQL (``UPDATE … WHERE status IN (…)``), after
-procrastinate / NodeODM: two writers can never both move a job out of the same state, and a
-caller learns whether its transition happened from the returned bool.
+Concurrency (issue 10 items 2 and 12):
 
-Rows are returned as plain ``dict``s; JSON columns (``results``, ``video_info``, ``attempts``)
-are decoded. Times are ISO-8601 UTC strings.
+- **One writer.** Every write is one whole transaction (``BEGIN IMMEDIATE`` … ``COMMIT``, a
+  ``ROLLBACK`` on any error), run as one call on the store's single writer thread, which owns
+  the writer connection: transactions are serialized and atomic, and no other statement can
+  land between a write's statements and its commit (the old shared aiosqlite connection then
+  answered "cannot commit transaction - SQL statements in progress"). A caller cancelled
+  meanwhile leaves a committed or rolled-back transaction, never an open one.
+- **Concurrent readers.** Reads run on a few reader threads, each with its own read-only
+  connection (WAL: committed snapshots, never blocked by the writer). Each store call is one
+  hop to a thread (query, fetch and decode together), not one per statement.
+
+Rows come back as :class:`~colmap_pipeline.jobs.Job`. Status changes go through
+:meth:`SqliteJobStore.apply`, a compare-and-set (``UPDATE … WHERE job_id = ? AND status IN
+(…)``, after procrastinate and NodeODM) along :data:`~colmap_pipeline.jobs.TRANSITIONS`. No
+``sqlite3`` exception leaves the store: a unique-key collision is ``DuplicateKey``;
+``OperationalError``, ``DatabaseError`` and ``OSError`` are ``StoreUnavailable``; any other
+``sqlite3.Error`` is ``StoreError``. The schema is versioned: :data:`MIGRATIONS` are applied in
+order at :meth:`SqliteJobStore.open` and are append-only.
 """
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import sqlite3
-from collections.abc import Iterable
-from datetime import UTC, datetime
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import aiosqlite
+from colmap_pipeline.jobs import (
+    COLUMNS,
+    JSON_COLUMNS,
+    MAX_PAGE_BOUND,
+    TERMINAL,
+    TRANSITIONS,
+    WITH_FILES,
+    DuplicateKey,
+    Intent,
+    Job,
+    JobStatus,
+    Stamp,
+    StoreError,
+    StoreUnavailable,
+    encode_json,
+    new_job_record,
+    planned_changes,
+    utcnow,
+)
 
-JOB_STATUSES = ("pending", "processing", "completed", "failed", "cancelled", "expired", "deleted")
-JSON_COLUMNS = ("results", "video_info", "attempts")
+T = TypeVar("T")
 
 # Each migration moves the schema from version i to i+1. Append only; never edit a shipped one.
 MIGRATIONS: list[str] = [
@@ -65,288 +99,398 @@ MIGRATIONS: list[str] = [
         WHERE idempotency_key IS NOT NULL;
     CREATE INDEX jobs_status_finished ON jobs(status, finished_at);
     """,
+    # 2 -> 3 (issue 10): a failed reconstruction's numbers (JSON, item 6), and the fingerprint
+    # of the request stored with its Idempotency-Key (item 10)
+    """
+    ALTER TABLE jobs ADD COLUMN error_details TEXT;
+    ALTER TABLE jobs ADD COLUMN request_fingerprint TEXT;
+    """,
 ]
 
+#: reader threads (and read connections) per store
+DEFAULT_READERS = 4
+#: seconds a connection waits for a lock before SQLITE_BUSY (``busy_timeout``)
+BUSY_TIMEOUT_S = 30.0
 
-def utcnow() -> str:
-    """Current UTC time as ISO-8601 with microseconds (sortable as text)."""
-    return datetime.now(UTC).isoformat(timespec="microseconds")
+_SELECT = f"SELECT {', '.join(COLUMNS)} FROM jobs"
+_TERMINAL = tuple(sorted(s.value for s in TERMINAL))
+_WITH_FILES = tuple(sorted(s.value for s in WITH_FILES))
 
 
-class JobStore:
-    """Async job store on one SQLite file.
+def _marks(values: Iterable[Any]) -> str:
+    return ", ".join("?" for _ in values)
 
-    Open with :meth:`open`; close with :meth:`close`. One connection is shared (aiosqlite runs
-    it on its own thread), so calls never block the event loop.
 
-    Raises:
-        sqlite3.Error: (``aiosqlite`` re-raises it) when the database is unusable.
+def _to_job(row: tuple[Any, ...]) -> Job:
+    """A :class:`Job` from a row selected as :data:`_SELECT` (columns in :data:`COLUMNS`)."""
+    data = dict(zip(COLUMNS, row, strict=True))
+    for col in JSON_COLUMNS:
+        if data[col] is not None:
+            data[col] = json.loads(data[col])
+    data["status"] = JobStatus(data["status"])
+    if data["attempts"] is None:
+        data["attempts"] = []
+    return Job(**data)
+
+
+def _translate(exc: BaseException) -> BaseException:
+    """The store's exception for a backend one (see the module docstring); others unchanged."""
+    if isinstance(exc, sqlite3.IntegrityError):
+        if "UNIQUE" in str(exc) or "PRIMARY KEY" in str(exc):
+            return DuplicateKey(str(exc))
+        return StoreError(f"integrity: {exc}")
+    if isinstance(exc, sqlite3.OperationalError | sqlite3.DatabaseError | OSError):
+        return StoreUnavailable(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, sqlite3.Error):
+        return StoreError(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, OverflowError):
+        return ValueError(f"a value does not fit SQLite's 64-bit integer: {exc}")
+    return exc
+
+
+def _first(c: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> Job | None:
+    """The first job matching ``where`` (SQL written here, never by a client), or None."""
+    rows = c.execute(f"{_SELECT} WHERE {where} LIMIT 1", args).fetchall()
+    return _to_job(rows[0]) if rows else None
+
+
+def _version_row(c: sqlite3.Connection) -> int:
+    """The applied schema version, creating its table (version 0) on a new file."""
+    c.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    rows = c.execute("SELECT version FROM schema_version").fetchall()
+    if not rows:
+        c.execute("INSERT INTO schema_version (version) VALUES (0)")
+    return int(rows[0][0]) if rows else 0
+
+
+def _assignments(changes: Mapping[str, Any], now: str) -> tuple[list[str], list[Any]]:
+    """``SET`` clauses and values for :func:`~colmap_pipeline.jobs.planned_changes`' output.
+    Column names come from :data:`~colmap_pipeline.jobs.SETTABLE` (validated there)."""
+    sets: list[str] = []
+    values: list[Any] = []
+    for col, value in changes.items():
+        if value is Stamp.INCREMENT:
+            sets.append(f"{col} = {col} + 1")
+            continue
+        sets.append(f"{col} = COALESCE({col}, ?)" if value is Stamp.NOW_IF_UNSET
+                    else f"{col} = ?")
+        if value is Stamp.NOW or value is Stamp.NOW_IF_UNSET:
+            values.append(now)
+        else:
+            values.append(encode_json(value) if col in JSON_COLUMNS and value is not None
+                          else value)
+    return sets, values
+
+
+class SqliteJobStore:
+    """The :class:`~colmap_pipeline.jobs.JobStore` on one SQLite file.
+
+    Open with :meth:`open`, close with :meth:`close`. Every public method runs its database
+    work on the store's own threads (never on the event loop) and may raise
+    :class:`~colmap_pipeline.jobs.StoreError`.
     """
 
-    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
-        self._conn = conn
-        self.path = path
+    def __init__(self, path: Path, *, readers: int = DEFAULT_READERS) -> None:
+        self.path = Path(path)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="jobstore-write")
+        self._readers = ThreadPoolExecutor(max(1, readers), thread_name_prefix="jobstore-read")
+        self._wconn: sqlite3.Connection | None = None
+        self._local = threading.local()
+        self._rconns: list[sqlite3.Connection] = []
+        self._rconns_lock = threading.Lock()
+        self._closed = False
 
+    # ---- opening and closing ----------------------------------------------------------------
     @classmethod
-    async def open(cls, path: Path) -> JobStore:
-        """Open (creating parent folders and the file), enable WAL, apply pending migrations."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        conn = await aiosqlite.connect(path, timeout=30)
-        conn.row_factory = aiosqlite.Row
-        await conn.execute("PRAGMA journal_mode=WAL")
-        await conn.execute("PRAGMA synchronous=NORMAL")
-        await conn.execute("PRAGMA busy_timeout=30000")
-        store = cls(conn, path)
-        await store._migrate()
+    async def open(cls, path: Path, *, readers: int = DEFAULT_READERS) -> SqliteJobStore:
+        """Open (creating parent folders and the file), enable WAL, apply pending migrations.
+
+        Raises: StoreUnavailable when the file cannot be opened or migrated.
+        """
+        store = cls(path, readers=readers)
+        try:
+            await store._call(store._writer, store._open_writer)
+        except BaseException:
+            await store.close()
+            raise
         return store
 
-    async def close(self) -> None:
-        """Close the connection."""
-        await self._conn.close()
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                               check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
 
-    async def _migrate(self) -> None:
-        await self._conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        cur = await self._conn.execute("SELECT version FROM schema_version")
-        row = await cur.fetchone()
-        version = row[0] if row else 0
-        if row is None:
-            await self._conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+    def _open_writer(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._wconn = self._connect()
+        conn.execute("PRAGMA journal_mode=WAL")
+        version = self._transaction(_version_row)
         for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            await self._conn.executescript(
-                f"BEGIN; {script}; UPDATE schema_version SET version = {int(target)}; COMMIT;")
-        await self._conn.commit()
+            try:
+                conn.executescript(f"BEGIN IMMEDIATE; {script}; "
+                                   f"UPDATE schema_version SET version = {int(target)}; COMMIT;")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
 
-    async def schema_version(self) -> int:
-        """Applied schema version (``len(MIGRATIONS)`` once open)."""
-        cur = await self._conn.execute("SELECT version FROM schema_version")
-        return (await cur.fetchone())[0]
+    async def close(self) -> None:
+        """Wait for running calls, then close every connection. Later calls raise
+        :class:`~colmap_pipeline.jobs.StoreUnavailable`."""
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.to_thread(self._shutdown)
 
-    async def ping(self) -> bool:
-        """True when a trivial query answers."""
+    def _shutdown(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        if self._wconn is not None:
+            self._wconn.close()
+        with self._rconns_lock:
+            for conn in self._rconns:
+                conn.close()
+            self._rconns.clear()
+
+    # ---- running calls on the store's threads -----------------------------------------------
+    async def _call(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
         try:
-            cur = await self._conn.execute("SELECT 1")
-            return (await cur.fetchone())[0] == 1
-        except sqlite3.Error:
-            return False
+            return await loop.run_in_executor(pool, functools.partial(fn, *args))
+        except RuntimeError as exc:
+            if self._closed:  # "cannot schedule new futures after shutdown"
+                raise StoreUnavailable("the job store is closed") from exc
+            raise
+        except Exception as exc:
+            translated = _translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
 
-    # ---- rows -------------------------------------------------------------------------------
-    @staticmethod
-    def _row(row: aiosqlite.Row | None) -> dict | None:
-        if row is None:
-            return None
-        out = dict(row)
-        for col in JSON_COLUMNS:
-            if out.get(col) is not None:
-                out[col] = json.loads(out[col])
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` as one transaction on the writer thread."""
+        return await self._call(self._writer, self._transaction, fn, *args)
+
+    def _transaction(self, fn: Callable[..., T], *args: Any) -> T:
+        conn = self._wconn
+        if conn is None:
+            raise StoreUnavailable("the job store is not open")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            out = fn(conn, *args)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
         return out
 
-    async def create_job(self, job: dict[str, Any]) -> dict:
-        """Insert a new ``pending`` job.
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` on a reader thread's own connection (each statement reads
+        one committed snapshot; ``fn`` opens a transaction where it needs one across several)."""
+        return await self._call(self._readers, self._snapshot, fn, *args)
 
-        Args:
-            job: at least job_id, scan_id, project_id, scan_name, quality, input_path,
-                input_bytes, input_sha256; optional user_email, input_filename, video_info.
-        Returns: the stored row.
-        Raises: sqlite3.IntegrityError on a duplicate job_id.
-        """
-        now = utcnow()
-        row = {
-            "user_email": None, "input_filename": None, "video_info": None,
-            **job, "status": "pending", "progress": 0, "current_stage": "Queued",
-            "message": "Waiting for a free worker", "created_at": now, "updated_at": now,
-        }
-        if row["video_info"] is not None:
-            row["video_info"] = json.dumps(row["video_info"])
-        cols = ", ".join(row)
-        marks = ", ".join(f":{c}" for c in row)
-        await self._conn.execute(f"INSERT INTO jobs ({cols}) VALUES ({marks})", row)
-        await self._conn.commit()
-        return await self.get_job(row["job_id"])
+    def _snapshot(self, fn: Callable[..., T], *args: Any) -> T:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            conn.execute("PRAGMA query_only=ON")
+            self._local.conn = conn
+            with self._rconns_lock:
+                self._rconns.append(conn)
+        return fn(conn, *args)
 
-    async def get_job(self, job_id: str) -> dict | None:
-        """The job row, or ``None``."""
-        cur = await self._conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
-        return self._row(await cur.fetchone())
+    # ---- reads -------------------------------------------------------------------------------
+    async def schema_version(self) -> int:
+        """Applied schema version (``len(MIGRATIONS)`` once open)."""
+        return await self._read(
+            lambda c: int(c.execute("SELECT version FROM schema_version").fetchone()[0]))
+
+    async def ping(self) -> bool:
+        """True when a trivial query answers; never raises."""
+        try:
+            return await self._read(lambda c: c.execute("SELECT 1").fetchone()[0] == 1)
+        except (StoreError, RuntimeError):
+            return False
+
+    async def get_job(self, job_id: str) -> Job | None:
+        """The job, or ``None``."""
+        return await self._read(_first, "job_id = ?", (job_id,))
 
     async def list_jobs(self, *, project_id: str | None = None, status: str | None = None,
-                        limit: int = 50, offset: int = 0) -> tuple[list[dict], int]:
-        """Jobs newest first, filtered; returns ``(page, total matching)``."""
+                        limit: int = 50, offset: int = 0) -> tuple[list[Job], int]:
+        """Jobs newest first, filtered; ``(page, total matching)``, read in one snapshot.
+
+        ``limit`` and ``offset`` are clamped to ``0 .. MAX_PAGE_BOUND`` (issue 10 item 4: an
+        offset of 2**63 used to overflow SQLite's integer; now it is an empty page).
+        """
+        limit = max(0, min(int(limit), MAX_PAGE_BOUND))
+        offset = max(0, min(int(offset), MAX_PAGE_BOUND))
         where, args = [], []
         if project_id is not None:
             where.append("project_id = ?")
             args.append(project_id)
         if status is not None:
             where.append("status = ?")
-            args.append(status)
+            args.append(str(status))
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        cur = await self._conn.execute(f"SELECT COUNT(*) FROM jobs {clause}", args)
-        total = (await cur.fetchone())[0]
-        cur = await self._conn.execute(
-            f"SELECT * FROM jobs {clause} ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
-            [*args, limit, offset])
-        return [self._row(r) for r in await cur.fetchall()], total
+
+        def q(c: sqlite3.Connection) -> tuple[list[Job], int]:
+            c.execute("BEGIN")  # the count and the page from one snapshot
+            try:
+                total = int(c.execute(f"SELECT COUNT(*) FROM jobs {clause}", args).fetchone()[0])
+                rows = c.execute(f"{_SELECT} {clause} ORDER BY created_at DESC, rowid DESC "
+                                 "LIMIT ? OFFSET ?", [*args, limit, offset]).fetchall()
+            finally:
+                c.execute("COMMIT")
+            return [_to_job(r) for r in rows], total
+        return await self._read(q)
 
     async def queue_position(self, job_id: str) -> int | None:
         """1-based position among pending jobs (oldest first), or ``None`` if not pending."""
-        cur = await self._conn.execute(
-            """SELECT COUNT(*) FROM jobs p, jobs j
-               WHERE j.job_id = ? AND j.status = 'pending' AND p.status = 'pending'
-                 AND (p.created_at < j.created_at
-                      OR (p.created_at = j.created_at AND p.rowid <= j.rowid))""",
-            (job_id,))
-        n = (await cur.fetchone())[0]
-        return n or None
+        def q(c: sqlite3.Connection) -> int | None:
+            n = c.execute(
+                """SELECT COUNT(*) FROM jobs p, jobs j
+                   WHERE j.job_id = ? AND j.status = 'pending' AND p.status = 'pending'
+                     AND (p.created_at < j.created_at
+                          OR (p.created_at = j.created_at AND p.rowid <= j.rowid))""",
+                (job_id,)).fetchone()[0]
+            return int(n) or None
+        return await self._read(q)
 
     async def count_by_status(self) -> dict[str, int]:
         """``{status: count}`` over all jobs."""
-        cur = await self._conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")
-        return {s: n for s, n in await cur.fetchall()}
-
-    # ---- transitions (compare-and-set) ------------------------------------------------------
-    async def transition(self, job_id: str, from_statuses: Iterable[str], to_status: str,
-                         attempt_record: dict | None = None, **fields: Any) -> bool:
-        """Move ``job_id`` to ``to_status`` only if its status is one of ``from_statuses``.
-
-        Extra ``fields`` (column=value; JSON columns take Python objects) are set in the same
-        statement, and ``attempt_record`` (a JSON object) is appended to ``attempts`` in it too,
-        so no reader sees the new status without the attempt that led to it. Returns whether
-        the row changed.
-        Raises: ValueError for an unknown status.
-        """
-        if to_status not in JOB_STATUSES:
-            raise ValueError(f"unknown status {to_status!r}")
-        froms = list(from_statuses)
-        sets = {"status": to_status, "updated_at": utcnow(), **fields}
-        for col in JSON_COLUMNS:
-            if col in sets and sets[col] is not None:
-                sets[col] = json.dumps(sets[col])
-        assignments = ", ".join(f"{c} = ?" for c in sets)
-        values = list(sets.values())
-        if attempt_record is not None:
-            assignments += ", attempts = json_insert(attempts, '$[#]', json(?))"
-            values.append(json.dumps(attempt_record))
-        marks = ", ".join("?" for _ in froms)
-        cur = await self._conn.execute(
-            f"UPDATE jobs SET {assignments} WHERE job_id = ? AND status IN ({marks})",
-            [*values, job_id, *froms])
-        await self._conn.commit()
-        return cur.rowcount == 1
-
-    async def claim_next_pending(self) -> dict | None:
-        """Atomically take the oldest ``pending`` job into ``processing``.
-
-        Sets started_at, increments ``attempt`` and resets progress for the new attempt.
-        Returns the claimed row or ``None`` when nothing is pending.
-        """
-        now = utcnow()
-        cur = await self._conn.execute(
-            """UPDATE jobs SET status = 'processing', started_at = ?, updated_at = ?,
-                      attempt = attempt + 1, progress = 0, current_stage = 'Starting',
-                      message = 'Starting the pipeline'
-               WHERE job_id = (SELECT job_id FROM jobs WHERE status = 'pending'
-                               ORDER BY created_at, rowid LIMIT 1)
-                 AND status = 'pending'
-               RETURNING job_id""", (now, now))
-        row = await cur.fetchone()
-        await self._conn.commit()
-        return await self.get_job(row[0]) if row else None
-
-    async def update_progress(self, job_id: str, progress: int, current_stage: str,
-                              message: str) -> bool:
-        """Record progress of a ``processing`` job; progress never goes backwards.
-
-        Args:
-            progress: 0-100; stored as ``max(stored, progress)``.
-        Returns: whether the job was still processing.
-        """
-        cur = await self._conn.execute(
-            """UPDATE jobs SET progress = MAX(progress, ?), current_stage = ?, message = ?,
-                      updated_at = ?
-               WHERE job_id = ? AND status = 'processing'""",
-            (max(0, min(100, int(progress))), current_stage, message, utcnow(), job_id))
-        await self._conn.commit()
-        return cur.rowcount == 1
-
-    async def append_attempt(self, job_id: str, attempt: dict) -> None:
-        """Append one attempt record (JSON object) to the job's ``attempts`` list."""
-        await self._conn.execute(
-            """UPDATE jobs SET attempts = json_insert(attempts, '$[#]', json(?)), updated_at = ?
-               WHERE job_id = ?""", (json.dumps(attempt), utcnow(), job_id))
-        await self._conn.commit()
-
-    async def requeue_processing(self) -> list[str]:
-        """At boot: jobs left ``processing`` by a dead server go back to ``pending``.
-
-        Returns their ids.
-        """
-        cur = await self._conn.execute(
-            """UPDATE jobs SET status = 'pending', current_stage = 'Queued', updated_at = ?,
-                      message = 'Requeued after a server restart'
-               WHERE status = 'processing' RETURNING job_id""", (utcnow(),))
-        ids = [r[0] for r in await cur.fetchall()]
-        await self._conn.commit()
-        return ids
-
-    # ---- lifecycle (issue 5) ----------------------------------------------------------------
-    async def set_pgid(self, job_id: str, pgid: int | None) -> None:
-        """Record (or clear, with ``None``) the process group of the job's running stage child.
-
-        Persisted so that a server restarted after a crash can kill a child that outlived it
-        (:meth:`recorded_pgids`).
-        """
-        await self._conn.execute("UPDATE jobs SET pgid = ? WHERE job_id = ?", (pgid, job_id))
-        await self._conn.commit()
+        return await self._read(lambda c: {s: int(n) for s, n in c.execute(
+            "SELECT status, COUNT(*) FROM jobs GROUP BY status")})
 
     async def recorded_pgids(self) -> list[tuple[str, int]]:
         """``[(job_id, pgid)]`` of every row that still names a stage child's process group."""
-        cur = await self._conn.execute(
-            "SELECT job_id, pgid FROM jobs WHERE pgid IS NOT NULL ORDER BY rowid")
-        return [(r[0], int(r[1])) for r in await cur.fetchall()]
+        return await self._read(lambda c: [(r[0], int(r[1])) for r in c.execute(
+            "SELECT job_id, pgid FROM jobs WHERE pgid IS NOT NULL ORDER BY rowid")])
 
-    async def find_by_idempotency_key(self, key: str) -> dict | None:
-        """The job created by an upload that carried ``Idempotency-Key: key``, or ``None``."""
-        cur = await self._conn.execute(
-            "SELECT * FROM jobs WHERE idempotency_key = ? AND status != 'deleted'", (key,))
-        return self._row(await cur.fetchone())
+    async def find_by_idempotency_key(self, key: str) -> Job | None:
+        """The job not deleted created by an upload with ``Idempotency-Key: key``, or None."""
+        return await self._read(_first, "idempotency_key = ? AND status != 'deleted'", (key,))
 
-    async def requeue_for_retry(self, job_id: str, from_statuses: Iterable[str],
-                                message: str) -> bool:
-        """Move a job back to ``pending`` for another attempt (compare-and-set), clearing the
-        error and results of the previous one. Returns whether the row changed."""
-        return await self.transition(
-            job_id, from_statuses, "pending", error_code=None, error_message=None,
-            error_hint=None, results=None, finished_at=None, progress=0,
-            current_stage="Queued", message=message)
+    async def finished_before(self, cutoff_iso: str) -> list[str]:
+        """Ids of terminal jobs whose ``finished_at`` is older than ``cutoff_iso`` (ISO-8601
+        UTC, compared as text: every stored time has the same format), oldest first."""
+        return await self._read(lambda c: [r[0] for r in c.execute(
+            f"""SELECT job_id FROM jobs WHERE status IN ({_marks(_TERMINAL)})
+                AND finished_at IS NOT NULL AND finished_at < ?
+                ORDER BY finished_at, rowid""", [*_TERMINAL, cutoff_iso])])
+
+    async def job_ids_with_files(self) -> set[str]:
+        """Ids of every job whose files must stay on disk (any status but expired/deleted)."""
+        return await self._read(lambda c: {r[0] for r in c.execute(
+            f"SELECT job_id FROM jobs WHERE status IN ({_marks(_WITH_FILES)})", _WITH_FILES)})
+
+    # ---- writes ------------------------------------------------------------------------------
+    async def create_job(self, job: Mapping[str, Any]) -> Job:
+        """Insert a new ``pending`` job (:func:`~colmap_pipeline.jobs.new_job_record`).
+
+        Raises: DuplicateKey on a taken ``job_id`` or ``idempotency_key``; ValueError on
+        missing or unknown keys.
+        """
+        row = new_job_record(job, utcnow())
+        for col in JSON_COLUMNS:
+            if row[col] is not None:
+                row[col] = encode_json(row[col])
+        sql = (f"INSERT INTO jobs ({', '.join(row)}) "
+               f"VALUES ({', '.join(f':{c}' for c in row)})")
+
+        def tx(c: sqlite3.Connection) -> Job:
+            c.execute(sql, row)
+            return _to_job(c.execute(f"{_SELECT} WHERE rowid = last_insert_rowid()").fetchall()[0])
+        return await self._write(tx)
+
+    async def apply(self, job_id: str, intent: Intent, *,
+                    attempt_record: Mapping[str, Any] | None = None, **fields: Any) -> bool:
+        """Compare-and-set ``job_id`` along ``intent`` (see the protocol): one ``UPDATE …
+        WHERE job_id = ? AND status IN (sources)`` that also appends ``attempt_record``.
+
+        Raises: ValueError for a column that cannot be set, or for ``attempts`` together with
+        ``attempt_record``; TypeError for a value JSON cannot hold.
+        """
+        changes = planned_changes(intent, fields,
+                                  with_attempt_record=attempt_record is not None)
+        record = encode_json(dict(attempt_record)) if attempt_record is not None else None
+        return await self._write(self._apply_tx, job_id, Intent(intent), changes, record)
+
+    @staticmethod
+    def _apply_tx(c: sqlite3.Connection, job_id: str, intent: Intent,
+                  changes: Mapping[str, Any], record: str | None) -> bool:
+        sets, values = _assignments(changes, utcnow())
+        if record is not None:
+            sets.append("attempts = json_insert(attempts, '$[#]', json(?))")
+            values.append(record)
+        sources = sorted(s.value for s in TRANSITIONS[intent].sources)
+        cur = c.execute(f"UPDATE jobs SET {', '.join(sets)} "
+                        f"WHERE job_id = ? AND status IN ({_marks(sources)})",
+                        [*values, job_id, *sources])
+        return cur.rowcount == 1
+
+    async def claim_next_pending(self) -> Job | None:
+        """Apply ``claim`` to the oldest ``pending`` job in one transaction; it, or None."""
+        changes = planned_changes(Intent.CLAIM, {})
+
+        def tx(c: sqlite3.Connection) -> Job | None:
+            rows = c.execute("SELECT job_id FROM jobs WHERE status = 'pending' "
+                             "ORDER BY created_at, rowid LIMIT 1").fetchall()
+            if not rows or not self._apply_tx(c, rows[0][0], Intent.CLAIM, changes, None):
+                return None
+            return _first(c, "job_id = ?", (rows[0][0],))
+        return await self._write(tx)
+
+    async def update_progress(self, job_id: str, progress: int, current_stage: str,
+                              message: str) -> bool:
+        """Record progress of a ``processing`` job: ``progress`` (0-100, clamped) is stored as
+        ``max(stored, progress)``, so it never goes backwards. Whether it was processing."""
+        value = max(0, min(100, int(progress)))
+        return await self._write(lambda c: c.execute(
+            """UPDATE jobs SET progress = MAX(progress, ?), current_stage = ?, message = ?,
+                      updated_at = ?
+               WHERE job_id = ? AND status = 'processing'""",
+            (value, current_stage, message, utcnow(), job_id)).rowcount == 1)
+
+    async def append_attempt(self, job_id: str, record: Mapping[str, Any]) -> bool:
+        """Append one attempt record (a JSON object) to the job's ``attempts``; False for an
+        unknown job."""
+        text = encode_json(dict(record))
+        return await self._write(lambda c: c.execute(
+            """UPDATE jobs SET attempts = json_insert(attempts, '$[#]', json(?)), updated_at = ?
+               WHERE job_id = ?""", (text, utcnow(), job_id)).rowcount == 1)
+
+    async def requeue_processing(self) -> list[str]:
+        """At boot: jobs left ``processing`` by a dead server go back to ``pending``
+        (``requeue``); their ids, oldest row first."""
+        changes = planned_changes(Intent.REQUEUE, {"message": "Requeued after a server restart"})
+
+        def tx(c: sqlite3.Connection) -> list[str]:
+            ids = [r[0] for r in c.execute(
+                "SELECT job_id FROM jobs WHERE status = 'processing' ORDER BY rowid")]
+            return [i for i in ids if self._apply_tx(c, i, Intent.REQUEUE, changes, None)]
+        return await self._write(tx)
+
+    async def set_pgid(self, job_id: str, pgid: int | None) -> None:
+        """Record (or clear, with ``None``) the process group of the job's running stage child,
+        so that a server restarted after a crash can kill a child that outlived it."""
+        await self._write(lambda c: c.execute(
+            "UPDATE jobs SET pgid = ? WHERE job_id = ?", (pgid, job_id)))
 
     async def bump_attempt(self, job_id: str, *, auto_retry: bool) -> int:
         """Start a new attempt of a ``processing`` job in place (automatic retry): increments
         ``attempt`` (and ``auto_retries`` when ``auto_retry``); returns the new attempt number
         (0 when the job is no longer processing)."""
-        cur = await self._conn.execute(
-            """UPDATE jobs SET attempt = attempt + 1, auto_retries = auto_retries + ?,
-                      started_at = ?, updated_at = ?
-               WHERE job_id = ? AND status = 'processing' RETURNING attempt""",
-            (1 if auto_retry else 0, utcnow(), utcnow(), job_id))
-        row = await cur.fetchone()
-        await self._conn.commit()
-        return int(row[0]) if row else 0
+        now = utcnow()
 
-    async def finished_before(self, cutoff_iso: str,
-                              statuses: Iterable[str] = ("completed", "failed", "cancelled"),
-                              ) -> list[str]:
-        """Ids of jobs in ``statuses`` whose ``finished_at`` is older than ``cutoff_iso``
-        (ISO-8601 UTC, compared as text: every time here has the same format)."""
-        sts = list(statuses)
-        marks = ", ".join("?" for _ in sts)
-        cur = await self._conn.execute(
-            f"""SELECT job_id FROM jobs WHERE status IN ({marks}) AND finished_at IS NOT NULL
-                AND finished_at < ? ORDER BY finished_at""", [*sts, cutoff_iso])
-        return [r[0] for r in await cur.fetchall()]
-
-    async def job_ids_with_files(self) -> set[str]:
-        """Ids of every job whose files must stay on disk (any status but expired/deleted)."""
-        cur = await self._conn.execute(
-            "SELECT job_id FROM jobs WHERE status NOT IN ('expired', 'deleted')")
-        return {r[0] for r in await cur.fetchall()}
+        def tx(c: sqlite3.Connection) -> int:
+            rows = c.execute(  # fetchall: a RETURNING statement must finish before COMMIT
+                """UPDATE jobs SET attempt = attempt + 1, auto_retries = auto_retries + ?,
+                          started_at = ?, updated_at = ?
+                   WHERE job_id = ? AND status = 'processing' RETURNING attempt""",
+                (1 if auto_retry else 0, now, now, job_id)).fetchall()
+            return int(rows[0][0]) if rows else 0
+        return await self._write(tx)

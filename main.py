@@ -1,6 +1,8 @@
 """Composition root: ``create_app(settings) -> FastAPI``; ``python main.py`` serves on PORT.
 
-``uvicorn --factory main:create_app`` works too (settings then come from the environment).
+``uvicorn --factory main:create_app`` works too (settings then come from the environment; add
+``--http colmap_pipeline.web.http11:JsonErrorH11Protocol`` to keep JSON answers to malformed
+requests, which ``python main.py`` sets up in :func:`server_config`).
 The lifespan opens the job store, sweeps orphans, probes the GPU once (in a child), and
 starts/stops the runner (which first kills children a crashed server left and resumes its jobs).
 
@@ -15,21 +17,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 
 from colmap_pipeline import __version__
 from colmap_pipeline.config import Settings
 from colmap_pipeline.layout import DataDir
 from colmap_pipeline.runner.gpu import probe_gpu
+from colmap_pipeline.runner.housekeeping import sweep_partial_uploads
 from colmap_pipeline.runner.scheduler import JobRunner
-from colmap_pipeline.web.routes import build_router, install_error_handlers, make_limiter
-from database import JobStore
+from colmap_pipeline.web.app import build_app
+from colmap_pipeline.web.http11 import JsonErrorH11Protocol
+from database import SqliteJobStore
 
 log = logging.getLogger("colmap_worker")
 
@@ -57,7 +62,7 @@ class DrainingServer(uvicorn.Server):
 
         def begin() -> None:
             self._drain_task = loop.create_task(self._drain(sig, frame))
-        self._drain_task = True  # type: ignore[assignment]  # a second signal exits at once
+        self._drain_task = True  # a second signal exits at once
         loop.call_soon_threadsafe(begin)  # wakes the loop; never touch it from the handler
 
     async def _drain(self, sig: int, frame: FrameType | None) -> None:
@@ -67,33 +72,21 @@ class DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)
 
 
-def sweep_partial_uploads(upload_dir: Path) -> int:
-    """Remove files left in ``upload_dir`` by a server that died mid-upload.
-
-    Only requests in flight own files there, and none are in flight at start-up.
-    Returns the number of files removed.
-    """
-    n = 0
-    for p in upload_dir.iterdir():
-        if p.is_file():
-            p.unlink(missing_ok=True)
-            n += 1
-    return n
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app. Settings are read from the environment when not given."""
+    """Build the app (:func:`colmap_pipeline.web.app.build_app`) with the lifespan that opens
+    the job store, probes the GPU and runs the job runner. Settings are read from the
+    environment when not given."""
     settings = settings or Settings()
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         data = DataDir(settings.data_dir)
         await asyncio.to_thread(data.make_dirs)
         swept = await asyncio.to_thread(sweep_partial_uploads, data.uploads)
         if swept:
             log.warning("removed %d partial upload(s) left by a previous run", swept)
         app.state.draining = False
-        app.state.store = await JobStore.open(Path(settings.database_path))
+        app.state.store = await SqliteJobStore.open(Path(settings.database_path or data.database))
         app.state.gpu = await probe_gpu(cpu_only=settings.colmap_cpu_only)
         app.state.runner = JobRunner(app.state.store, settings, gpu_enabled=app.state.gpu.enabled)
         await app.state.runner.start()  # kills recorded child groups, requeues, schedules
@@ -108,16 +101,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.runner.stop(grace_s=settings.shutdown_grace_s)
             await app.state.store.close()
 
-    app = FastAPI(title="COLMAP Worker API", version=__version__, lifespan=lifespan,
-                  description="Upload a video, poll the job, download a COLMAP reconstruction.")
-    app.state.settings = settings
-    app.state.limiter = make_limiter()
-    app.state.draining = False
-    app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
-                       allow_methods=["*"], allow_headers=["*"])
-    install_error_handlers(app)
-    app.include_router(build_router(settings, app.state.limiter))
-    return app
+    return build_app(settings, lifespan)
+
+
+def server_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """uvicorn's config for ``app``: ``HOST:PORT``, the log level, and the h11 protocol that
+    answers unparsable requests with the JSON error shape (:mod:`colmap_pipeline.web.http11`).
+    """
+    options: dict[str, Any] = {"host": settings.host, "port": settings.port,
+                               "log_level": settings.log_level.lower(),
+                               "http": JsonErrorH11Protocol, **overrides}
+    return uvicorn.Config(app, **options)
 
 
 def main() -> None:
@@ -126,9 +120,7 @@ def main() -> None:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port,
-                            log_level=settings.log_level.lower())
-    DrainingServer(config, app).run()
+    DrainingServer(server_config(app, settings), app).run()
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ class Settings(BaseSettings):
     port: int = Field(8080, description="HTTP port (PORT)")
     host: str = Field("0.0.0.0", description="bind address (HOST)")
     data_dir: Path = Field(Path("./data"), description="uploads, workspaces, artifacts, database")
-    database_path: Path | None = Field(None, description="SQLite file; default DATA_DIR/colmap_app.db")
+    database_path: Path | None = Field(None, description="SQLite file; default "
+                                       "DATA_DIR/colmap_app.db")
     colmap_cpu_only: bool = Field(False, description="force every stage onto the CPU")
     max_concurrent_jobs: int = Field(1, ge=1, description="jobs processed at once")
     max_gpu_jobs: int = Field(4, ge=1, description="jobs in GPU stages at once")
@@ -51,6 +52,8 @@ class Settings(BaseSettings):
         description="TEST ONLY: 'ACTION:STAGE' (abort|fail|sleep|pause) makes the pipeline child "
         "misbehave at that stage. Off unless set.",
     )
+    upload_read_timeout_s: float = Field(
+        60.0, gt=0, description="an upload whose body sends nothing for this long gets 408 (s)")
     shutdown_grace_s: float = Field(
         20.0, ge=0, description="on SIGTERM, seconds running stages get to finish before they "
         "are stopped (left resumable)")
@@ -59,6 +62,9 @@ class Settings(BaseSettings):
         "finish (row kept as 'expired'); 0 keeps them forever")
     housekeeping_interval_s: float = Field(
         3600.0, gt=0, description="seconds between retention / orphan sweeps")
+    max_manual_retries: int = Field(
+        10, ge=0, description="times a client may retry one job (POST /jobs/{id}/retry); "
+        "beyond it the retry answers 409 retry_limit_reached")
     pipeline_random_seed: int = Field(
         -1, ge=-1, description="-1: random RANSAC/mapper seeds on all cores; >= 0: that seed "
         "and one thread for matching and mapping, so runs are repeatable (tests, benchmarks)")

@@ -20,12 +20,27 @@ ERROR_CATALOG: dict[str, tuple[int, str, str]] = {
                         "Upload a video file such as MP4 (H.264/HEVC) or MOV."),
     "video_too_long": (422, "The video is longer than the allowed duration.",
                        "Trim the video to the allowed duration and upload it again."),
+    # named by the probe (colmap_pipeline/core/video_probe.py)
+    "still_image": (415, "The file is a still image, not a video.",
+                    "Upload a video here; to reconstruct from photos, send at least 3 "
+                    "overlapping photos (or a zip of them) to POST /upload-images."),
+    "video_incomplete": (422, "The video file is incomplete: its index is missing, as after an "
+                         "interrupted transfer or recording.",
+                         "Upload the complete file again."),
+    "clip_too_short": (422, "The clip is too short to show the scene from different viewpoints.",
+                       "Upload a clip of at least a few seconds, moving the camera sideways "
+                       "around the subject."),
     "unsafe_archive": (422, "The zip archive was refused as unsafe or unreadable.",
                        "Send a plain zip of JPEG/PNG photos: no folders outside the archive "
                        "('..' or absolute paths), no links, at most 1000 entries, no "
                        "highly compressible padding."),
     "unsupported_image": (415, "A file is not a JPEG or PNG photo.",
                           "Upload only .jpg/.jpeg/.png photos (or a zip of them)."),
+    "upload_timeout": (408, "The upload stalled: no data arrived for too long.",
+                       "Check the connection and upload the file again."),
+    "idempotency_key_reused": (422, "This Idempotency-Key was used for a different request.",
+                               "Use a new Idempotency-Key for a new upload; repeat a request "
+                               "with its key only when it is the same file and fields."),
     "rate_limited": (429, "Too many uploads from this client.",
                      "Wait for the number of seconds in Retry-After and try again."),
     "not_found": (404, "Not found.", "Check the id: GET /jobs lists existing jobs."),
@@ -34,14 +49,16 @@ ERROR_CATALOG: dict[str, tuple[int, str, str]] = {
     "job_not_completed": (409, "The job has no results yet.",
                           "Poll GET /jobs/{job_id} until its status is completed."),
     "not_ready": (503, "The service is not ready.", "Retry in a few seconds."),
-    "internal_error": (500, "Internal server error.", "Retry; if it persists, contact the operator."),
+    "internal_error": (500, "Internal server error.",
+                       "Retry; if it persists, contact the operator."),
     # pipeline errors (stored on the job; the HTTP status is unused there)
     "too_few_frames": (422, "Too few frames could be decoded from the video.",
                        "Upload a longer clip (at least a few seconds of video)."),
-    "insufficient_motion": (422, "The camera barely moves in this video, so depth cannot be recovered.",
+    "insufficient_motion": (422, "The camera barely moves in this video, so depth cannot be "
+                            "recovered.",
                             "Walk or fly around the subject, moving the camera sideways; "
                             "turning on the spot or holding still gives no parallax."),
-    # degenerate clips named by the frames stage before SfM (colmap_pipeline/video.py)
+    # degenerate clips named by the frames stage before SfM (colmap_pipeline/core/clip_checks.py)
     "video_truncated": (422, "The video file is damaged or cut short: too little of it decodes.",
                         "Upload the complete file again (the upload or the recording may have "
                         "been interrupted)."),
@@ -64,6 +81,11 @@ ERROR_CATALOG: dict[str, tuple[int, str, str]] = {
     "reconstruction_failed": (422, "COLMAP could not build a usable model from this video.",
                               "Film a well-lit, textured, static scene with slow sideways camera "
                               "motion and plenty of overlap between views."),
+    "no_initial_pair": (422, "No two frames could start a model: no image pair has enough "
+                        "matched features seen from different enough viewpoints.",
+                        "Move the camera sideways between views (not only forward, and not by "
+                        "turning on the spot), keep the subject in view from frame to frame, "
+                        "and film a textured, static scene."),
     "pipeline_crashed": (500, "The reconstruction process crashed.",
                          "Retry the job; if it crashes again, report the job id."),
     "pipeline_error": (500, "The reconstruction process failed unexpectedly.",
@@ -79,6 +101,9 @@ ERROR_CATALOG: dict[str, tuple[int, str, str]] = {
                              "Retry later; the operator must free disk space or raise capacity."),
     "job_not_cancellable": (409, "Only pending or processing jobs can be cancelled.",
                             "GET /jobs/{job_id} shows the job's status."),
+    "retry_limit_reached": (409, "The job has been retried as often as allowed.",
+                            "GET /jobs/{job_id} shows why each attempt ended; upload the "
+                            "video again to start a new job."),
     "job_not_retryable": (409, "Only failed or cancelled jobs can be retried.",
                           "GET /jobs/{job_id} shows the job's status; an expired job's files "
                           "are gone, upload the video again."),

@@ -28,6 +28,7 @@ class JobWarning(_Open):
     message: str = Field(description="what happened, with its numbers, e.g. 'decoded 0.40 s "
                          "of 1.33 s'")
     details: dict[str, Any] = Field(default_factory=dict, description="the numbers behind it")
+    hint: str | None = Field(None, description="what the user can do about it")
 
 
 class VideoProbe(_Open):
@@ -42,6 +43,8 @@ class VideoProbe(_Open):
     fps: float | None = Field(None, description="frames per second (average)")
     duration_s: float | None = Field(None, description="s")
     num_frames: int | None = Field(None, description="frames the container announces")
+    tone_mapped: str | None = Field(None, description="HDR transfer tone-mapped to SDR: "
+                                    "arib-std-b67 (HLG), smpte2084 (PQ); null for SDR")
     images: int | None = Field(None, description="photo sets: number of photos")
     source: str | None = Field(None, description="photo sets: photos or zip")
 
@@ -86,7 +89,7 @@ class CameraModel(_Open):
 
 
 class ModelCheck(_Open):
-    """The checks of the chosen sparse model."""
+    """The checks of one sparse model (the chosen one in a result)."""
 
     passed: bool
     registered_share: float = Field(description="registered images / frames used, 0-1")
@@ -94,15 +97,79 @@ class ModelCheck(_Open):
     failures: list[str] = Field(default_factory=list, description="failed checks: "
                                 "implausible_intrinsics, reprojection_error, too_few_points, "
                                 "too_few_images, focal_disagrees_with_metadata")
+    overridden: list[str] = Field(default_factory=list, description="failed checks the ladder "
+                                  "overrode: focal_disagrees_with_metadata when the images "
+                                  "outvoted the photos' metadata")
+
+
+class ModelSummary(_Open):
+    """One model a mapping attempt produced, with its checks."""
+
+    index: int = Field(description="model index k (sparse/<k>)")
+    registered_images: int = Field(description="images with a pose in this model")
+    points3d: int = Field(description="3D points")
+    mean_reprojection_error_px: float = Field(description="mean reprojection error (px)")
+    mean_track_length: float = Field(description="observations per 3D point")
+    camera_plausible: bool = Field(description="focal 0.25-4 x image width, |distortion| <= 1")
+    camera_model: str | None = Field(None, description="COLMAP camera model")
+    focal_px: float | None = Field(None, description="mean focal length (px)")
+    focal_ratio: float | None = Field(None, description="focal length / image width")
+    camera_params: list[float] = Field(default_factory=list,
+                                       description="COLMAP camera parameters, in COLMAP order")
+    checks: ModelCheck
 
 
 class MappingAttempt(_Open):
     """One mapping attempt of the recovery ladder (the first one included)."""
 
-    step: str = Field(description="ladder rung: first, more_overlap, exhaustive, loop_closure, "
-                      "other_mapper, init_thresholds, focal_prior, camera_model, more_frames")
-    outcome: str = Field(description="e.g. chosen, passed, failed, skipped, error")
-    elapsed_s: float | None = Field(None, description="wall time of the attempt (s)")
+    step: str = Field(description="ladder rung: baseline, more_overlap, exhaustive, "
+                      "loop_closure, other_mapper, init_thresholds, focal_prior, camera_model, "
+                      "more_frames")
+    outcome: Literal["improved", "passed", "failed_checks", "no_model", "rejected",
+                     "skipped"] = Field(
+        description="improved (best model so far), passed (passed its checks, not better), "
+        "failed_checks, no_model (SfM found no initial pair), rejected (vetoed, see reason), "
+        "skipped (not run, see reason)")
+    elapsed_s: float = Field(0.0, description="wall time of the attempt (s)")
+    settings: dict[str, Any] = Field(default_factory=dict,
+                                     description="what this attempt changed")
+    reason: str | None = Field(None, description="why it was skipped or rejected, e.g. "
+                               "time_budget, no_new_pairs, no_focal_length_metadata")
+    frames: int | None = Field(None, description="frames given to this attempt")
+    models: list[ModelSummary] = Field(default_factory=list,
+                                       description="every model it produced")
+    model_sizes: list[int] = Field(default_factory=list,
+                                   description="registered images per model")
+    best: ModelSummary | None = Field(None, description="its best model passing the checks")
+    new_pairs: int | None = Field(None, description="matching rungs: image pairs matched")
+    verified_pairs: int | None = Field(None, description="matching rungs: verified pairs in "
+                                       "the database after matching")
+    camera_kept: bool | None = Field(None, description="camera rungs: the changed camera "
+                                     "stayed for the later stages")
+
+
+class MappingSummary(_Open):
+    """The mapping stage's outcome: the ladder's chosen model and every attempt."""
+
+    frames: int = Field(description="frames given to the chosen attempt")
+    frames_added: list[str] = Field(default_factory=list,
+                                    description="frames the more_frames rung added")
+    mapper: str = Field(description="the first attempt's mapper (the preset's)")
+    chosen_mapper: str = Field(description="mapper of the chosen attempt")
+    budget_s: float = Field(description="time budget of the attempts after the first (s)")
+    ladder_elapsed_s: float = Field(description="time spent after the first attempt (s)")
+    models: list[ModelSummary] = Field(description="models of the chosen attempt")
+    chosen_model: int = Field(description="index of the chosen model (sparse/<k>)")
+    chosen_attempt: int = Field(description="index of the chosen attempt")
+    model_sizes: dict[str, list[int]] = Field(
+        description="registered images per model, keyed by attempt index")
+    registered_images: int
+    points3d: int
+    checks: ModelCheck
+    partial: bool = Field(description="fewer than 80% of the frames registered")
+    quality_warning: JobWarning | None = Field(None, description="the first warning")
+    warnings: list[JobWarning] = Field(default_factory=list)
+    mapping_attempts: list[MappingAttempt] = Field(default_factory=list)
 
 
 class StageTimings(_Open):
@@ -123,7 +190,7 @@ class JobResult(_Open):
 
     frames_extracted: int = Field(description="frames selected from the video (or photos)")
     frames_used: int = Field(description="frames given to the chosen mapping attempt")
-    frames_added: list[Any] = Field(default_factory=list,
+    frames_added: list[str] = Field(default_factory=list,
                                     description="frames the more_frames rung added")
     registered_images: int = Field(description="images with a pose in the sparse model")
     points3d: int = Field(description="3D points of the sparse model")
@@ -133,11 +200,13 @@ class JobResult(_Open):
     mean_observations_per_image: float | None = Field(None, description="per registered image")
     camera: CameraModel | None = Field(None, description="the (first) camera")
     cameras: list[CameraModel] | None = Field(None, description="all cameras, when several")
-    models: int | list[Any] | None = Field(None, description="models the mapper produced")
+    models: list[ModelSummary] = Field(default_factory=list,
+                                       description="models of the chosen mapping attempt")
     chosen_model: int | None = Field(None, description="index of the model served")
     checks: ModelCheck | None = None
     partial: bool = Field(False, description="fewer than 80% of the frames registered")
-    quality_warning: str | None = None
+    quality_warning: JobWarning | None = Field(None, description="the first warning of the "
+                                               "mapping stage (kept for older clients)")
     warnings: list[JobWarning] = Field(default_factory=list,
                                     description="every warning of every stage")
     mapper: str | None = Field(None, description="mapper of the chosen attempt: global or "
@@ -153,7 +222,8 @@ class JobResult(_Open):
     motion: dict[str, Any] | None = None
     features: dict[str, Any] | None = Field(None, description="feature extraction summary")
     matching: dict[str, Any] | None = Field(None, description="matching summary")
-    model_sizes: list[Any] | None = None
+    model_sizes: dict[str, list[int]] | None = Field(
+        None, description="registered images per model, keyed by mapping attempt index")
     dense: dict[str, Any] | None = Field(None, description="dense MVS summary, or "
                                          "{skipped, reason}")
     meshing: dict[str, Any] | None = None

@@ -84,8 +84,8 @@ def centre_errors(model_dir: Path, name_of: dict[str, str], gt: dict[str, np.nda
 
 def run_service(quality: str, work: Path, gt: dict) -> dict:
     """The photo-set pipeline (all five stages) at ``quality``."""
-    from colmap_pipeline.config import default_preset
     from colmap_pipeline.core import pipeline
+    from colmap_pipeline.presets import default_preset
 
     ws = work / f"svc_{quality}"
     pipeline.write_job(ws, FOUNTAIN / "images", default_preset(quality))
@@ -98,7 +98,8 @@ def run_service(quality: str, work: Path, gt: dict) -> dict:
     res = json.loads((ws / "result.json").read_text())
     out = centre_errors(ws / "sparse" / str(res["chosen_model"]), name_of, gt)
     out.update({"run": f"service {quality}", "wall_s": round(wall, 1),
-                "steps": [a["step"] + ":" + a["outcome"] for a in res.get("attempts") or []],
+                "steps": [a["step"] + ":" + a["outcome"]
+                          for a in res.get("mapping_attempts") or []],
                 "reproj_px": res["mean_reprojection_error_px"],
                 "artifacts": [a["name"] for a in res["artifacts"]]})
     return out

@@ -6,7 +6,7 @@ Renders a 3840x2160 H.264 clip (moving textured scene, fixed seed) of N seconds 
 
 * ``baseline``: imports PyAV/OpenCV/numpy and the pipeline module, does nothing else;
 * ``decode``: decodes every frame with PyAV (same threading as the pipeline), keeps nothing;
-* ``extract``: ``video.extract_frames`` at each preset (cap 30/50/100, 1000/1600/2400 px).
+* ``extract``: ``frame_select.extract_frames`` at each preset (cap 30/50/100, 1000/1600/2400 px).
 
 Run with two lengths to show that peak memory does not grow with the clip's length:
 
@@ -26,19 +26,19 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
-from colmap_pipeline.core import video
+from colmap_pipeline.core import frame_select, video_decode
 out = {}
 if sys.argv[2] == "decode":  # bare PyAV decode with the same threading, nothing kept
     import av
     t = time.perf_counter()
     with av.open(sys.argv[3]) as c:
         s = c.streams.video[0]
-        s.thread_type, s.thread_count = "AUTO", video.DECODE_MAX_THREADS
+        s.thread_type, s.thread_count = "AUTO", video_decode.DECODE_MAX_THREADS
         n = sum(1 for _ in c.decode(s))
     out = {"decoded": n, "wall_s": round(time.perf_counter() - t, 2)}
 elif sys.argv[2] != "baseline":
     t = time.perf_counter()
-    res = video.extract_frames(sys.argv[3], sys.argv[4], int(sys.argv[5]),
+    res = frame_select.extract_frames(sys.argv[3], sys.argv[4], int(sys.argv[5]),
                                max_image_size=int(sys.argv[6]))
     out = {"kept": len(res["frames"]), "decoded": res["num_decoded"],
            "wall_s": round(time.perf_counter() - t, 2)}

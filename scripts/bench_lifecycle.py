@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from conftest import SAMPLE_VIDEO, ServerProcess  # noqa: E402
 
 sys.path.insert(0, str(REPO))
+from colmap_pipeline.layout import DataDir, Workspace  # noqa: E402
 from colmap_pipeline.protocol import STAGES  # noqa: E402
 
 
@@ -65,8 +66,8 @@ def _children(ws: Path) -> list[int]:
 
 def _paused(srv: ServerProcess, stage: str = "frames") -> tuple[str, Path]:
     job_id = _upload(srv)
-    ws = srv.data_dir / "jobs" / job_id / "work"
-    _wait(lambda: (ws / f"test_fault_paused.{stage}").exists(), 120, 0.05)
+    ws = DataDir(srv.data_dir).job(job_id).work.root
+    _wait(Workspace(ws).test_pause_file(stage).exists, 120, 0.05)
     return job_id, ws
 
 

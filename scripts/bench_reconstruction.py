@@ -27,9 +27,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from colmap_pipeline.config import default_preset  # noqa: E402
 from colmap_pipeline.core import pipeline  # noqa: E402
 from colmap_pipeline.errors import PipelineError  # noqa: E402
+from colmap_pipeline.presets import default_preset  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 CLIPS = {"karma": DATA / "gopro_karma_drone" / "karma.mp4",
@@ -50,7 +50,7 @@ def run_once(clip: Path, quality: str, ws: Path, mapper: str | None) -> dict:
     except PipelineError as exc:
         return {"ok": False, "error": exc.code, "wall_s": round(time.monotonic() - t0, 1),
                 "steps": [a["step"] + ":" + a["outcome"]
-                          for a in (exc.details or {}).get("attempts", [])]}
+                          for a in (exc.details or {}).get("mapping_attempts", [])]}
     res = json.loads((ws / "result.json").read_text())
     cam = res["camera"]
     f = [v for k, v in cam["params"].items() if k in ("f", "fx", "fy")]
@@ -62,7 +62,7 @@ def run_once(clip: Path, quality: str, ws: Path, mapper: str | None) -> dict:
             "plausible": bool((res.get("checks") or {}).get("passed")),
             "points3d": res["points3d"], "reproj_px": res["mean_reprojection_error_px"],
             "partial": res.get("partial"),
-            "steps": [a["step"] + ":" + a["outcome"] for a in res.get("attempts") or []],
+            "steps": [a["step"] + ":" + a["outcome"] for a in res.get("mapping_attempts") or []],
             "mapping_s": res["timings_s"].get("mapping"),
             "wall_s": round(time.monotonic() - t0, 1)}
 

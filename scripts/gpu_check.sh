@@ -68,7 +68,7 @@ from pathlib import Path
 import pynvml
 
 from colmap_pipeline.core import dense, pipeline
-from colmap_pipeline.config import default_preset
+from colmap_pipeline.presets import default_preset
 
 quality, out = sys.argv[1], Path(sys.argv[2])
 pynvml.nvmlInit()

@@ -1,4 +1,5 @@
-"""Shared fixtures: paths to real data, and a real server in a subprocess on a free port."""
+"""Shared fixtures: paths to real data, a real server in a subprocess on a free port
+(``start_server``), and the app in process on the in-memory store (``api``, ``make_api``)."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import pytest_asyncio
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -35,10 +37,13 @@ def free_port() -> int:
 class ServerProcess:
     """``python main.py`` on a free port with its own DATA_DIR and TMPDIR."""
 
-    def __init__(self, tmp: Path, env: dict[str, str]):
+    def __init__(self, tmp: Path, env: dict[str, str], prepare=None):
         self.data_dir = tmp / "data"
         self.tmp_dir = tmp / "tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        if prepare is not None:  # e.g. rows written into the store before the server opens it
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            prepare(self.data_dir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "PORT": str(self.port), "HOST": "127.0.0.1",
@@ -92,14 +97,41 @@ class ServerProcess:
 
 @pytest.fixture
 def start_server(tmp_path):
-    """Call ``start_server(**env)`` to get a running :class:`ServerProcess`."""
+    """Call ``start_server(**env)`` to get a running :class:`ServerProcess`; ``prepare``
+    (keyword) is called with its DATA_DIR before the server starts."""
     servers: list[ServerProcess] = []
 
-    def _start(**env: str) -> ServerProcess:
-        srv = ServerProcess(tmp_path / f"srv{len(servers)}", {k: str(v) for k, v in env.items()})
+    def _start(prepare=None, **env: str) -> ServerProcess:
+        srv = ServerProcess(tmp_path / f"srv{len(servers)}", {k: str(v) for k, v in env.items()},
+                            prepare)
         servers.append(srv)
         return srv
 
     yield _start
     for srv in servers:
         srv.stop()
+
+
+@pytest_asyncio.fixture
+async def make_api(tmp_path):
+    """``await make_api(**settings)``: the app in process (:class:`web_harness.Api`) on the
+    in-memory store and a fake runner, with DATA_DIR in ``tmp_path``."""
+    from web_harness import Api, async_client, make_app, settings_for
+
+    made: list[Api] = []
+
+    async def _make(**overrides) -> Api:
+        settings = settings_for(tmp_path / f"api{len(made)}", **overrides)
+        app = make_app(settings)
+        made.append(Api(async_client(app), app, app.state.store, app.state.runner, settings))
+        return made[-1]
+
+    yield _make
+    for api in made:
+        await api.client.aclose()
+
+
+@pytest_asyncio.fixture
+async def api(make_api):
+    """The app in process with default settings (see :func:`make_api`)."""
+    return await make_api()

@@ -40,11 +40,8 @@ def make_workspace(root: Path, frames: int = 12, width: int = 160, height: int =
     opts.camera_model_id = pycolmap.CameraModelId.PINHOLE
     opts.camera_params = [focal, focal, width / 2, height / 2]
     pycolmap.set_random_seed(7)
-    db = pycolmap.Database.open(str(root / "synthetic.db"))
-    try:
+    with pycolmap.Database.open(str(root / "synthetic.db")) as db:
         rec = pycolmap.synthesize_dataset(opts, db)
-    finally:
-        db.close()
     ws = root / "dense"
     for sub in ("images", "sparse", "stereo/depth_maps", "stereo/normal_maps"):
         (ws / sub).mkdir(parents=True)
@@ -167,19 +164,6 @@ def test_gpu_memory_concurrency():
     assert dense.max_concurrent_dense_jobs(1024**3, 1920, 1080, high) == 1
     assert [dense.DENSE_PRESETS[q].geom_consistency for q in ("low", "medium", "high")] == [
         False, False, True]
-
-
-def test_no_preset_forces_sift_onto_the_cpu():
-    """Affine-shape and DSP SIFT always run on the CPU (COLMAP ``sift.cc``); extract_features
-    leaves both at pycolmap's defaults, which must be off."""
-    import inspect
-
-    from colmap_pipeline.core import reconstruction
-
-    src = inspect.getsource(reconstruction.extract_features)
-    assert "estimate_affine_shape" not in src and "domain_size_pooling" not in src
-    opts = pycolmap.FeatureExtractionOptions()
-    assert opts.sift.estimate_affine_shape is False and opts.sift.domain_size_pooling is False
 
 
 def test_undistort_writes_a_capped_dense_workspace(fused, tmp_path):

@@ -150,7 +150,8 @@ def test_static_camera_fails_with_motion_hint(start_server):
         assert job["results"] is None and job["artifacts"] == []
         # caught before feature extraction: no SIFT stage ever ran
         [attempt] = job["attempts"]
-        assert attempt["failed_stage"] == "frames" and attempt["error_code"] == "insufficient_motion"
+        assert attempt["failed_stage"] == "frames"
+        assert attempt["error_code"] == "insufficient_motion"
         assert list(attempt["stage_wall_s"]) == ["frames"]
         assert c.get("/health").json()["status"] == "healthy"
         assert c.get("/readiness").status_code == 200

@@ -28,91 +28,33 @@ presets' default mapper.
 from __future__ import annotations
 
 import shutil
-import sqlite3
-from contextlib import closing
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pycolmap = pytest.importorskip("pycolmap")
 
-from colmap_pipeline.core import ladder  # noqa: E402
-from colmap_pipeline.core import reconstruction as rc  # noqa: E402
+from scenes import (  # noqa: E402
+    broken_chain,
+    copy_images,
+    empty_database_like,
+    fail_pairs,
+    lateral_sweep,
+    names_in_order,
+    synth,
+    synthetic_workspace,
+)
+
+from colmap_pipeline.core import ladder, ladder_attempt, pipeline  # noqa: E402
+from colmap_pipeline.core import sfm_features as sf  # noqa: E402
+from colmap_pipeline.core import sfm_mapping as sm  # noqa: E402
 from colmap_pipeline.errors import PipelineError  # noqa: E402
+from colmap_pipeline.results import MappingSummary  # noqa: E402
 
 
-def synth(tmp: Path, n: int, points: int, seed: int = 1, camera: tuple | None = None,
-          size: tuple[int, int] = (640, 480), return_rec: bool = False):
-    """A synthetic database (one camera, default SIMPLE_RADIAL; ``camera`` = (model name,
-    params)) of ``n`` images with all pairs matched."""
-    pycolmap.set_random_seed(seed)
-    opts = pycolmap.SyntheticDatasetOptions()
-    opts.num_rigs = 1
-    opts.num_cameras_per_rig = 1
-    opts.num_frames_per_rig = n
-    opts.num_points3D = points
-    opts.camera_width, opts.camera_height = size
-    if camera is not None:
-        opts.camera_model_id = getattr(pycolmap.CameraModelId, camera[0])
-        opts.camera_params = list(camera[1])
-    (tmp / "img").mkdir(parents=True, exist_ok=True)
-    db = pycolmap.Database.open(str(tmp / "db.db"))
-    try:
-        rec = pycolmap.synthesize_dataset(opts, db)
-    finally:
-        db.close()
-    return (tmp / "db.db", rec) if return_rec else tmp / "db.db"
-
-
-def broken_chain(tmp: Path, n: int = 12) -> Path:
-    """Matches only between neighbours in name order, with the middle link failed."""
-    dbp = synth(tmp, n, 400)
-    rc.clear_matches(dbp)
-    ids = sorted(rc._id_names(dbp), key=lambda i: rc._id_names(dbp)[i])
-    gap = (ids[n // 2 - 1], ids[n // 2])
-    chain = [(a, b) for a, b in zip(ids, ids[1:], strict=False) if (a, b) != gap]
-    rc.match_new_pairs(dbp, chain, num_threads=1)
-    db = pycolmap.Database.open(str(dbp))
-    try:  # a pair that was tried and failed verification: present, with no matches
-        db.write_matches(gap[0], gap[1], np.zeros((0, 2), dtype=np.uint32))
-        db.write_two_view_geometry(gap[0], gap[1], pycolmap.TwoViewGeometry())
-    finally:
-        db.close()
-    return dbp
-
-
-def climb(tmp: Path, dbp: Path, n: int, steps: tuple[str, ...]) -> dict:
+def climb(tmp: Path, dbp: Path, n: int, steps: tuple[str, ...], **kw) -> MappingSummary:
     return ladder.run_ladder(dbp, tmp / "img", tmp / "sparse", n, steps=steps, budget_s=120,
-                             mapper="incremental", num_threads=1, random_seed=1)
-
-
-def test_check_model_names_each_failure():
-    ok = {"registered_images": 30, "points3d": 2000, "mean_reprojection_error_px": 0.8,
-          "camera_plausible": True}
-    assert rc.check_model(ok, 30) == {"passed": True, "registered_share": 1.0,
-                                      "partial": False, "failures": []}
-    assert rc.check_model({**ok, "registered_images": 20}, 30)["partial"] is True
-    assert rc.check_model({**ok, "registered_images": 24}, 30)["partial"] is False
-    assert rc.check_model({**ok, "camera_plausible": False}, 30)["failures"] == [
-        "implausible_intrinsics"]
-    assert rc.check_model({**ok, "mean_reprojection_error_px": 2.5}, 30)["failures"] == [
-        "reprojection_error"]
-    assert rc.check_model({**ok, "points3d": 10}, 30)["failures"] == ["too_few_points"]
-    assert rc.check_model({**ok, "registered_images": 2}, 30)["failures"] == ["too_few_images"]
-
-
-def test_camera_plausible_uses_focal_between_quarter_and_four_widths():
-    def cam(f, k=0.0):
-        c = pycolmap.Camera.create_from_model_name(1, "SIMPLE_RADIAL", f, 854, 480)
-        c.params = [f, 427.0, 240.0, k]
-        return c
-    assert rc.camera_plausible(cam(670.0, -0.2))  # Karma, exhaustive matching (data README)
-    assert not rc.camera_plausible(cam(46.0))  # seen on Karma with SIMPLE_PINHOLE
-    assert not rc.camera_plausible(cam(149.0))  # < 0.25 x 854 = 213.5
-    assert not rc.camera_plausible(cam(10204.0))  # > 4 x 854 = 3416
-    assert not rc.camera_plausible(cam(670.0, 256.0))  # absurd distortion
-    assert rc.camera_plausible(cam(214.0)) and rc.camera_plausible(cam(3416.0))
+                             mapper="incremental", num_threads=1, random_seed=1, **kw)
 
 
 @pytest.mark.parametrize("step", ["more_overlap", "exhaustive", "loop_closure"])
@@ -120,30 +62,34 @@ def test_matching_rung_bridges_a_failed_link(tmp_path, step):
     n = 12
     dbp = broken_chain(tmp_path, n)
     out = climb(tmp_path, dbp, n, (step,))
-    base, rung = out["attempts"][0], out["attempts"][1]
-    assert base["step"] == "baseline" and max(base["model_sizes"], default=0) <= n // 2
-    assert rung["step"] == step and rung["new_pairs"] > 0
-    assert rung["outcome"] == "improved" and rung["best"]["registered_images"] == n
-    assert out["registered_images"] == n and out["chosen_attempt"] == 1
-    assert out["partial"] is False and out["quality_warning"] is None
-    assert rung["elapsed_s"] > 0 and rung["settings"]
+    base, rung = out.mapping_attempts[0], out.mapping_attempts[1]
+    assert base.step == "baseline" and max(base.model_sizes, default=0) <= n // 2
+    assert rung.step == step and rung.new_pairs > 0
+    assert rung.outcome == "improved" and rung.best.registered_images == n
+    assert out.registered_images == n and out.chosen_attempt == 1
+    assert out.partial is False and out.quality_warning is None
+    assert rung.elapsed_s > 0 and rung.settings
     # the chosen attempt's models are what the export stage reads: sparse/<k>
-    rec = pycolmap.Reconstruction(str(tmp_path / "sparse" / str(out["chosen_model"])))
+    rec = pycolmap.Reconstruction(str(tmp_path / "sparse" / str(out.chosen_model)))
     assert rec.num_reg_images() == n
     assert not (tmp_path / "sparse" / "_attempts").exists()
     if step == "loop_closure":
-        assert rung["settings"]["vocabulary"] == "built from this job's descriptors"
+        assert rung.settings["vocabulary"] == "built from this job's descriptors"
 
 
 def test_without_a_rung_the_broken_chain_stays_partial(tmp_path):
     n = 12
     dbp = broken_chain(tmp_path, n)
     out = climb(tmp_path, dbp, n, ())
-    assert [a["step"] for a in out["attempts"]] == ["baseline"]
-    assert out["registered_images"] <= n // 2
-    assert out["partial"] is True
-    assert out["quality_warning"]["code"] == "partial_reconstruction"
-    assert out["quality_warning"]["hint"]
+    assert [a.step for a in out.mapping_attempts] == ["baseline"]
+    assert out.registered_images <= n // 2
+    assert out.partial is True
+    assert out.quality_warning.code == "partial_reconstruction"
+    assert out.quality_warning.hint
+    # a warning carries its numbers (issue 10 item 7: {code, message, details})
+    assert out.quality_warning.details == {"registered_images": out.registered_images,
+                                           "frames": n}
+    assert out.warnings == [out.quality_warning]
 
 
 def test_init_thresholds_rung_finds_an_initial_pair(tmp_path):
@@ -151,14 +97,53 @@ def test_init_thresholds_rung_finds_an_initial_pair(tmp_path):
     dbp = synth(tmp_path, n, 70)
     with pytest.raises(PipelineError) as ei:
         climb(tmp_path, dbp, n, ())
-    assert ei.value.code == "reconstruction_failed"
-    assert [a["step"] for a in ei.value.details["attempts"]] == ["baseline"]
+    # issue 10 item 6: no model at all is named for what it is, with its numbers
+    assert ei.value.code == "no_initial_pair"
+    assert [a["step"] for a in ei.value.details["mapping_attempts"]] == ["baseline"]
     shutil.rmtree(tmp_path / "sparse", ignore_errors=True)
     out = climb(tmp_path, dbp, n, ("init_thresholds",))
-    rung = out["attempts"][1]
-    assert rung["step"] == "init_thresholds"
-    assert rung["settings"]["init_min_num_inliers"] == 50
-    assert rung["outcome"] == "improved" and out["registered_images"] == n
+    rung = out.mapping_attempts[1]
+    assert rung.step == "init_thresholds"
+    assert rung.settings["init_min_num_inliers"] == 50
+    assert rung.outcome == "improved" and out.registered_images == n
+
+
+def test_no_initial_pair_says_how_many_pairs_and_the_best_inliers(tmp_path):
+    """Issue 10 item 6: a scene too poor for an initial pair (70 points: no pair reaches
+    COLMAP's 100 inliers) fails as no_initial_pair with the numbers of the database."""
+    n = 8
+    dbp = synth(tmp_path, n, 70)
+    with pytest.raises(PipelineError) as ei:
+        climb(tmp_path, dbp, n, ())
+    err, d = ei.value, ei.value.details
+    stats = sf.database_stats(dbp)
+    assert d["frames"] == n and d["verified_pairs"] == stats.verified_pairs == n * (n - 1) // 2
+    assert 0 < d["best_pair_inliers"] == stats.best_pair_inliers < 100
+    assert d["median_keypoints_per_image"] == stats.median_keypoints_per_image > 0
+    # COLMAP relaxes its own thresholds and keeps a 2-image fragment: nothing grew from it
+    assert d["largest_model_images"] <= 2 and d["required_images"] == 3
+    assert [a["step"] for a in d["mapping_attempts"]] == ["baseline"]
+    assert d["matched_pairs"] == n * (n - 1) // 2
+    assert err.message.startswith(f"No initial pair: {n * (n - 1) // 2} of {n * (n - 1) // 2} "
+                                  f"image pairs verified, the best has "
+                                  f"{d['best_pair_inliers']} inlier")
+    assert err.to_dict()["details"] == d  # what the job's error carries
+
+
+def test_features_without_matches_fail_as_no_initial_pair(tmp_path):
+    """incremental_mapping returns {} without raising when nothing is matched (moved from
+    tests/test_pipeline.py, where map_incremental raised reconstruction_failed with models 0
+    and required 3; the ladder now names it)."""
+    n = 4
+    dbp = synth(tmp_path, n, 400)
+    sf.clear_matches(dbp)
+    with pytest.raises(PipelineError) as ei:
+        climb(tmp_path, dbp, n, ())
+    d = ei.value.details
+    assert ei.value.code == "no_initial_pair"
+    assert (d["largest_model_images"], d["required_images"], d["frames"]) == (0, 3, n)
+    assert (d["matched_pairs"], d["verified_pairs"], d["best_pair_inliers"]) == (0, 0, 0)
+    assert not (tmp_path / "sparse" / "_attempts").exists()
 
 
 def test_time_budget_skips_rungs_and_records_them(tmp_path):
@@ -167,7 +152,7 @@ def test_time_budget_skips_rungs_and_records_them(tmp_path):
     out = ladder.run_ladder(dbp, tmp_path / "img", tmp_path / "sparse", n,
                             steps=("more_overlap", "init_thresholds"), budget_s=0.0,
                             mapper="incremental", num_threads=1, random_seed=1)
-    assert [(a["step"], a["outcome"], a.get("reason")) for a in out["attempts"][1:]] == [
+    assert [(a.step, a.outcome, a.reason) for a in out.mapping_attempts[1:]] == [
         ("more_overlap", "skipped", "time_budget"), ("init_thresholds", "skipped",
                                                      "time_budget")]
 
@@ -179,8 +164,9 @@ def test_rung_without_its_input_is_skipped_and_recorded(tmp_path, step, reason):
     n = 12
     dbp = broken_chain(tmp_path, n)
     out = climb(tmp_path, dbp, n, (step,))
-    assert out["attempts"][1] == {"step": step, "settings": {}, "elapsed_s": 0.0,
-                                  "outcome": "skipped", "reason": reason}
+    assert out.mapping_attempts[1].model_dump(exclude_defaults=True) == {
+        "step": step, "outcome": "skipped", "reason": reason}
+    assert out.mapping_attempts[1].settings == {} and out.mapping_attempts[1].elapsed_s == 0.0
 
 
 def test_other_mapper_rung_maps_globally_without_an_initial_pair(tmp_path):
@@ -189,11 +175,11 @@ def test_other_mapper_rung_maps_globally_without_an_initial_pair(tmp_path):
     n = 8
     dbp = synth(tmp_path, n, 70)
     out = climb(tmp_path, dbp, n, ("other_mapper",))
-    base, rung = out["attempts"]
-    assert base["step"] == "baseline" and base["outcome"] in ("no_model", "failed_checks")
-    assert rung["step"] == "other_mapper" and rung["settings"] == {"mapper": "global"}
-    assert rung["outcome"] == "improved" and out["registered_images"] == n
-    assert out["chosen_mapper"] == "global"
+    base, rung = out.mapping_attempts
+    assert base.step == "baseline" and base.outcome in ("no_model", "failed_checks")
+    assert rung.step == "other_mapper" and rung.settings == {"mapper": "global"}
+    assert rung.outcome == "improved" and out.registered_images == n
+    assert out.chosen_mapper == "global"
 
 
 def test_camera_model_rung_fits_non_square_pixels(tmp_path):
@@ -201,50 +187,29 @@ def test_camera_model_rung_fits_non_square_pixels(tmp_path):
     n = 10
     dbp = synth(tmp_path, n, 400, camera=("OPENCV", [800., 1200., 512., 384., 0.05, 0, 0, 0]),
                 size=(1024, 768))
-    rc.set_camera_model(dbp, "SIMPLE_RADIAL")  # what feature extraction gives every video
+    sm.set_camera_model(dbp, "SIMPLE_RADIAL")  # what feature extraction gives every video
     with pytest.raises(PipelineError) as ei:
         climb(tmp_path, dbp, n, ())
-    base = ei.value.details["attempts"][0]
+    assert ei.value.code == "reconstruction_failed"
+    base = ei.value.details["mapping_attempts"][0]
     assert base["outcome"] == "failed_checks"
     assert all("implausible_intrinsics" in m["checks"]["failures"] for m in base["models"])
+    # issue 10 item 6: the largest model's size and what it failed, in the error
+    d = ei.value.details
+    assert d["largest_model_images"] == max(base["model_sizes"]) > 0
+    assert "implausible_intrinsics" in d["largest_model_failures"]
+    assert d["verified_pairs"] == n * (n - 1) // 2 and d["median_keypoints_per_image"] > 0
+    assert f"registered {d['largest_model_images']} of {n} frames" in ei.value.message
     shutil.rmtree(tmp_path / "sparse", ignore_errors=True)
     out = climb(tmp_path, dbp, n, ("camera_model",))
-    rung = out["attempts"][1]
-    assert rung["step"] == "camera_model" and rung["settings"] == {"camera_model": "OPENCV"}
-    assert rung["outcome"] == "improved" and rung["camera_kept"] is True
-    assert out["registered_images"] == n and out["chosen_attempt"] == 1
-    fx, fy = rung["best"]["camera_params"][:2]
+    rung = out.mapping_attempts[1]
+    assert rung.step == "camera_model" and rung.settings == {"camera_model": "OPENCV"}
+    assert rung.outcome == "improved" and rung.camera_kept is True
+    assert out.registered_images == n and out.chosen_attempt == 1
+    fx, fy = rung.best.camera_params[:2]
     assert fx == pytest.approx(800, rel=0.01) and fy == pytest.approx(1200, rel=0.01)
-    assert rung["best"]["mean_reprojection_error_px"] < 0.1
-    assert rc.read_camera(dbp).model_name == "OPENCV"  # kept for the later stages
-
-
-def lateral_sweep(tmp: Path, n: int = 10, f: float = 400.0, noise_px: float = 0.5,
-                  seed: int = 1) -> Path:
-    """A camera (SIMPLE_RADIAL, f px, 640x480, no distortion) sliding 14 m sideways past a
-    slab of points 40-44 m away, keypoints with ``noise_px`` Gaussian noise. The tracks are
-    those of ``synthesize_dataset``; only the geometry is replaced. Pure translation past a
-    shallow scene leaves the focal length unobservable (it trades off against depth)."""
-    w, h = 640, 480
-    dbp, rec = synth(tmp, n, 400, seed=seed, camera=("SIMPLE_RADIAL", [f, w / 2, h / 2, 0.0]),
-                     return_rec=True)
-    rng = np.random.default_rng(seed)
-    half = 40.0 / f * np.array([w / 2, h / 2]) * 0.8  # inside the view from every position
-    xyz = {pid: np.array([rng.uniform(-half[0], half[0]), rng.uniform(-half[1], half[1]),
-                          rng.uniform(40.0, 44.0)]) for pid in rec.points3D}
-    db = pycolmap.Database.open(str(dbp))
-    try:
-        for k, iid in enumerate(sorted(rec.images)):
-            kps = np.array(db.read_keypoints(iid), dtype=np.float32)
-            for j, p2 in enumerate(rec.images[iid].points2D):
-                if p2.point3D_id in xyz:
-                    x = xyz[p2.point3D_id] - np.array([14.0 * k / (n - 1), 0.0, 0.0])
-                    kps[j, 0] = f * x[0] / x[2] + w / 2 + rng.normal(0, noise_px)
-                    kps[j, 1] = f * x[1] / x[2] + h / 2 + rng.normal(0, noise_px)
-            db.update_keypoints(iid, kps)
-    finally:
-        db.close()
-    return dbp
+    assert rung.best.mean_reprojection_error_px < 0.1
+    assert sf.read_camera(dbp).model_name == "OPENCV"  # kept for the later stages
 
 
 def test_focal_prior_rung_holds_the_metadata_focal_length(tmp_path):
@@ -252,35 +217,20 @@ def test_focal_prior_rung_holds_the_metadata_focal_length(tmp_path):
     dbp = lateral_sweep(tmp_path, n)
     # without metadata the drifted focal length looks plausible: nothing to climb for
     out = climb(tmp_path, dbp, n, ("focal_prior",))
-    assert [a["outcome"] for a in out["attempts"]] == ["improved"]
-    drifted = out["attempts"][0]["best"]["focal_px"]
-    assert abs(drifted / 400.0 - 1) > rc.FOCAL_PRIOR_TOLERANCE  # 290 px: 27% off
+    assert [a.outcome for a in out.mapping_attempts] == ["improved"]
+    drifted = out.mapping_attempts[0].best.focal_px
+    assert abs(drifted / 400.0 - 1) > sm.FOCAL_PRIOR_TOLERANCE  # 290 px: 27% off
     shutil.rmtree(tmp_path / "sparse")
-    rc.set_camera_model(dbp, "SIMPLE_RADIAL")
-    out = ladder.run_ladder(dbp, tmp_path / "img", tmp_path / "sparse", n,
-                            steps=("focal_prior",), budget_s=120, mapper="incremental",
-                            num_threads=1, random_seed=1, focal_prior_px=400.0)
-    steps = [(a["step"], a["outcome"], a["settings"].get("focal")) for a in out["attempts"]]
+    sm.set_camera_model(dbp, "SIMPLE_RADIAL")
+    out = climb(tmp_path, dbp, n, ("focal_prior",), focal_prior_px=400.0)
+    steps = [(a.step, a.outcome, a.settings.get("focal")) for a in out.mapping_attempts]
     assert steps[0] == ("baseline", "failed_checks", None)
-    assert out["attempts"][0]["models"][0]["checks"]["failures"] == [
+    assert out.mapping_attempts[0].models[0].checks.failures == [
         "focal_disagrees_with_metadata"]
     assert steps[-1] == ("focal_prior", "improved", "fixed")
-    assert out["registered_images"] == n and out["partial"] is False
-    assert out["attempts"][-1]["best"]["focal_px"] == pytest.approx(400.0, rel=1e-3)
-    assert out["checks"]["failures"] == []
-
-
-def _copy_images(src: Path, dst: Path, image_ids: list[int]) -> None:
-    """Copy images (rows, keypoints, descriptors, frames) between COLMAP databases (SQL: the
-    pycolmap Database API has no way to delete or copy an image)."""
-    q = ",".join(str(int(i)) for i in image_ids)
-    with closing(sqlite3.connect(dst)) as c:
-        c.execute("ATTACH DATABASE ? AS src", (str(src),))
-        for table, key in (("frames", "frame_id"), ("frame_data", "frame_id"),
-                           ("images", "image_id"), ("keypoints", "image_id"),
-                           ("descriptors", "image_id")):
-            c.execute(f"INSERT INTO main.{table} SELECT * FROM src.{table} WHERE {key} IN ({q})")
-        c.commit()
+    assert out.registered_images == n and out.partial is False
+    assert out.mapping_attempts[-1].best.focal_px == pytest.approx(400.0, rel=1e-3)
+    assert out.checks.failures == []
 
 
 def test_more_frames_rung_bridges_frames_too_far_apart(tmp_path):
@@ -288,68 +238,35 @@ def test_more_frames_rung_bridges_frames_too_far_apart(tmp_path):
     The frame source adds the odd ones (as the video's in-between frames would be)."""
     n = 12
     src = synth(tmp_path / "src", n, 400)
-    ids = sorted(rc._id_names(src), key=lambda i: rc._id_names(src)[i])
+    ids = names_in_order(src)
     even, odd = ids[0::2], ids[1::2]
     dbp = tmp_path / "db.db"
-    db = pycolmap.Database.open(str(dbp))  # an empty database with COLMAP's schema
-    db.close()
-    with closing(sqlite3.connect(dbp)) as c, closing(sqlite3.connect(src)) as s:
-        for table in ("rigs", "rig_sensors", "cameras"):
-            rows = s.execute(f"SELECT * FROM {table}").fetchall()
-            if rows:
-                c.executemany(f"INSERT INTO {table} VALUES ({','.join('?' * len(rows[0]))})",
-                              rows)
-        c.commit()
-    _copy_images(src, dbp, even)
+    empty_database_like(src, dbp)
+    copy_images(src, dbp, even)
     left, right = even[:3], even[3:]
-    rc.match_new_pairs(dbp, [(a, b) for a, b in zip(even, even[1:], strict=False)
+    sf.match_new_pairs(dbp, [(a, b) for a, b in zip(even, even[1:], strict=False)
                              if not (a in left and b in right)], num_threads=1)
-    db = pycolmap.Database.open(str(dbp))
-    try:  # the wide pairs across the middle were tried and failed
-        for a in left:
-            for b in right:
-                db.write_matches(a, b, np.zeros((0, 2), dtype=np.uint32))
-                db.write_two_view_geometry(a, b, pycolmap.TwoViewGeometry())
-    finally:
-        db.close()
+    fail_pairs(dbp, [(a, b) for a in left for b in right])  # too far apart: tried, failed
     (tmp_path / "img").mkdir(exist_ok=True)
     calls = []
+    names = sf.image_names(src)
 
-    def more_frames() -> dict:
+    def more_frames() -> ladder.AddedFrames:
         calls.append(1)
-        _copy_images(src, dbp, odd)
-        names = rc._id_names(src)
-        return {"added": [names[i] for i in odd], "frames": n}
+        copy_images(src, dbp, odd)
+        return ladder.AddedFrames([names[i] for i in odd], n)
 
-    out = ladder.run_ladder(dbp, tmp_path / "img", tmp_path / "sparse", len(even), steps=(),
-                            budget_s=120, mapper="incremental", num_threads=1, random_seed=1)
-    assert out["registered_images"] <= 3 and out["partial"] is True  # one half at most
-    out = ladder.run_ladder(dbp, tmp_path / "img", tmp_path / "sparse", len(even),
-                            steps=("more_frames",), budget_s=120, mapper="incremental",
-                            num_threads=1, random_seed=1, more_frames=more_frames)
-    base, rung = out["attempts"]
+    out = climb(tmp_path, dbp, len(even), ())
+    assert out.registered_images <= 3 and out.partial is True  # one half at most
+    out = climb(tmp_path, dbp, len(even), ("more_frames",), more_frames=more_frames)
+    base, rung = out.mapping_attempts
     assert calls == [1]
-    assert base["frames"] == len(even) and max(base["model_sizes"], default=0) <= 3
-    assert rung["step"] == "more_frames" and rung["outcome"] == "improved"
-    assert rung["settings"] == {"added_frames": len(odd), "frames": n}
-    assert rung["new_pairs"] > 0 and rung["frames"] == n
-    assert out["registered_images"] == n and out["frames"] == n
-    assert sorted(out["frames_added"]) == sorted(rc._id_names(src)[i] for i in odd)
-
-
-def test_global_mapping_reports_progress_while_it_runs(tmp_path, monkeypatch):
-    """Global SfM has no callbacks: a heartbeat thread reports elapsed time, never 'done'."""
-    monkeypatch.setattr(rc, "HEARTBEAT_S", 0.01)
-    dbp = synth(tmp_path, 40, 2000)
-    seen: list[tuple[float, str]] = []
-    models = rc.map_models(dbp, tmp_path / "img", tmp_path / "out", 40, mapper="global",
-                           progress=lambda f, m: seen.append((f, m)), num_threads=1,
-                           random_seed=1)
-    assert models and models[0]["registered_images"] == 40
-    beats = [f for f, m in seen if m.startswith("Global SfM")]
-    assert len(beats) >= 2, seen  # the mapping takes > 0.02 s
-    assert beats == sorted(beats) and 0 < beats[0] and beats[-1] <= 0.95
-    assert seen[0] == (0.0, "Initializing reconstruction...") and seen[-1] == (1.0, "Mapping done")
+    assert base.frames == len(even) and max(base.model_sizes, default=0) <= 3
+    assert rung.step == "more_frames" and rung.outcome == "improved"
+    assert rung.settings == {"added_frames": len(odd), "frames": n}
+    assert rung.new_pairs > 0 and rung.frames == n
+    assert out.registered_images == n and out.frames == n
+    assert sorted(out.frames_added) == sorted(names[i] for i in odd)
 
 
 def test_wrong_focal_metadata_is_outvoted_by_the_images(tmp_path):
@@ -358,31 +275,88 @@ def test_wrong_focal_metadata_is_outvoted_by_the_images(tmp_path):
     fits worse, so the free-focal model is the result, with a warning."""
     n = 10
     dbp = synth(tmp_path, n, 400, camera=("SIMPLE_RADIAL", [400.0, 320.0, 240.0, 0.0]))
-    rc.set_camera_model(dbp, "SIMPLE_RADIAL")
-    out = ladder.run_ladder(dbp, tmp_path / "img", tmp_path / "sparse", n,
-                            steps=("focal_prior",), budget_s=120, mapper="incremental",
-                            num_threads=1, random_seed=1, focal_prior_px=600.0)
-    by_step = [(a["step"], a["settings"].get("focal"), a["outcome"]) for a in out["attempts"]]
+    sm.set_camera_model(dbp, "SIMPLE_RADIAL")
+    out = climb(tmp_path, dbp, n, ("focal_prior",), focal_prior_px=600.0)
+    by_step = [(a.step, a.settings.get("focal"), a.outcome) for a in out.mapping_attempts]
     assert by_step[0] == ("baseline", None, "failed_checks")
-    assert out["attempts"][0]["models"][0]["checks"]["failures"] == [
+    assert out.mapping_attempts[0].models[0].checks.failures == [
         "focal_disagrees_with_metadata"]
-    fixed = out["attempts"][-1]
-    assert fixed["settings"]["focal"] == "fixed" and fixed["outcome"] in ("rejected",
-                                                                          "failed_checks")
-    assert out["registered_images"] == n
-    assert out["checks"]["passed"] is True
-    assert out["checks"]["overridden"] == ["focal_disagrees_with_metadata"]
-    assert [w["code"] for w in out["warnings"]] == ["focal_metadata_ignored"]
-    assert out["quality_warning"]["code"] == "focal_metadata_ignored"
-    rec = pycolmap.Reconstruction(str(tmp_path / "sparse" / str(out["chosen_model"])))
+    fixed = out.mapping_attempts[-1]
+    assert fixed.settings["focal"] == "fixed" and fixed.outcome in ("rejected", "failed_checks")
+    assert out.registered_images == n
+    assert out.checks.passed is True
+    assert out.checks.overridden == ["focal_disagrees_with_metadata"]
+    assert [w.code for w in out.warnings] == ["focal_metadata_ignored"]
+    assert out.quality_warning.code == "focal_metadata_ignored"
+    assert out.quality_warning.details["metadata_focal_px"] == 600.0
+    rec = pycolmap.Reconstruction(str(tmp_path / "sparse" / str(out.chosen_model)))
     assert next(iter(rec.cameras.values())).params[0] == pytest.approx(400.0, rel=0.01)
 
 
-@pytest.mark.parametrize("mapper,options,what", [
-    ("incremental", {"init_min_num_inliers_typo": 1}, "incremental mapper"),
-    ("incremental", {"pipeline": {"no_such_option": 1}}, "incremental pipeline"),
-    ("global", {"no_such_option": 1}, "global pipeline")])
-def test_unknown_mapper_option_is_refused_before_mapping(tmp_path, mapper, options, what):
-    with pytest.raises(ValueError, match=f"unknown {what} option"):
-        rc.map_models(tmp_path / "absent.db", tmp_path, tmp_path / "out", 3, mapper=mapper,
-                      mapper_options=options)
+def test_every_attempt_moves_the_bar_and_says_which_it_is(tmp_path):
+    """Issue 11 item 8: "attempt 3 of at most 8: camera model OPENCV (112 s of 600 s budget)"
+    and a bar that moves with each attempt (not stuck at one value for the whole ladder)."""
+    n = 10
+    dbp = synth(tmp_path, n, 400, camera=("OPENCV", [800., 1200., 512., 384., 0.05, 0, 0, 0]),
+                size=(1024, 768))
+    sm.set_camera_model(dbp, "SIMPLE_RADIAL")
+    seen: list[tuple[float, str]] = []
+    steps = ("exhaustive", "camera_model")
+    cfg = ladder.LadderConfig(dbp, tmp_path / "img", tmp_path / "w", "incremental", 120.0,
+                              steps)
+    assert ladder.max_attempts(cfg, n) == 4  # first + exhaustive + OPENCV + OPENCV_FISHEYE
+    # the default ladder of a video: 30 frames (exhaustive is cheap, so neither more_overlap
+    # nor loop_closure maps) -> 7; 100 frames (4950 pairs: no exhaustive) -> 8
+    video = ladder.LadderConfig(dbp, tmp_path, tmp_path, "global", 600.0, ladder.STEPS,
+                                more_frames=lambda: ladder.AddedFrames([], 0))
+    assert (ladder.max_attempts(video, 30), ladder.max_attempts(video, 100)) == (7, 8)
+    photos = ladder.LadderConfig(dbp, tmp_path, tmp_path, "global", 600.0, ladder.STEPS,
+                                 focal_prior_px=500.0)  # no frame source, two focal attempts
+    assert ladder.max_attempts(photos, 30) == 8
+    out = climb(tmp_path, dbp, n, steps, progress=lambda f, m: seen.append((f, m)))
+    # every pair is matched already: exhaustive adds none and maps nothing
+    assert [(a.step, a.outcome) for a in out.mapping_attempts] == [
+        ("baseline", "failed_checks"), ("exhaustive", "skipped"), ("camera_model", "improved")]
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] <= ladder_attempt.MAX_FRACTION
+    first = [f for f, m in seen if m.startswith("attempt 1 of at most 4: mapper incremental: ")]
+    second = [(f, m) for f, m in seen if m.startswith("attempt 2 of at most 4: camera model "
+                                                      "OPENCV (")]
+    assert first and second
+    assert max(first) <= ladder_attempt.FIRST_ATTEMPT_SHARE < min(f for f, _ in second)
+    assert max(f for f, _ in second) < fractions[-1] == ladder_attempt.MAX_FRACTION
+    assert any(" s of 120 s budget): Registering images (" in m for _, m in second)
+
+
+@pytest.mark.parametrize("sharpness,code", [(21.9, "too_blurry"), (300.0, "no_initial_pair")])
+def test_the_mapping_stage_names_a_blurry_failure(tmp_path, monkeypatch, sharpness, code):
+    """Issue 10 item 6: a clip shaken to blur passes the frames stage (every frame above
+    video.BLUR_ABSOLUTE) and then fails in mapping; with the frames' median sharpness under
+    BLURRY_FAILURE_SHARPNESS (the sample walk smeared by 75 px scored 21.9) the failure is
+    too_blurry, with the sharpness numbers and the ladder's numbers; sharp frames keep the
+    ladder's code."""
+    monkeypatch.setattr(ladder, "STEPS", ())
+    monkeypatch.setitem(ladder.MAPPER_BY_QUALITY, "low", "incremental")  # no initial pair
+    root = synthetic_workspace(tmp_path / "ws", synth(tmp_path / "scene", 8, 70),
+                               sharpness=sharpness)
+    with pytest.raises(PipelineError) as ei:
+        pipeline.run_stage("mapping", root)
+    err, d = ei.value, ei.value.details
+    assert err.code == code
+    assert d["verified_pairs"] == 28 and d["median_keypoints_per_image"] > 0
+    assert [a["step"] for a in d["mapping_attempts"]] == ["baseline"]
+    if code == "too_blurry":
+        assert d["median_sharpness"] == d["min_sharpness"] == d["max_sharpness"] == 21.9
+        assert d["sharpness_threshold"] == ladder.BLURRY_FAILURE_SHARPNESS
+        assert d["reconstruction_error"]["code"] == "no_initial_pair"
+        assert "median sharpness is 21.9" in err.message
+    assert not pipeline.read_checkpoint(root, "mapping")
+
+
+def test_name_failure_leaves_other_errors_alone():
+    err = PipelineError("reconstruction_failed", details={"frames": 3})
+    assert ladder.name_failure(err, [{"sharpness": 5.0}]).code == "too_blurry"
+    assert ladder.name_failure(err, []) is err  # photos stage: no sharpness measured
+    assert ladder.name_failure(err, [{"sharpness": 50.0}]) is err
+    other = PipelineError("pipeline_error")
+    assert ladder.name_failure(other, [{"sharpness": 5.0}]) is other

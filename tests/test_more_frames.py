@@ -11,30 +11,30 @@ from contextlib import closing
 
 from conftest import SAMPLE_VIDEO
 
-from colmap_pipeline.config import Preset
-from colmap_pipeline.core import ladder, pipeline, video
+from colmap_pipeline.core import frame_scores, frame_select, ladder, more_frames, pipeline
 from colmap_pipeline.errors import PipelineError
+from colmap_pipeline.presets import Preset
 
 
 def test_between_name_sorts_between_its_neighbours():
-    names = ["frame_00003.jpg", "frame_00004.jpg", video.between_name("frame_00003.jpg")]
-    assert video.between_name("frame_00003.jpg") == "frame_00003_m.jpg"
+    names = ["frame_00003.jpg", "frame_00004.jpg", more_frames.between_name("frame_00003.jpg")]
+    assert more_frames.between_name("frame_00003.jpg") == "frame_00003_m.jpg"
     assert sorted(names) == ["frame_00003.jpg", "frame_00003_m.jpg", "frame_00004.jpg"]
 
 
 def test_extract_between_adds_one_sharp_frame_in_the_middle_of_each_gap(tmp_path):
     out = tmp_path / "frames"
-    res = video.extract_frames(SAMPLE_VIDEO, out, 6, max_image_size=320)
+    res = frame_select.extract_frames(SAMPLE_VIDEO, out, 6, max_image_size=320)
     kept = res["frames"]
     assert len(kept) >= 4
-    added = video.extract_between(SAMPLE_VIDEO, out, kept, max_image_size=320)
+    added = more_frames.extract_between(SAMPLE_VIDEO, out, kept, max_image_size=320)
     assert len(added) == len(kept) - 1  # the walk has usable frames in every gap
     for a, b, new in zip(kept[:-1], kept[1:], added, strict=True):
         gap = b["timestamp_s"] - a["timestamp_s"]
-        assert new["after"] == a["file"] and new["file"] == video.between_name(a["file"])
+        assert new["after"] == a["file"] and new["file"] == more_frames.between_name(a["file"])
         assert (a["timestamp_s"] + 0.25 * gap - 1e-6 <= new["timestamp_s"]
                 <= b["timestamp_s"] - 0.25 * gap + 1e-6)
-        assert new["sharpness"] >= video.BLUR_ABSOLUTE
+        assert new["sharpness"] >= frame_scores.BLUR_ABSOLUTE
     # name order (what sequential matching follows) is time order
     times = {f["file"]: f["timestamp_s"] for f in kept + added}
     files = sorted(p.name for p in out.iterdir() if p.suffix == ".jpg")
@@ -45,7 +45,7 @@ def test_extract_between_adds_one_sharp_frame_in_the_middle_of_each_gap(tmp_path
     assert shapes == {(181, 320, 3)}  # 848x480 scaled (rounded) like the kept frames
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary left
     # already added: nothing more
-    assert video.extract_between(SAMPLE_VIDEO, out, kept, max_image_size=320) == []
+    assert more_frames.extract_between(SAMPLE_VIDEO, out, kept, max_image_size=320) == []
 
 
 def _rows(db) -> list:
@@ -87,19 +87,16 @@ def test_mapping_stage_adds_frames_and_a_rerun_takes_them_back(tmp_path, monkeyp
         pipeline.run_stage(stage, ws.root)
 
     def images() -> int:
-        db = pycolmap.Database.open(str(ws.database))
-        try:
+        with pycolmap.Database.open(str(ws.database)) as db:
             return db.num_images()
-        finally:
-            db.close()
 
     n = len(json.loads(ws.frames_json.read_text())["frames"])
     assert images() == n
     try:
         summary = pipeline.run_stage("mapping", ws.root)
-        attempts = summary["attempts"]
+        attempts = summary["mapping_attempts"]
     except PipelineError as exc:  # 9 frames at 320 px may still be too few: glue is the point
-        attempts = exc.details["attempts"]
+        attempts = exc.details["mapping_attempts"]
     rung = attempts[-1]
     assert rung["step"] == "more_frames" and rung["frames"] == 2 * n - 1
     added = json.loads(ws.frames_added_json.read_text())["added"]

@@ -17,7 +17,6 @@ import pytest
 
 from colmap_pipeline.config import default_preset
 from colmap_pipeline.core import pipeline
-from colmap_pipeline.errors import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -48,10 +47,10 @@ def json_lines(stdout: str) -> list[dict]:
 
 
 def synthetic_clip(tmp_path: Path, step_px: float = 4.0, n: int = 40) -> Path:
-    """A short clip of a camera translating over a textured plane (see tests/test_video.py)."""
+    """A short clip of a camera translating over a textured plane (see tests/factories.py)."""
     sys.path.insert(0, str(Path(__file__).parent))
     try:
-        from test_video import translating_frames, write_video
+        from factories import translating_frames, write_video
     finally:
         sys.path.pop(0)
     return write_video(tmp_path / "clip.mp4", translating_frames(n, step_px), fps=10)
@@ -79,32 +78,11 @@ def test_parse_test_fault():
         pipeline.parse_test_fault("abort:nowhere")
 
 
-def test_choose_model_prefers_the_largest_plausible_model():
-    from colmap_pipeline.core.reconstruction import choose_model
-
-    def m(i, n, p, ok=True):
-        return {"index": i, "registered_images": n, "points3d": p, "camera_plausible": ok}
-
-    assert choose_model([m(0, 2, 300), m(1, 30, 1500)])["index"] == 1
-    assert choose_model([m(0, 10, 300), m(1, 10, 400)])["index"] == 1
-    assert choose_model([m(0, 30, 3000, ok=False), m(1, 12, 400)])["index"] == 1
-    assert choose_model([m(0, 30, 3000, ok=False)]) is None
-
-
-def test_wide_distances_fit_the_pair_budget():
-    from colmap_pipeline.core.reconstruction import wide_distances
-
-    assert wide_distances(30, 1225) == list(range(1, 30))  # exhaustive for the low preset
-    assert wide_distances(50, 1225) == list(range(1, 50))
-    ds = wide_distances(100, 1225)
-    assert ds[0] == 1 and ds[-1] == 99 and sum(100 - d for d in ds) <= 1225
-    assert wide_distances(1, 1225) == []
-
-
 def test_core_imports_no_web_or_database_framework_and_probe_path_no_pycolmap():
-    code = ("import sys, colmap_pipeline.core.pipeline, colmap_pipeline.__main__, colmap_pipeline.core.video;"
+    code = ("import sys, colmap_pipeline.core.pipeline, colmap_pipeline.__main__, "
+            "colmap_pipeline.core.frame_select;"
             "print('pycolmap' in sys.modules);"
-            "import colmap_pipeline.core.reconstruction, colmap_pipeline.core.export;"
+            "import colmap_pipeline.core.sfm_features, colmap_pipeline.core.export;"
             "print(sorted(m for m in ('fastapi','starlette','aiosqlite','asyncpg','uvicorn')"
             " if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
@@ -211,27 +189,6 @@ def test_stage_protocol_errors(tmp_path):
     assert ev["details"]["exception"] == "ValueError"
 
 
-def test_mapping_empty_result_is_reconstruction_failed(tmp_path):
-    """Features but no matches: incremental_mapping returns {} without raising."""
-    from colmap_pipeline.core import reconstruction, video
-
-    res = video.extract_frames(synthetic_clip(tmp_path, n=12), tmp_path / "frames", 4)
-    db = tmp_path / "database.db"
-    feats = reconstruction.extract_features(db, tmp_path / "frames", default_preset("low"),
-                                            num_threads=1)
-    assert feats["images"] == 4 and feats["cameras"] == 1
-    with pytest.raises(PipelineError) as ei:
-        reconstruction.map_incremental(db, tmp_path / "frames", tmp_path / "sparse",
-                                       len(res["frames"]), num_threads=1, random_seed=1)
-    assert ei.value.code == "reconstruction_failed"
-    assert ei.value.details["models"] == 0 and ei.value.details["required"] == 3
-
-    # wide-baseline matching (the mapping fallback) matches every missing pair exactly once
-    wide = reconstruction.match_wide(db, num_threads=1)
-    assert wide["image_pairs"] == 6 and wide["matched_pairs"] == 6
-    assert reconstruction.match_wide(db, num_threads=1)["image_pairs"] == 0
-
-
 def test_rerunning_a_stage_clears_its_outputs_and_later_checkpoints(tmp_path):
     ws = _workspace(tmp_path, synthetic_clip(tmp_path, n=12))
     stale = ws / "frames" / "frame_09999.jpg"
@@ -280,9 +237,9 @@ def test_reconstruct_gopro_sample_end_to_end(tmp_path):
                          "sparse_pc.ply", "gaussian_splatting.zip"}
     # issue 4: checked model, recorded attempts, not partial
     assert result["checks"]["passed"] is True and result["partial"] is False
-    assert result["attempts"][0]["step"] == "baseline"
+    assert result["mapping_attempts"][0]["step"] == "baseline" and "attempts" not in result
     assert all({"step", "settings", "elapsed_s", "outcome"} <= set(a)
-               for a in result["attempts"])
+               for a in result["mapping_attempts"])
     for a in arts.values():
         assert (out / "artifacts" / a["name"]).stat().st_size == a["bytes"]
         assert len(a["sha256"]) == 64

@@ -18,13 +18,13 @@ Commands (stdout carries JSON only; logs go to stderr):
     native code ends the process by signal (e.g. SIGABRT: return code -6) without a final line.
 
 ``probe FILE``
-    Print :func:`video.probe_video` as JSON; on error ``{"error": {...}}`` and exit 2.
+    Print :func:`video_probe.probe_upload` as JSON; on error ``{"error": {...}}`` and exit 2.
 
 ``gpu-probe``
-    Print :func:`reconstruction.gpu_capabilities` as JSON (exit 0).
+    Print :func:`sfm_mapping.gpu_capabilities` as JSON (exit 0).
 
 When started by the server (``COLMAP_WORKER_PARENT_PID`` set), the process first calls
-:func:`colmap_pipeline.child.harden_child` (dies with its parent, runs at lower priority).
+:func:`colmap_pipeline.core.child.harden_child` (dies with its parent, runs at lower priority).
 
 Native libraries (glog, FFmpeg, COLMAP) may write to file descriptor 1. Every command therefore
 duplicates the real stdout for its JSON and points fd 1 (and ``sys.stdout``) at stderr before
@@ -38,14 +38,16 @@ import logging
 import os
 import sys
 import traceback
+from dataclasses import dataclass
 from typing import IO
 
 from ..errors import PipelineError
-
-EXIT_OK = 0
-EXIT_PIPELINE_ERROR = 2  # reconstruct / probe
-EXIT_STAGE_PIPELINE_ERROR = 3  # stage: PipelineError
-EXIT_STAGE_CRASH = 4  # any other exception
+from ..protocol import (  # the child protocol's exit statuses (shared with the runner)
+    EXIT_OK,
+    EXIT_PIPELINE_ERROR,
+    EXIT_STAGE_CRASH,
+    EXIT_STAGE_PIPELINE_ERROR,
+)
 
 log = logging.getLogger("colmap_pipeline")
 
@@ -70,7 +72,7 @@ def _internal_error(exc: BaseException) -> PipelineError:
 
 
 def _cmd_probe(args, out) -> int:
-    from .video import probe_video
+    from .video_probe import probe_upload as probe_video  # probe + clip length check
 
     try:
         _emit(out, probe_video(args.file))
@@ -81,14 +83,14 @@ def _cmd_probe(args, out) -> int:
 
 
 def _cmd_gpu_probe(args, out) -> int:
-    from .reconstruction import gpu_capabilities
+    from .sfm_mapping import gpu_capabilities
 
     _emit(out, gpu_capabilities())
     return EXIT_OK
 
 
 def _cmd_reconstruct(args, out) -> int:
-    from ..config import default_preset
+    from ..presets import default_preset
     from .pipeline import STAGES, overall_progress, run_all
 
     preset = default_preset(args.quality)
@@ -97,12 +99,12 @@ def _cmd_reconstruct(args, out) -> int:
 
         preset = replace(preset, max_frames=args.max_frames)
     use_gpu = {"auto": None, "cpu": False, "cuda": True}[args.device]
-    last = {"key": None}
+    last: list[tuple[str, str]] = []
 
     def progress(stage: str, fraction: float, message: str) -> None:
         key = (stage, message)
-        if key != last["key"]:
-            last["key"] = key
+        if not last or key != last[-1]:
+            last[:] = [key]
             log.info("[%5.1f%%] %s: %s", overall_progress(stage, fraction), STAGES[stage], message)
 
     try:
@@ -119,15 +121,23 @@ def _cmd_reconstruct(args, out) -> int:
     return EXIT_OK
 
 
+@dataclass
+class _Sent:
+    """The last progress event a stage child sent (fraction never decreases)."""
+
+    fraction: float = -1.0
+    message: str | None = None
+
+
 def _cmd_stage(args, out) -> int:
     from .pipeline import run_stage
 
-    state = {"fraction": -1.0, "message": None}
+    sent = _Sent()
 
     def progress(fraction: float, message: str) -> None:
-        f = round(min(1.0, max(state["fraction"], float(fraction), 0.0)), 4)
-        if f - state["fraction"] >= 0.005 or message != state["message"]:
-            state["fraction"], state["message"] = f, message
+        f = round(min(1.0, max(sent.fraction, float(fraction), 0.0)), 4)
+        if f - sent.fraction >= 0.005 or message != sent.message:
+            sent.fraction, sent.message = f, message
             _emit(out, {"event": "progress", "stage": args.name, "fraction": f,
                         "message": message})
 

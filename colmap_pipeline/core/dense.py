@@ -1,7 +1,7 @@
 """Dense reconstruction on a CUDA GPU: undistortion, PatchMatch stereo, fusion, Poisson mesh.
 
-Imports :mod:`pycolmap` (like :mod:`.reconstruction`), so import it lazily inside pipeline
-stages. Steps, each a plain function of ``(paths, options)``:
+Imports :mod:`pycolmap`, so import it lazily inside pipeline stages. Steps, each a plain
+function of ``(paths, options)``:
 
 1. :func:`undistort` - ``pycolmap.undistort_images`` writes a COLMAP dense workspace
    (``images/``, ``sparse/``, ``stereo/``) with PINHOLE cameras, capped at the preset's size.
@@ -24,18 +24,15 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pycolmap
 
 from ..errors import PipelineError
+from .progress import Progress, no_progress
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[float, str], None]
-
 
 @dataclass(frozen=True)
 class DensePreset:
@@ -99,13 +96,9 @@ PATCHMATCH_BASE_BYTES = 600 * 1024**2
 NUM_SOURCE_IMAGES = 20
 
 
-def _noop(fraction: float, message: str) -> None:  # pragma: no cover - trivial
-    pass
-
-
 def dense_possible() -> bool:
     """True when this pycolmap was built with CUDA and a CUDA device answers."""
-    from .reconstruction import gpu_capabilities
+    from .sfm_mapping import gpu_capabilities
 
     return bool(gpu_capabilities()["dense_possible"])
 
@@ -255,12 +248,15 @@ def mesh(fused_ply: str | os.PathLike, mesh_ply: str | os.PathLike,
     pycolmap.poisson_meshing(str(fused_ply), str(mesh_ply), opts)
     if ply_vertex_count(mesh_ply) == 0:
         raise PipelineError("dense_failed", details={"step": "meshing", "mesh_vertices": 0})
-    m = trimesh.load(str(mesh_ply), force="mesh", process=False)
+    m = trimesh.load_mesh(str(mesh_ply), process=False)
     if len(m.vertices) == 0 or len(m.faces) == 0:
         raise PipelineError("dense_failed", details={"step": "meshing",
                                                      "mesh_vertices": int(len(m.vertices)),
                                                      "mesh_faces": int(len(m.faces))})
-    Path(mesh_glb).write_bytes(m.export(file_type="glb"))
+    glb = m.export(file_type="glb")
+    if not isinstance(glb, bytes):  # trimesh returns bytes for binary formats
+        raise PipelineError("dense_failed", details={"step": "meshing", "reason": "no GLB"})
+    Path(mesh_glb).write_bytes(glb)
     return {"mesh_vertices": int(len(m.vertices)), "mesh_faces": int(len(m.faces)),
             "mesh_ply_bytes": os.path.getsize(mesh_ply),
             "mesh_glb_bytes": os.path.getsize(mesh_glb)}
@@ -268,13 +264,12 @@ def mesh(fused_ply: str | os.PathLike, mesh_ply: str | os.PathLike,
 
 def run_dense(model_dir: str | os.PathLike, image_dir: str | os.PathLike,
               dense_dir: str | os.PathLike, quality: str,
-              progress: Progress | None = None) -> dict:
+              progress: Progress = no_progress) -> dict:
     """Undistort, PatchMatch (GPU) and fuse; writes ``dense_dir/fused.ply``.
 
     Returns: ``{"images", "depth_maps", "fused_points", "preset": DensePreset.to_dict()}``.
     Raises: PipelineError("dense_failed") as the steps; KeyError for an unknown quality.
     """
-    progress = progress or _noop
     preset = DENSE_PRESETS[quality]
     progress(0.0, "Undistorting images...")
     out = undistort(model_dir, image_dir, dense_dir, preset)

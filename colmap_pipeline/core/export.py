@@ -1,22 +1,43 @@
-"""Artifacts of a finished sparse reconstruction: PLY point cloud, zipped COLMAP model, thumbnail.
+"""Artifacts of a finished sparse reconstruction: point clouds, zipped models, nerfstudio files.
 
 Every artifact is written under a temporary name in the same folder and moved into place with
-``os.replace`` (atomic on POSIX), so a reader never sees a half-written file. pycolmap is only
-reached through :mod:`colmap_pipeline.reconstruction` (imported lazily).
+``os.replace`` (atomic on POSIX), so a reader never sees a half-written file. Import lazily: it
+loads pycolmap and OpenCV.
+
+The nerfstudio files describe the UNDISTORTED images that ``gaussian_splatting.zip`` ships
+(PINHOLE camera at the undistorted images' own size, no distortion terms): ``transforms.json``
+and ``sparse_pc.ply`` are written as artifacts and inside the zip, beside ``images/``, so the
+unpacked zip is a dataset nerfstudio (``ns-train ... --data``), gsplat and 3D Gaussian
+splatting (``train.py -s``) all read as it is.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
 
 import cv2
+import numpy as np
+import pycolmap
+
+from ..results import Artifact
+from .nerfstudio import nerfstudio_scene
+
+PathLike = str | os.PathLike[str]
 
 #: Width (px) of ``thumbnail.jpg``; height follows the aspect ratio.
 THUMBNAIL_WIDTH = 480
 THUMBNAIL_JPEG_QUALITY = 85
+#: Dense artifacts (issue 6), copied from ``WS/dense`` when the GPU stages made them.
+DENSE_ARTIFACTS = ("fused.ply", "mesh.ply", "mesh.glb")
+#: Name of the Gaussian-splatting / nerfstudio dataset artifact.
+SPLATTING_ZIP = "gaussian_splatting.zip"
+TRANSFORMS_JSON = "transforms.json"
+SPARSE_PC_PLY = "sparse_pc.ply"
 
 MEDIA_TYPES = {
     ".ply": "application/octet-stream",  # no registered IANA type for PLY
@@ -33,6 +54,24 @@ def _tmp_path(final: Path) -> Path:
     return Path(tmp)
 
 
+class _Atomic:
+    """``with _Atomic(final) as tmp:`` write ``tmp``; on success it replaces ``final``."""
+
+    def __init__(self, final: Path):
+        self.final = final
+        self.tmp = _tmp_path(final)
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        try:
+            if exc_type is None:
+                os.replace(self.tmp, self.final)
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -41,41 +80,62 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def describe_artifact(path: str | os.PathLike) -> dict:
-    """``{"name", "bytes", "media_type", "sha256"}`` of an artifact file."""
+def describe_artifact(path: PathLike) -> Artifact:
+    """Name, size (bytes), media type and sha256 (hex) of an artifact file."""
     p = Path(path)
-    return {"name": p.name, "bytes": p.stat().st_size,
-            "media_type": MEDIA_TYPES.get(p.suffix.lower(), "application/octet-stream"),
-            "sha256": _sha256(p)}
+    return Artifact(name=p.name, bytes=p.stat().st_size,
+                    media_type=MEDIA_TYPES.get(p.suffix.lower(), "application/octet-stream"),
+                    sha256=_sha256(p))
+
+
+def write_model_files(model_dir: PathLike, out_dir: PathLike, binary: bool = True,
+                      text: bool = True) -> list[Path]:
+    """Write the model of ``model_dir`` to ``out_dir`` as COLMAP binary and/or text files.
+
+    Returns the written file paths (``cameras``, ``images``, ``points3D`` and, with COLMAP >=
+    3.12 formats, ``rigs`` and ``frames``; ``.bin`` and/or ``.txt``).
+    """
+    rec = pycolmap.Reconstruction(str(model_dir))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    before = set(out.iterdir())
+    if binary:
+        rec.write_binary(str(out))
+    if text:
+        rec.write_text(str(out))
+    return sorted(set(out.iterdir()) - before)
+
+
+def undistort_model(model_dir: PathLike, image_dir: PathLike, out_dir: PathLike,
+                    num_threads: int = -1) -> Path:
+    """Undistort the registered images and the model to PINHOLE cameras (COLMAP's image
+    undistorter, ``pycolmap.undistort_images``, output type COLMAP) into ``out_dir``:
+    ``images/<name>`` and ``sparse/{cameras,images,points3D,...}.bin``, the input layout of
+    3D Gaussian splatting (Kerbl et al., SIGGRAPH 2023) and of gsplat/nerfstudio's COLMAP
+    loader. The undistorted images are larger than the frames (the undistorter keeps every
+    source pixel). Returns ``out_dir/sparse``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pycolmap.undistort_images(str(out), str(model_dir), str(image_dir), num_threads=num_threads)
+    return out / "sparse"
 
 
 def _write_ply(model_dir: Path, out: Path) -> None:
-    from . import reconstruction
-
-    tmp = _tmp_path(out)
-    try:
-        reconstruction.export_ply(model_dir, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Binary little-endian PLY of the model's points (``Reconstruction.export_PLY``)."""
+    with _Atomic(out) as tmp:
+        pycolmap.Reconstruction(str(model_dir)).export_PLY(str(tmp))
 
 
-def _write_zip(model_dir: Path, out: Path) -> None:
-    from . import reconstruction
-
-    tmp = _tmp_path(out)
-    try:
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".model_") as d:
-            files = reconstruction.write_model_files(model_dir, d, binary=True, text=True)
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-                for f in files:
-                    zf.write(f, arcname=f"sparse/0/{f.name}")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _write_model_zip(model_dir: Path, out: Path) -> None:
+    with _Atomic(out) as tmp, tempfile.TemporaryDirectory(dir=out.parent, prefix=".m_") as d:
+        files = write_model_files(model_dir, d, binary=True, text=True)
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for f in files:
+                zf.write(f, arcname=f"sparse/0/{f.name}")
 
 
 def _write_thumbnail(frames_dir: Path, names: list[str], out: Path) -> bool:
+    """The middle registered frame (by name = time order), else the first readable one."""
     for name in ([names[len(names) // 2]] + names) if names else []:
         img = cv2.imread(str(frames_dir / name), cv2.IMREAD_COLOR)
         if img is None:
@@ -87,63 +147,14 @@ def _write_thumbnail(frames_dir: Path, names: list[str], out: Path) -> bool:
         ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, THUMBNAIL_JPEG_QUALITY])
         if not ok:
             continue
-        tmp = _tmp_path(out)
-        try:
+        with _Atomic(out) as tmp:
             tmp.write_bytes(buf.tobytes())
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
         return True
     return False
 
 
-def export_model(model_dir: str | os.PathLike, frames_dir: str | os.PathLike,
-                 artifacts_dir: str | os.PathLike) -> list[dict]:
-    """Write the artifacts of the COLMAP model in ``model_dir`` into ``artifacts_dir``.
-
-    * ``sparse.ply``: binary little-endian PLY, one vertex per 3D point with ``x y z`` (float,
-      model units) and ``red green blue`` (uchar) (pycolmap ``Reconstruction.export_PLY``).
-    * ``model.zip``: ``sparse/0/`` with the model in COLMAP binary (``cameras.bin``,
-      ``images.bin``, ``points3D.bin``, plus ``rigs.bin``/``frames.bin`` of the COLMAP >= 3.12
-      format) and text (``.txt``) form; ``colmap gui`` / ``pycolmap.Reconstruction`` read it.
-    * ``thumbnail.jpg``: the middle registered frame (by name = time order), ``THUMBNAIL_WIDTH``
-      px wide. Skipped if no registered frame can be read.
-    * ``transforms.json`` + ``sparse_pc.ply``: nerfstudio's format (:func:`write_nerfstudio`).
-    * ``gaussian_splatting.zip``: undistorted images + PINHOLE COLMAP model
-      (:func:`_write_splatting_zip`).
-
-    Returns:
-        ``[{"name": str, "bytes": int, "media_type": str, "sha256": str (hex)}]`` in the order
-        above.
-
-    Raises:
-        ValueError / RuntimeError from pycolmap if ``model_dir`` holds no readable model;
-        OSError on write errors.
-    """
-    from . import reconstruction
-
-    model_dir, frames_dir, art = Path(model_dir), Path(frames_dir), Path(artifacts_dir)
-    art.mkdir(parents=True, exist_ok=True)
-    _write_ply(model_dir, art / "sparse.ply")
-    _write_zip(model_dir, art / "model.zip")
-    names = reconstruction.summarize_model(model_dir)["registered_image_names"]
-    outputs = [art / "sparse.ply", art / "model.zip"]
-    if _write_thumbnail(frames_dir, names, art / "thumbnail.jpg"):
-        outputs.append(art / "thumbnail.jpg")
-    outputs += write_nerfstudio(model_dir, art)
-    _write_splatting_zip(model_dir, frames_dir, art / SPLATTING_ZIP)
-    outputs.append(art / SPLATTING_ZIP)
-    return [describe_artifact(p) for p in outputs]
-
-
-#: Name of the Gaussian-splatting-ready artifact.
-SPLATTING_ZIP = "gaussian_splatting.zip"
-
-
-def _write_binary_ply(path: Path, xyz, rgb) -> None:
+def _write_binary_ply(path: Path, xyz: np.ndarray, rgb: np.ndarray) -> None:
     """Binary little-endian PLY: ``x y z`` float32 and ``red green blue`` uchar per vertex."""
-    import numpy as np
-
     n = len(xyz)
     header = ("ply\nformat binary_little_endian 1.0\n"
               f"element vertex {n}\n"
@@ -154,63 +165,98 @@ def _write_binary_ply(path: Path, xyz, rgb) -> None:
     if n:
         rec["x"], rec["y"], rec["z"] = xyz[:, 0], xyz[:, 1], xyz[:, 2]
         rec["r"], rec["g"], rec["b"] = rgb[:, 0], rgb[:, 1], rgb[:, 2]
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(header.encode("ascii"))
-            fh.write(rec.tobytes())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with _Atomic(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(header.encode("ascii"))
+        fh.write(rec.tobytes())
 
 
-def write_nerfstudio(model_dir: str | os.PathLike, artifacts_dir: str | os.PathLike) -> list[Path]:
-    """Write ``transforms.json`` (nerfstudio's format) and ``sparse_pc.ply`` (the model's
-    points, in the same world frame: ``applied_transform`` applied, as nerfstudio's
-    ``create_ply_from_colmap``) into ``artifacts_dir``.
-
-    ``frames[i].file_path`` is ``images/<frame name>``; intrinsics and camera-to-world
-    matrices follow :func:`reconstruction.nerfstudio_transforms` (OpenGL camera axes).
+def write_nerfstudio(model_dir: PathLike, out_dir: PathLike) -> list[Path]:
+    """Write ``transforms.json`` (nerfstudio's format, :func:`.nerfstudio.nerfstudio_scene`:
+    ``file_path`` = ``images/<name>``) and ``sparse_pc.ply`` (the model's points in the same
+    world frame, as nerfstudio's ``create_ply_from_colmap``) into ``out_dir``.
 
     Returns:
-        the two paths. Raises ``PipelineError("pipeline_error")`` for a camera model that
-        nerfstudio cannot read.
+        the two paths.
+
+    Raises:
+        PipelineError("pipeline_error"): a camera model that nerfstudio cannot read.
     """
-    import json
+    out = Path(out_dir)
+    scene = nerfstudio_scene(model_dir, image_prefix="images/", ply_name=SPARSE_PC_PLY)
+    _write_binary_ply(out / SPARSE_PC_PLY, scene.xyz, scene.rgb)
+    with _Atomic(out / TRANSFORMS_JSON) as tmp:
+        tmp.write_text(json.dumps(scene.transforms, indent=2), encoding="utf-8")
+    return [out / TRANSFORMS_JSON, out / SPARSE_PC_PLY]
 
-    from . import reconstruction
 
+def write_splatting_dataset(model_dir: PathLike, frames_dir: PathLike,
+                            artifacts_dir: PathLike) -> list[Path]:
+    """Undistort the model once and write, into ``artifacts_dir``, ``transforms.json`` and
+    ``sparse_pc.ply`` of the undistorted model (:func:`write_nerfstudio`) and
+    ``gaussian_splatting.zip`` = ``images/<name>`` (undistorted) + ``sparse/0/`` (PINHOLE
+    model, binary and text) + the same ``transforms.json`` and ``sparse_pc.ply``.
+
+    Returns:
+        ``[transforms.json, sparse_pc.ply, gaussian_splatting.zip]`` paths.
+    """
     art = Path(artifacts_dir)
-    transforms, xyz, rgb = reconstruction.nerfstudio_transforms(model_dir)
-    ply = art / "sparse_pc.ply"
-    _write_binary_ply(ply, xyz, rgb)
-    out = art / "transforms.json"
-    tmp = _tmp_path(out)
-    try:
-        tmp.write_text(json.dumps(transforms, indent=2), encoding="utf-8")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return [out, ply]
+    with tempfile.TemporaryDirectory(dir=art, prefix=".undistort_") as d:
+        und = undistort_model(model_dir, frames_dir, Path(d) / "u")
+        model_files = write_model_files(und, Path(d) / "m", binary=True, text=True)
+        ns_files = write_nerfstudio(und, art)
+        out = art / SPLATTING_ZIP
+        with _Atomic(out) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            for f in sorted((Path(d) / "u" / "images").iterdir()):
+                zf.write(f, arcname=f"images/{f.name}")
+            for f in model_files:
+                zf.write(f, arcname=f"sparse/0/{f.name}")
+            for f in ns_files:
+                zf.write(f, arcname=f.name)
+    return [*ns_files, out]
 
 
-def _write_splatting_zip(model_dir: Path, frames_dir: Path, out: Path) -> None:
-    """``gaussian_splatting.zip`` = ``images/<name>`` (undistorted) + ``sparse/0/`` (PINHOLE
-    model, binary and text): what 3D Gaussian splatting's ``train.py -s`` and gsplat read."""
-    from . import reconstruction
+def export_model(model_dir: PathLike, frames_dir: PathLike,
+                 artifacts_dir: PathLike) -> list[Artifact]:
+    """Write the artifacts of the COLMAP model in ``model_dir`` into ``artifacts_dir``.
 
-    tmp = _tmp_path(out)
-    try:
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".undistort_") as d:
-            d = Path(d)
-            reconstruction.undistort_model(model_dir, frames_dir, d / "u")
-            files = reconstruction.write_model_files(d / "u" / "sparse", d / "m",
-                                                     binary=True, text=True)
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-                for f in sorted((d / "u" / "images").iterdir()):
-                    zf.write(f, arcname=f"images/{f.name}")
-                for f in files:
-                    zf.write(f, arcname=f"sparse/0/{f.name}")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    * ``sparse.ply``: binary little-endian PLY, one vertex per 3D point with ``x y z`` (float,
+      model units) and ``red green blue`` (uchar) (pycolmap ``Reconstruction.export_PLY``).
+    * ``model.zip``: ``sparse/0/`` with the model in COLMAP binary (``cameras.bin``,
+      ``images.bin``, ``points3D.bin``, plus ``rigs.bin``/``frames.bin`` of the COLMAP >= 3.12
+      format) and text (``.txt``) form; ``colmap gui`` / ``pycolmap.Reconstruction`` read it.
+    * ``thumbnail.jpg``: the middle registered frame, ``THUMBNAIL_WIDTH`` px wide; skipped if
+      no registered frame can be read.
+    * ``transforms.json``, ``sparse_pc.ply``, ``gaussian_splatting.zip``: the undistorted
+      dataset (:func:`write_splatting_dataset`).
+
+    Returns:
+        the artifacts in the order above.
+
+    Raises:
+        ValueError / RuntimeError from pycolmap if ``model_dir`` holds no readable model;
+        OSError on write errors.
+    """
+    model_dir, frames_dir, art = Path(model_dir), Path(frames_dir), Path(artifacts_dir)
+    art.mkdir(parents=True, exist_ok=True)
+    _write_ply(model_dir, art / "sparse.ply")
+    _write_model_zip(model_dir, art / "model.zip")
+    outputs = [art / "sparse.ply", art / "model.zip"]
+    rec = pycolmap.Reconstruction(str(model_dir))
+    names = sorted(rec.images[i].name for i in rec.reg_image_ids())
+    if _write_thumbnail(frames_dir, names, art / "thumbnail.jpg"):
+        outputs.append(art / "thumbnail.jpg")
+    outputs += write_splatting_dataset(model_dir, frames_dir, art)
+    return [describe_artifact(p) for p in outputs]
+
+
+def copy_dense_artifacts(dense_dir: PathLike, artifacts_dir: PathLike) -> list[Artifact]:
+    """Copy :data:`DENSE_ARTIFACTS` that exist in ``dense_dir`` into ``artifacts_dir``
+    (atomically each); none on a CPU machine, where the dense stages are skipped."""
+    out = []
+    for name in DENSE_ARTIFACTS:
+        src = Path(dense_dir) / name
+        if src.is_file():
+            with _Atomic(Path(artifacts_dir) / name) as tmp:
+                shutil.copyfile(src, tmp)
+            out.append(describe_artifact(Path(artifacts_dir) / name))
+    return out

@@ -3,9 +3,9 @@
 COLMAP's defaults are not reliable on real clips (on the Karma drone clip the same 30 frames give
 30 or 2 registered images, with focal lengths from 46 px to 10,204 px). So mapping is a series of
 attempts. The first uses what the matching stage produced (sequential pairs, SIMPLE_RADIAL
-camera, COLMAP's mapper defaults). While no model registers ``TARGET_FRACTION`` of the frames and
-passes :func:`reconstruction.check_model` (plausible intrinsics, reprojection error, points), the
-ladder climbs, in this order (:data:`STEPS`):
+camera, the preset's mapper). While no model registers ``TARGET_FRACTION`` of the frames and
+passes :func:`.sfm_mapping.check_model` (plausible intrinsics, reprojection error, points), the
+ladder climbs its rungs (:data:`RUNGS`, in the order of :data:`STEPS`):
 
 1. ``more_overlap``: sequential pairs with ``MORE_OVERLAP`` neighbours (linear overlap), when
    exhaustive matching is not cheap;
@@ -25,22 +25,25 @@ ladder climbs, in this order (:data:`STEPS`):
    bundle adjustment), then, if that still fails, held fixed (``ba_refine_focal_length`` off);
    skipped without metadata (videos: containers carry no focal length). With a prior, every
    model is also checked against it (``focal_disagrees_with_metadata``,
-   :data:`reconstruction.FOCAL_PRIOR_TOLERANCE`): self-calibration on low-parallax views
+   :data:`.sfm_mapping.FOCAL_PRIOR_TOLERANCE`): self-calibration on low-parallax views
    drifts to a plausible-looking but wrong focal length that the other checks cannot see;
 7. ``camera_model``: OPENCV (fx, fy, cx, cy, k1, k2, p1, p2), then OPENCV_FISHEYE (k1..k4) for
    wide action-camera lenses; a camera change that does not help is undone;
 8. ``more_frames``: one more frame in the middle of every gap between selected frames (from
-   the video, :func:`video.extract_between`, through the ``more_frames`` callback), with
+   the video, :func:`.more_frames.extract_between`, through the ``more_frames`` callback), with
    features and sequential matches for them: halves the baseline between neighbours when the
    preset's cap spreads the frames too thin to match (fast motion, long clips at a low cap).
    Last, because it costs new decoding, features and matching. No shared clip needs it at the
    presets' caps (tested on a synthetic case, ``tests/test_ladder.py``). Skipped for photo
    sets (no frame source).
 
-Matching steps add pairs to the database (they stay for later steps). Every attempt is recorded
-with its settings, outcome (size and checks of every model) and time; a step that would not fit
-in the preset's time budget (``LADDER_BUDGET_S``) is recorded as skipped. The best model of all
-attempts (most registered images among the models passing the checks) is the result.
+Matching rungs add pairs to the database (they stay for later rungs). Every attempt is recorded
+(:class:`..results.MappingAttempt`) with its settings, outcome (size and checks of every model)
+and time; a rung that would not fit in the preset's time budget (``LADDER_BUDGET_S``) is
+recorded as skipped. The best model of all attempts (most registered images among the models
+passing the checks) is the result. Each attempt moves the progress bar and says which it is:
+"attempt 3 of at most 8: camera model OPENCV (112 s of 600 s budget)". A ladder that ends with
+no model says why, with numbers (:func:`_failure`).
 
 The registered share of an attempt is over the frames it was given (``frames`` of the attempt:
 more after ``more_frames``).
@@ -48,19 +51,32 @@ more after ``more_frames``).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import PipelineError
-from . import reconstruction as rc
+from ..results import JobWarning, MappingSummary, ModelSummary
+from . import ladder_attempt as la
+from . import sfm_features as sf
+from . import sfm_mapping as sm
+from .ladder_attempt import (  # noqa: F401 - TARGET_FRACTION, AddedFrames re-exported
+    TARGET_FRACTION,
+    AddedFrames,
+    Candidate,
+    FrameSource,
+    LadderConfig,
+    LadderState,
+    Plan,
+)
+from .progress import Progress, no_progress
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[float, str], None]
 
 STEPS = ("more_overlap", "exhaustive", "loop_closure", "other_mapper", "init_thresholds",
          "focal_prior", "camera_model", "more_frames")
@@ -68,8 +84,6 @@ STEPS = ("more_overlap", "exhaustive", "loop_closure", "other_mapper", "init_thr
 #: 3600 s). Measured on 2 CPU cores shared 5x (BENCHMARKS.md, issue 4): one Karma mapping
 #: attempt at low takes 100-370 s there, so 300 s allowed a single rung.
 LADDER_BUDGET_S = {"low": 600.0, "medium": 900.0, "high": 1800.0}
-#: The ladder stops once the best checked model registers this share of the frames.
-TARGET_FRACTION = 0.9
 #: ``more_overlap``: every image with its next ``MORE_OVERLAP`` images (linear overlap). The
 #: matching stage's sequential pairs use pycolmap 4.2.1's quadratic overlap, which (measured)
 #: gives only the distances 1, 2, 4, 8, 16, ... (119 pairs for 30 frames); this adds 3, 5-7,
@@ -79,18 +93,12 @@ MORE_OVERLAP = 10
 #: ``exhaustive`` only when all pairs number at most this (50 frames -> 1225 pairs, about 35 s
 #: of matching on 2 cores at 2048 features).
 EXHAUSTIVE_MAX_PAIRS = 1225
-#: ``init_thresholds``: COLMAP defaults are init_min_num_inliers 100, init_min_tri_angle 16 deg,
-#: init_max_error 4 px, abs_pose_min_num_inliers 30; halved (error doubled) here.
-RELAXED_INIT = {"init_min_num_inliers": 50, "init_min_tri_angle": 8.0, "init_max_error": 8.0,
-                "abs_pose_min_num_inliers": 15}
-#: ``focal_prior``: a model held to the metadata focal length is vetoed when its mean
-#: reprojection error exceeds this many times that of the best free-focal model that failed
-#: only the metadata check (floor ``PRIOR_ERROR_FLOOR_PX``): a wrong EXIF value (crop, digital
-#: zoom) fits visibly worse (seen in a fresh-user trial: 1.08 px vs 0.25 px on fountain crops
-#: labelled 26 mm whose true focal length is 41 mm equivalent), a right one fits as well
-#: (0.5757 vs 0.5756 px, tests/test_ladder.py).
-PRIOR_MAX_ERROR_RATIO = 1.5
-PRIOR_ERROR_FLOOR_PX = 0.3
+#: COLMAP's initial-pair thresholds (``IncrementalMapperOptions`` defaults):
+#: init_min_num_inliers 100, init_min_tri_angle 16 deg, init_max_error 4 px,
+#: abs_pose_min_num_inliers 30. ``init_thresholds`` halves them (error doubled).
+COLMAP_INIT_MIN_INLIERS = 100
+RELAXED_INIT: dict[str, Any] = {"init_min_num_inliers": 50, "init_min_tri_angle": 8.0,
+                                "init_max_error": 8.0, "abs_pose_min_num_inliers": 15}
 #: Camera models tried by ``camera_model`` (COLMAP ``src/colmap/sensor/models.h``).
 CAMERA_MODELS = ("OPENCV", "OPENCV_FISHEYE")
 #: Mapper of the first attempt per preset, from the incremental-vs-global measurements in
@@ -100,337 +108,372 @@ CAMERA_MODELS = ("OPENCV", "OPENCV_FISHEYE")
 #: needed the ladder for up to 526 s; on the GoPro walk both register everything in about the
 #: same time.
 MAPPER_BY_QUALITY = {"low": "global", "medium": "global", "high": "global"}
+#: A failed ladder is named ``too_blurry`` when the median sharpness of the selected frames
+#: (variance of the Laplacian on the 480 px analysis image, :mod:`.frame_scores`) is below
+#: this; the frames stage already refuses clips under ``BLUR_ABSOLUTE`` (10). Measured on the
+#: sample walk (848x480) with every frame smeared by a random-direction motion kernel of L px
+#: plus 6-8 px of shake (``scripts/blur_clip.py``), at low: L = 0: 950; 9: 137; 17: 84;
+#: 31: 48 (the ladder registered 56/58 with more_frames); 51: 31 (partial, 22/58); 75: 22
+#: (failed; 94 keypoints per frame, 55 inlier matches over 119 pairs). EuRoC's sharp, static
+#: frames score 60-90.
+BLURRY_FAILURE_SHARPNESS = 50.0
 
 
-def _noop(fraction: float, message: str) -> None:  # pragma: no cover - trivial
-    pass
+# --- the rungs ------------------------------------------------------------------------------
+
+def _num_pairs(st: LadderState) -> int:
+    return st.frames * (st.frames - 1) // 2
 
 
-def _key(m: dict) -> tuple:
-    return (m["registered_images"], m["points3d"], -m["mean_reprojection_error_px"])
+def _exhaustive_is_cheap(cfg: LadderConfig, st: LadderState) -> bool:
+    return "exhaustive" in cfg.steps and _num_pairs(st) <= EXHAUSTIVE_MAX_PAIRS
 
 
-def _brief(m: dict | None) -> dict | None:
-    if m is None:
-        return None
-    return {k: m[k] for k in ("index", "registered_images", "points3d",
-                              "mean_reprojection_error_px", "mean_track_length",
-                              "camera_plausible", "camera_model", "focal_px", "focal_ratio",
-                              "camera_params", "checks") if k in m}
+def _rung_more_overlap(cfg: LadderConfig, st: LadderState) -> None:
+    if _exhaustive_is_cheap(cfg, st):
+        la.skip(st, "more_overlap", "exhaustive_matching_is_cheap", {"pairs": _num_pairs(st)})
+    elif la.fits(cfg, st, "more_overlap"):
+        plan = Plan("more_overlap", {"overlap": MORE_OVERLAP, "quadratic_overlap": False},
+                    f"more overlap ({MORE_OVERLAP} neighbours)")
+        la.match_then_map(cfg, st, plan, lambda: sf.sequential_pairs(
+            cfg.database_path, MORE_OVERLAP, quadratic=False))
 
 
-def run_ladder(database_path: str | os.PathLike, image_dir: str | os.PathLike,
-               sparse_dir: str | os.PathLike, num_frames: int, quality: str = "low",
+def _rung_exhaustive(cfg: LadderConfig, st: LadderState) -> None:
+    n_pairs = _num_pairs(st)
+    if n_pairs > EXHAUSTIVE_MAX_PAIRS:
+        la.skip(st, "exhaustive", "too_many_pairs",
+                {"pairs": n_pairs, "max_pairs": EXHAUSTIVE_MAX_PAIRS})
+    elif la.fits(cfg, st, "exhaustive"):
+        plan = Plan("exhaustive", {"pairs": n_pairs}, f"exhaustive matching ({n_pairs} pairs)")
+        la.match_then_map(cfg, st, plan, lambda: sf.all_pairs(cfg.database_path))
+        st.exhaustive_done = True
+
+
+def _rung_loop_closure(cfg: LadderConfig, st: LadderState) -> None:
+    if st.exhaustive_done:
+        la.skip(st, "loop_closure", "exhaustive_matching_covered_all_pairs")
+        return
+    if not la.fits(cfg, st, "loop_closure"):
+        return
+    vocab = cfg.work / "own_vocabulary.bin"
+
+    def pairs() -> list[sf.Pair]:
+        sf.build_own_vocabulary(cfg.database_path, vocab)
+        return sf.loop_closure_pairs(cfg.database_path, vocab)
+
+    plan = Plan("loop_closure", {"num_images": sf.LOOP_NUM_IMAGES,
+                                 "vocabulary": "built from this job's descriptors",
+                                 "vocab_words": sf.LOOP_VOCAB_WORDS},
+                "loop closure (own vocabulary)")
+    try:
+        la.match_then_map(cfg, st, plan, pairs)
+    finally:
+        vocab.unlink(missing_ok=True)
+
+
+def _rung_other_mapper(cfg: LadderConfig, st: LadderState) -> None:
+    if la.fits(cfg, st, "other_mapper"):
+        other = "incremental" if cfg.mapper == "global" else "global"
+        la.map_attempt(cfg, st, Plan("other_mapper", {"mapper": other}, f"{other} mapper",
+                                     mapper=other), time.monotonic())
+
+
+def _rung_init_thresholds(cfg: LadderConfig, st: LadderState) -> None:
+    if la.fits(cfg, st, "init_thresholds"):  # initial-pair thresholds exist only incrementally
+        settings = {**RELAXED_INIT, "mapper": "incremental"}
+        la.map_attempt(cfg, st, Plan("init_thresholds", settings,
+                                     "relaxed initial-pair thresholds", mapper="incremental",
+                                     mapper_options=RELAXED_INIT), time.monotonic())
+
+
+def _rung_focal_prior(cfg: LadderConfig, st: LadderState) -> None:
+    focal = cfg.focal_prior_px
+    if not focal:
+        la.skip(st, "focal_prior", "no_focal_length_metadata")
+        return
+    for fixed in (False, True):
+        if la.good_enough(cfg, st) or not la.fits(cfg, st, "focal_prior"):
+            return
+        t0 = time.monotonic()
+        model = sf.read_camera(cfg.database_path).model_name
+        saved = sm.set_camera_model(cfg.database_path, model, focal_px=focal, prior=True)
+        how = "fixed" if fixed else "refined"
+        settings = {"focal_px": round(float(focal), 3), "camera_model": model, "focal": how,
+                    "mapper": "incremental"}
+        # held fixed: incremental mapping (its bundle adjustment option is documented)
+        options = {"pipeline": {"ba_refine_focal_length": False}} if fixed else None
+        attempt = la.map_attempt(cfg, st, Plan(
+            "focal_prior", settings, f"focal length {focal:.0f} px from metadata, {how}",
+            mapper="incremental", mapper_options=options, veto=True), t0)
+        attempt.camera_kept = la.kept(st)
+        if not attempt.camera_kept:
+            sm.restore_cameras(cfg.database_path, saved)
+
+
+def _rung_camera_model(cfg: LadderConfig, st: LadderState) -> None:
+    for model in CAMERA_MODELS:
+        if la.good_enough(cfg, st) or not la.fits(cfg, st, "camera_model"):
+            return
+        t0 = time.monotonic()
+        # a known focal length stays the starting point (and trusted) with any model
+        saved = sm.set_camera_model(cfg.database_path, model, focal_px=cfg.focal_prior_px,
+                                    prior=bool(cfg.focal_prior_px))
+        attempt = la.map_attempt(cfg, st, Plan("camera_model", {"camera_model": model},
+                                               f"camera model {model}"), t0)
+        attempt.camera_kept = la.kept(st)
+        if not attempt.camera_kept:
+            sm.restore_cameras(cfg.database_path, saved)  # did not help: undo
+
+
+def _rung_more_frames(cfg: LadderConfig, st: LadderState) -> None:
+    if cfg.more_frames is None:
+        la.skip(st, "more_frames", "no_frame_source")
+        return
+    if not la.fits(cfg, st, "more_frames"):
+        return
+    t0 = time.monotonic()
+    la.report(cfg, st, la.window(st)[0],
+              la.headline(cfg, st, "more frames: adding frames between the selected ones"))
+    got = cfg.more_frames()
+    if not got.added:
+        la.skip(st, "more_frames", "no_usable_frames_between",
+                elapsed_s=round(time.monotonic() - t0, 3))
+        return
+    st.frames = int(got.frames)
+    st.added.extend(got.added)
+    settings = {"added_frames": len(got.added), "frames": st.frames}
+
+    def pairs() -> list[sf.Pair]:
+        if st.exhaustive_done and _num_pairs(st) <= EXHAUSTIVE_MAX_PAIRS:
+            return sf.all_pairs(cfg.database_path)
+        return sf.sequential_pairs(cfg.database_path, sf.SEQUENTIAL_OVERLAP)
+
+    plan = Plan("more_frames", settings, f"more frames ({len(got.added)} added)")
+    la.match_then_map(cfg, st, plan, pairs, t0=t0, always_map=True)
+
+
+@dataclass(frozen=True)
+class Rung:
+    """A rung: what it does, and how many mapping attempts it can make at most."""
+
+    run: Callable[[LadderConfig, LadderState], None]
+    max_attempts: Callable[[LadderConfig, LadderState], int]
+
+
+def _one(cfg: LadderConfig, st: LadderState) -> int:
+    return 1
+
+
+#: The rung table, in :data:`STEPS` order.
+RUNGS: dict[str, Rung] = {
+    "more_overlap": Rung(_rung_more_overlap,
+                         lambda c, s: 0 if _exhaustive_is_cheap(c, s) else 1),
+    "exhaustive": Rung(_rung_exhaustive,
+                       lambda c, s: int(_num_pairs(s) <= EXHAUSTIVE_MAX_PAIRS)),
+    "loop_closure": Rung(_rung_loop_closure,
+                         lambda c, s: 0 if _exhaustive_is_cheap(c, s)
+                         and c.steps.index("exhaustive") < c.steps.index("loop_closure") else 1),
+    "other_mapper": Rung(_rung_other_mapper, _one),
+    "init_thresholds": Rung(_rung_init_thresholds, _one),
+    "focal_prior": Rung(_rung_focal_prior, lambda c, s: 2 if c.focal_prior_px else 0),
+    "camera_model": Rung(_rung_camera_model, lambda c, s: len(CAMERA_MODELS)),
+    "more_frames": Rung(_rung_more_frames, lambda c, s: int(c.more_frames is not None)),
+}
+
+
+# --- the end: choose, explain, or fail ------------------------------------------------------
+
+def _trust_images(cfg: LadderConfig, st: LadderState) -> list[JobWarning]:
+    """With no passing model: a model that failed ONLY the metadata check fits the data, and
+    the metadata focal length, held fixed, did not do as well (or was not tried): use it."""
+    if st.best is not None or st.meta_only is None:
+        return []
+    m = st.meta_only.model
+    checks = m.checks.model_copy(update={"passed": True, "failures": [],
+                                         "overridden": ["focal_disagrees_with_metadata"]})
+    st.best = Candidate(m.model_copy(update={"checks": checks}), st.meta_only.attempt,
+                        st.meta_only.directory)
+    prior = float(cfg.focal_prior_px or 0.0)
+    return [JobWarning(
+        code="focal_metadata_ignored",
+        message=f"The photos' metadata says the focal length is {prior:.0f} px; the images say "
+                f"{m.focal_px or 0:.0f} px, and a model held to the metadata fitted them worse, "
+                f"so the metadata was ignored.",
+        details={"metadata_focal_px": round(prior, 3), "images_focal_px": m.focal_px},
+        hint="Photos that were cropped, digitally zoomed or edited keep the original focal "
+             "length in their EXIF; upload the originals.")]
+
+
+def _failure(cfg: LadderConfig, st: LadderState) -> PipelineError:
+    """The error of a ladder that found no usable model, with the numbers that say why:
+    ``no_initial_pair`` when no model grew beyond an initial pair (none, or 2 images: COLMAP
+    relaxes its own initial-pair thresholds and may keep such a fragment), else
+    ``reconstruction_failed``."""
+    db = sf.database_stats(cfg.database_path)
+    models = [m for a in st.attempts for m in a.models]
+    largest = max(models, key=sm.model_key, default=None)
+    required = sm.min_registered_images(st.frames)
+    details: dict[str, Any] = {
+        "frames": st.frames, "frames_added": st.added,
+        "median_keypoints_per_image": db.median_keypoints_per_image,
+        "matched_pairs": db.matched_pairs, "verified_pairs": db.verified_pairs,
+        "best_pair_inliers": db.best_pair_inliers,
+        "largest_model_images": largest.registered_images if largest else 0,
+        "largest_model_points": largest.points3d if largest else 0,
+        "largest_model_failures": largest.checks.failures if largest else [],
+        "required_images": required,
+        "mapping_attempts": [a.model_dump(mode="json", exclude_none=True)
+                             for a in st.attempts]}
+    if largest is None or largest.registered_images <= 2:
+        return PipelineError("no_initial_pair", details=details, message=(
+            f"No initial pair: {db.verified_pairs} of {db.matched_pairs} image pairs "
+            f"verified, the best has "
+            f"{db.best_pair_inliers} inlier matches, and no model grew beyond "
+            f"{largest.registered_images if largest else 0} images (COLMAP starts a model "
+            f"from a pair with about {COLMAP_INIT_MIN_INLIERS} inliers seen from different "
+            f"enough viewpoints)."))
+    return PipelineError("reconstruction_failed", details=details, message=(
+        f"COLMAP could not build a usable model: the largest of {len(models)} models "
+        f"registered {largest.registered_images} of {st.frames} frames (at least {required} "
+        f"needed) and failed {', '.join(largest.checks.failures) or 'no check'}; "
+        f"{db.verified_pairs} of {db.matched_pairs} image pairs verified, median "
+        f"{db.median_keypoints_per_image:.0f} keypoints per frame."))
+
+
+def name_failure(error: PipelineError, frames: Sequence[Mapping[str, Any]]) -> PipelineError:
+    """A failed ladder's error, named ``too_blurry`` (the ladder's numbers kept, the sharpness
+    numbers added) when the selected ``frames`` (``frames.json``'s, each with a
+    ``sharpness``) have a median sharpness under :data:`BLURRY_FAILURE_SHARPNESS`; else
+    ``error`` unchanged."""
+    sharp = [float(f["sharpness"]) for f in frames if f.get("sharpness") is not None]
+    if error.code not in ("reconstruction_failed", "no_initial_pair") or not sharp:
+        return error
+    med = statistics.median(sharp)
+    if med >= BLURRY_FAILURE_SHARPNESS:
+        return error
+    details = dict(error.details or {})
+    keypoints = float(details.get("median_keypoints_per_image", 0.0))
+    details.update(median_sharpness=round(med, 3), min_sharpness=round(min(sharp), 3),
+                   max_sharpness=round(max(sharp), 3),
+                   sharpness_threshold=BLURRY_FAILURE_SHARPNESS,
+                   reconstruction_error={"code": error.code, "message": error.message})
+    return PipelineError("too_blurry", details=details, message=(
+        f"The frames are too blurry to reconstruct: their median sharpness is {med:.1f}, where "
+        f"sharp footage scores over {BLURRY_FAILURE_SHARPNESS:.0f}; SIFT found a median of "
+        f"{keypoints:.0f} features per frame and no usable model came out."))
+
+
+def _partial_warning(best: ModelSummary, frames: int) -> JobWarning:
+    return JobWarning(
+        code="partial_reconstruction",
+        message=f"Only {best.registered_images} of {frames} selected frames were registered.",
+        details={"registered_images": best.registered_images, "frames": frames},
+        hint="Film with more overlap between views (slower sideways motion, no fast turns), "
+             "avoid sky, water and blur, or upload more photos.")
+
+
+def _keep_chosen(best: Candidate, sparse: Path, work: Path) -> None:
+    """Move the chosen attempt's models to ``sparse/<k>``; drop the other attempts."""
+    for d in sorted(best.directory.iterdir()):
+        if d.is_dir() and d.name.isdigit():
+            os.replace(d, sparse / d.name)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _summary(cfg: LadderConfig, st: LadderState, best: Candidate,
+             warnings: list[JobWarning]) -> MappingSummary:
+    attempt = st.attempts[best.attempt]
+    model = best.model
+    used = attempt.frames or st.frames
+    if model.checks.partial:
+        warnings.insert(0, _partial_warning(model, used))
+    return MappingSummary(
+        frames=used, frames_added=st.added, mapper=cfg.mapper,
+        chosen_mapper=str(attempt.settings.get("mapper", cfg.mapper)), budget_s=cfg.budget_s,
+        ladder_elapsed_s=round(la.elapsed(st), 3), models=attempt.models,
+        chosen_model=model.index, chosen_attempt=best.attempt,
+        model_sizes={str(i): a.model_sizes for i, a in enumerate(st.attempts)},
+        registered_images=model.registered_images, points3d=model.points3d,
+        checks=model.checks, partial=model.checks.partial,
+        quality_warning=warnings[0] if warnings else None, warnings=warnings,
+        mapping_attempts=st.attempts)
+
+
+def max_attempts(cfg: LadderConfig, frames: int) -> int:
+    """Mapping attempts a run of ``cfg`` makes at most: the first plus each rung's most."""
+    st = LadderState(frames=frames)
+    return 1 + sum(RUNGS[s].max_attempts(cfg, st) for s in cfg.steps)
+
+
+def run_ladder(database_path: str | os.PathLike[str], image_dir: str | os.PathLike[str],
+               sparse_dir: str | os.PathLike[str], num_frames: int, quality: str = "low",
                use_gpu: bool = False, focal_prior_px: float | None = None,
-               progress: Progress | None = None, steps: tuple[str, ...] | None = None,
+               progress: Progress = no_progress, steps: tuple[str, ...] | None = None,
                budget_s: float | None = None, mapper: str | None = None,
                num_threads: int = -1, random_seed: int = -1,
                target_fraction: float = TARGET_FRACTION,
-               more_frames: Callable[[], dict] | None = None) -> dict:
+               more_frames: FrameSource | None = None) -> MappingSummary:
     """Map, check, and climb the recovery ladder until a model is good enough or time is up.
 
     Args:
         database_path: COLMAP database with features and the matching stage's pairs.
         image_dir: the frames.
-        sparse_dir: created; on return holds the chosen attempt's models as ``<k>/``.
+        sparse_dir: replaced; on return holds the chosen attempt's models as ``<k>/``.
         num_frames: frames selected for SfM.
         quality: preset name (budget and mapper).
+        use_gpu: CUDA matching in the matching rungs.
         focal_prior_px: focal length from metadata (px at the frames' size) or ``None``; with
             it, models that disagree with it fail their checks.
-        steps: ladder steps to allow (default :data:`STEPS`, in that order).
-        budget_s: time budget after the first attempt (default ``LADDER_BUDGET_S[quality]``).
+        progress: ``progress(fraction, message)``; every attempt moves it.
+        steps: rungs to allow (default :data:`STEPS`, in that order).
+        budget_s: time budget (s) after the first attempt (default ``LADDER_BUDGET_S``).
         mapper: ``"incremental"`` or ``"global"`` (default ``MAPPER_BY_QUALITY[quality]``).
         num_threads, random_seed: as pycolmap (-1 = all cores / random).
         target_fraction: stop once the best model registers this share of the frames.
         more_frames: frame source of the ``more_frames`` rung: called once, writes new frames
-            into ``image_dir``, adds their features to the database (existing camera) and
-            returns ``{"added": [file names], "frames": total frames now}``; ``None`` (photo
-            sets): the rung is skipped.
+            into ``image_dir``, adds their features to the database (existing camera);
+            ``None`` (photo sets): the rung is skipped.
 
     Returns:
-        ``{"frames"`` (frames given to the chosen attempt), ``"frames_added": [names]`` (by
-        ``more_frames``, whether or not the chosen attempt used them),
-        ``"models"`` (every model of the chosen attempt with its checks),
-        ``"model_sizes"`` (registered images per model of every attempt),
-        ``"chosen_model", "registered_images", "points3d", "checks", "partial": bool,
-        "quality_warning": {"code", "message", "hint"} | None, "attempts": [{"step",
-        "settings", "elapsed_s", "outcome", "frames", "models", "best", "new_pairs"?}], "mapper",
-        "budget_s", "ladder_elapsed_s"}``.
+        the chosen model, its checks and warnings, and every attempt.
 
     Raises:
-        PipelineError("reconstruction_failed"): no attempt gave a model that passes the checks
-            (details: ``attempts``, ``frames``).
+        PipelineError("no_initial_pair"): no attempt produced any model.
+        PipelineError("reconstruction_failed"): no model passed the checks.
+        Both with numbers in ``details`` (:func:`_failure`).
+        ValueError: an unknown step.
     """
-    progress = progress or _noop
     steps = tuple(STEPS if steps is None else steps)
-    budget = float(LADDER_BUDGET_S.get(quality, 600.0) if budget_s is None else budget_s)
-    mapper = mapper or MAPPER_BY_QUALITY.get(quality, "incremental")
+    unknown = [s for s in steps if s not in RUNGS]
+    if unknown:
+        raise ValueError(f"unknown ladder step {unknown[0]!r}")
     sparse = Path(sparse_dir)
-    work = sparse / "_attempts"
+    cfg = LadderConfig(
+        database_path=Path(database_path), image_dir=Path(image_dir), work=sparse / "_attempts",
+        mapper=mapper or MAPPER_BY_QUALITY.get(quality, "incremental"),
+        budget_s=float(LADDER_BUDGET_S.get(quality, 600.0) if budget_s is None else budget_s),
+        steps=steps, use_gpu=use_gpu, focal_prior_px=focal_prior_px, num_threads=num_threads,
+        random_seed=random_seed, target_fraction=target_fraction, more_frames=more_frames,
+        progress=progress)
     if sparse.exists():
         shutil.rmtree(sparse)
-    work.mkdir(parents=True)
-    attempts: list[dict] = []
-    state = {"best": None, "best_dir": None, "progress": 0.0, "frames": int(num_frames),
-             "added": [], "meta_only": None, "meta_only_dir": None}
-    t_first = time.monotonic()
-    ladder_t0: list[float] = []
-
-    def report(f: float, msg: str) -> None:
-        state["progress"] = max(state["progress"], min(0.99, f))
-        progress(state["progress"], msg)
-
-    def good_enough() -> bool:
-        b = state["best"]
-        n = state["frames"]
-        target = max(rc.min_registered_images(n), math.ceil(target_fraction * n))
-        return b is not None and b["registered_images"] >= target
-
-    def remaining() -> float:
-        if not ladder_t0:
-            return budget
-        return budget - (time.monotonic() - ladder_t0[0])
-
-    def map_attempt(step: str, settings: dict, t0: float, mapper_options: dict | None = None,
-                    extra: dict | None = None, use_mapper: str | None = None,
-                    veto: Callable[[dict], str | None] | None = None) -> dict | None:
-        i = len(attempts)
-        this_mapper = use_mapper or mapper
-        out = work / str(i)
-        base = state["progress"]
-        span = 0.6 if i == 0 else (0.99 - base) * 0.35
-        opts = dict(mapper_options or {})
-        if i > 0 and this_mapper == "incremental":
-            opts.setdefault("pipeline", {})["max_runtime_seconds"] = int(max(10, remaining()))
-        models = rc.map_models(database_path, image_dir, out, state["frames"],
-                               mapper=this_mapper, mapper_options=opts,
-                               focal_prior_px=focal_prior_px,
-                               progress=lambda f, m: report(base + span * f,
-                                                            m if i == 0 else f"{step}: {m}"),
-                               num_threads=num_threads, random_seed=random_seed)
-        for m in models:  # data-driven models the metadata alone condemns (see the end)
-            if m["checks"]["failures"] == ["focal_disagrees_with_metadata"] and (
-                    state["meta_only"] is None or _key(m) > _key(state["meta_only"])):
-                state["meta_only"], state["meta_only_dir"] = dict(m, attempt=i), out
-        b = rc.best_model(models)
-        rejected = veto(b) if (b is not None and veto is not None) else None
-        if rejected:
-            b = None
-        improved = b is not None and (state["best"] is None or _key(b) > _key(state["best"]))
-        if improved:
-            state["best"], state["best_dir"] = dict(b, attempt=i), out
-        outcome = ("no_model" if not models else "rejected" if rejected else
-                   "improved" if improved else "passed" if b is not None else "failed_checks")
-        if rejected:
-            extra = {**(extra or {}), "reason": rejected}
-        attempts.append({
-            "step": step, "settings": settings, "elapsed_s": round(time.monotonic() - t0, 3),
-            "outcome": outcome, "frames": state["frames"], "models": [_brief(m) for m in models],
-            "model_sizes": [m["registered_images"] for m in models], "best": _brief(b),
-            **(extra or {})})
-        log.info("ladder attempt %d (%s): %s, sizes %s", i, step, outcome,
-                 [m["registered_images"] for m in models])
-        return b
-
-    def worse_fit_than_free_focal(b: dict) -> str | None:
-        """Veto of a focal-prior model that explains the data clearly worse than a model with
-        a free focal length did: then the metadata is what is wrong (a crop, digital zoom)."""
-        ref = state["meta_only"]
-        if ref is not None and b["mean_reprojection_error_px"] > PRIOR_MAX_ERROR_RATIO * max(
-                ref["mean_reprojection_error_px"], PRIOR_ERROR_FLOOR_PX):
-            return "fits_worse_than_the_free_focal_length"
-        return None
-
-    def skip(step: str, reason: str, settings: dict | None = None) -> None:
-        attempts.append({"step": step, "settings": settings or {}, "elapsed_s": 0.0,
-                         "outcome": "skipped", "reason": reason})
-
-    def fits(step: str) -> bool:
-        # the next attempt is expected to cost about as much as the slowest one so far
-        est = max((a["elapsed_s"] for a in attempts if a["outcome"] != "skipped"), default=0.0)
-        if remaining() < 0.5 * est or remaining() <= 0:
-            skip(step, "time_budget")
-            return False
-        return True
-
-    def match_step(step: str, pairs_fn: Callable[[], list], settings: dict) -> None:
-        t0 = time.monotonic()
-        pairs = pairs_fn()
-        base = state["progress"]
-        res = rc.match_new_pairs(database_path, pairs, use_gpu=use_gpu, num_threads=num_threads,
-                                 progress=lambda f, m: report(base + (0.99 - base) * 0.1 * f,
-                                                              f"{step}: {m}"))
-        if res["image_pairs"] == 0:
-            attempts.append({"step": step, "settings": settings,
-                             "elapsed_s": round(time.monotonic() - t0, 3),
-                             "outcome": "skipped", "reason": "no_new_pairs", "new_pairs": 0})
-            return
-        map_attempt(step, settings, t0, extra={"new_pairs": res["image_pairs"],
-                                               "verified_pairs": res["verified_pairs"]})
-
-    # attempt 0: the matching stage's pairs, COLMAP defaults
-    cam0 = rc.read_camera(database_path)
-    map_attempt("baseline", {"mapper": mapper, "camera_model": cam0.model_name,
-                             "matching": "sequential"}, t_first)
-    ladder_t0.append(time.monotonic())
-    exhaustive_done = False
+    cfg.work.mkdir(parents=True)
+    st = LadderState(frames=int(num_frames), max_attempts=max_attempts(cfg, int(num_frames)))
+    cam = sf.read_camera(cfg.database_path)
+    first = {"mapper": cfg.mapper, "camera_model": cam.model_name, "matching": "sequential"}
+    la.map_attempt(cfg, st, Plan("baseline", first, f"mapper {cfg.mapper}"), time.monotonic())
+    st.ladder_t0 = time.monotonic()
     for step in steps:
-        if good_enough():
+        if la.good_enough(cfg, st):
             break
-        if step not in STEPS:
-            raise ValueError(f"unknown ladder step {step!r}")
-        if step == "more_overlap":
-            n_pairs = state["frames"] * (state["frames"] - 1) // 2
-            if "exhaustive" in steps and n_pairs <= EXHAUSTIVE_MAX_PAIRS:
-                skip(step, "exhaustive_matching_is_cheap", {"pairs": n_pairs})
-            elif fits(step):
-                match_step(step, lambda: rc.sequential_pairs(database_path, MORE_OVERLAP,
-                                                             quadratic=False),
-                           {"overlap": MORE_OVERLAP, "quadratic_overlap": False})
-        elif step == "exhaustive":
-            n_pairs = state["frames"] * (state["frames"] - 1) // 2
-            if n_pairs > EXHAUSTIVE_MAX_PAIRS:
-                skip(step, "too_many_pairs", {"pairs": n_pairs,
-                                              "max_pairs": EXHAUSTIVE_MAX_PAIRS})
-            elif fits(step):
-                match_step(step, lambda: rc.all_pairs(database_path), {"pairs": n_pairs})
-                exhaustive_done = True
-        elif step == "loop_closure":
-            if exhaustive_done:
-                skip(step, "exhaustive_matching_covered_all_pairs")
-            elif fits(step):
-                vocab = work / "own_vocabulary.bin"
-                info: dict = {}
-
-                def pairs() -> list:
-                    info.update(rc.build_own_vocabulary(database_path, vocab))
-                    return rc.loop_closure_pairs(database_path, vocab)
-
-                match_step(step, pairs, {"num_images": rc.LOOP_NUM_IMAGES,
-                                         "vocabulary": "built from this job's descriptors",
-                                         "vocab_words": rc.LOOP_VOCAB_WORDS})
-                vocab.unlink(missing_ok=True)
-        elif step == "camera_model":
-            for model in CAMERA_MODELS:
-                if good_enough() or not fits(step):
-                    break
-                t0 = time.monotonic()
-                # a known focal length stays the starting point (and trusted) with any model
-                saved = rc.set_camera_model(database_path, model, focal_px=focal_prior_px,
-                                            prior=bool(focal_prior_px))
-                b = map_attempt(step, {"camera_model": model}, t0)
-                if not (b is not None and state["best"] is not None
-                        and state["best"].get("attempt") == len(attempts) - 1):
-                    rc.restore_cameras(database_path, saved)  # did not help: undo
-                    attempts[-1]["camera_kept"] = False
-                else:
-                    attempts[-1]["camera_kept"] = True
-        elif step == "focal_prior":
-            if not focal_prior_px:
-                skip(step, "no_focal_length_metadata")
-                continue
-            for fixed in (False, True):
-                if good_enough() or not fits(step):
-                    break
-                t0 = time.monotonic()
-                model = rc.read_camera(database_path).model_name
-                saved = rc.set_camera_model(database_path, model, focal_px=focal_prior_px,
-                                            prior=True)
-                settings = {"focal_px": round(float(focal_prior_px), 3), "camera_model": model,
-                            "focal": "fixed" if fixed else "refined", "mapper": "incremental"}
-                # held fixed: incremental mapping (its bundle adjustment option is documented)
-                b = map_attempt(step, settings, t0, use_mapper="incremental",
-                                mapper_options={"pipeline": {"ba_refine_focal_length": False}}
-                                if fixed else None, veto=worse_fit_than_free_focal)
-                kept = (b is not None and state["best"] is not None
-                        and state["best"].get("attempt") == len(attempts) - 1)
-                attempts[-1]["camera_kept"] = kept
-                if not kept:
-                    rc.restore_cameras(database_path, saved)
-        elif step == "other_mapper":
-            if fits(step):
-                other = "incremental" if mapper == "global" else "global"
-                map_attempt(step, {"mapper": other}, time.monotonic(), use_mapper=other)
-        elif step == "more_frames":
-            if more_frames is None:
-                skip(step, "no_frame_source")
-            elif fits(step):
-                t0 = time.monotonic()
-                report(state["progress"], f"{step}: adding frames between the selected ones")
-                got = more_frames()
-                added = list(got.get("added") or [])
-                if not added:
-                    attempts.append({"step": step, "settings": {}, "outcome": "skipped",
-                                     "elapsed_s": round(time.monotonic() - t0, 3),
-                                     "reason": "no_usable_frames_between"})
-                    continue
-                state["frames"] = int(got["frames"])
-                state["added"].extend(added)
-                base = state["progress"]
-                pairs = rc.sequential_pairs(database_path, rc.SEQUENTIAL_OVERLAP)
-                if exhaustive_done and (state["frames"] * (state["frames"] - 1) // 2
-                                        <= EXHAUSTIVE_MAX_PAIRS):
-                    pairs = rc.all_pairs(database_path)
-                res = rc.match_new_pairs(
-                    database_path, pairs, use_gpu=use_gpu, num_threads=num_threads,
-                    progress=lambda f, m: report(base + (0.99 - base) * 0.1 * f, f"{step}: {m}"))
-                map_attempt(step, {"added_frames": len(added), "frames": state["frames"]}, t0,
-                            extra={"new_pairs": res["image_pairs"],
-                                   "verified_pairs": res["verified_pairs"]})
-        elif step == "init_thresholds":
-            if fits(step):  # initial-pair thresholds exist only in incremental mapping
-                map_attempt(step, {**RELAXED_INIT, "mapper": "incremental"}, time.monotonic(),
-                            mapper_options=dict(RELAXED_INIT), use_mapper="incremental")
-    elapsed = round(time.monotonic() - ladder_t0[0], 3)
-    best = state["best"]
-    warnings: list[dict] = []
-    if best is None and state["meta_only"] is not None:
-        # Every model that failed ONLY the metadata check fits the data; the metadata focal
-        # length, held fixed, did not do as well (or was not tried): trust the images.
-        m = state["meta_only"]
-        best = dict(m, checks=dict(m["checks"], passed=True, failures=[],
-                                   overridden=["focal_disagrees_with_metadata"]))
-        state["best"], state["best_dir"] = best, state["meta_only_dir"]
-        warnings.append({
-            "code": "focal_metadata_ignored",
-            "message": f"The photos' metadata says the focal length is {focal_prior_px:.0f} px; "
-                       f"the images say {m.get('focal_px', 0):.0f} px, and a model held to the "
-                       f"metadata fitted them worse, so the metadata was ignored.",
-            "hint": "Photos that were cropped, digitally zoomed or edited keep the original "
-                    "focal length in their EXIF; upload the originals."})
-    if best is None:
-        shutil.rmtree(work, ignore_errors=True)
-        raise PipelineError("reconstruction_failed", details={
-            "frames": state["frames"], "frames_added": state["added"], "attempts": attempts,
-            "reason": "no attempt gave a model with plausible intrinsics, low reprojection "
-                      "error and enough registered images"})
-    # keep only the chosen attempt's models, as sparse/<k>
-    chosen_dir = state["best_dir"]
-    attempt = attempts[best["attempt"]]
-    for d in sorted(chosen_dir.iterdir()):
-        if d.is_dir() and d.name.isdigit():
-            os.replace(d, sparse / d.name)
-    shutil.rmtree(work, ignore_errors=True)
-    checks = best["checks"]
-    used = attempt["frames"]
-    if checks["partial"]:
-        warnings.insert(0, {
-            "code": "partial_reconstruction",
-            "message": f"Only {best['registered_images']} of {used} selected frames were "
-                       f"registered.",
-            "hint": "Film with more overlap between views (slower sideways motion, no fast "
-                    "turns), avoid sky, water and blur, or upload more photos."})
-    report(1.0, f"Registered {best['registered_images']}/{used} images")
-    return {
-        "frames": used, "frames_added": state["added"],
-        "mapper": mapper, "budget_s": budget,
-        "ladder_elapsed_s": elapsed,
-        "models": attempt["models"], "chosen_model": best["index"],
-        "chosen_attempt": best["attempt"],
-        "chosen_mapper": attempt["settings"].get("mapper", mapper),
-        "model_sizes": {str(i): a.get("model_sizes", []) for i, a in enumerate(attempts)},
-        "registered_images": best["registered_images"], "points3d": best["points3d"],
-        "checks": checks, "partial": bool(checks["partial"]),
-        "quality_warning": warnings[0] if warnings else None, "warnings": warnings,
-        "attempts": attempts,
-    }
+        RUNGS[step].run(cfg, st)
+    warnings = _trust_images(cfg, st)
+    if st.best is None:
+        error = _failure(cfg, st)
+        shutil.rmtree(cfg.work, ignore_errors=True)
+        raise error
+    _keep_chosen(st.best, sparse, cfg.work)
+    summary = _summary(cfg, st, st.best, warnings)
+    la.report(cfg, st, 1.0, f"Registered {summary.registered_images}/{summary.frames} images")
+    return summary

@@ -25,7 +25,7 @@ test knows the child reached the stage, and can kill, cancel or release it).
 
 Each stage holds an exclusive ``flock`` on ``WS/.lock`` (:mod:`.workspace_lock`) while it runs.
 
-This module imports neither pycolmap (stages import :mod:`.reconstruction` lazily) nor any web
+This module imports neither pycolmap (stages import :mod:`.sfm_features` etc. lazily) nor any web
 or database framework.
 """
 from __future__ import annotations
@@ -38,7 +38,6 @@ from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
-from ..config import Preset
 from ..errors import PipelineError
 from ..layout import (  # noqa: F401 - re-exported
     Workspace,
@@ -49,14 +48,17 @@ from ..layout import (  # noqa: F401 - re-exported
     write_job,
     write_json_atomic,
 )
+from ..presets import Preset
 from ..protocol import STAGE_NAMES, STAGE_WEIGHTS, overall_progress  # noqa: F401 - re-exported (CLI, tests)
 from ..protocol import STAGES as STAGE_IDS
+from .fake_stage import fake_stage_seconds, run_fake_stage
+from .progress import Progress, no_progress
 from .workspace_lock import workspace_lock
 
 log = logging.getLogger(__name__)
 
 # The stage table (ids, human names, progress shares, GPU stages) lives in the light
-# :mod:`.stages` module, which the API process imports too.
+# :mod:`..protocol` module, which the API process imports too.
 STAGES = STAGE_NAMES
 STAGE_ORDER = STAGE_IDS
 
@@ -67,13 +69,6 @@ TEST_FAULT_ACTIONS = ("abort", "fail", "sleep", "pause")
 #: then blocks while the file exists: a test waits for the file, then kills, cancels or releases
 #: (deletes it). Gives up after :data:`TEST_PAUSE_MAX_S`.
 TEST_PAUSE_MAX_S = 3600.0
-
-Progress = Callable[[float, str], None]
-
-
-def _noop(fraction: float, message: str) -> None:  # pragma: no cover - trivial
-    pass
-
 
 def _repeatable(job: dict) -> dict:
     """``{"num_threads": 1, "random_seed": seed}`` when job.json fixes a seed, else ``{}``."""
@@ -156,27 +151,22 @@ def _clean_stage(ws: Workspace, stage: str) -> None:
         ws.checkpoint(s).unlink(missing_ok=True)
     if STAGE_ORDER.index(stage) <= STAGE_ORDER.index("mapping"):
         _undo_mapping_changes(ws)
-    if stage == "frames":
-        _remove(ws.frames_dir)
-        _remove(ws.frames_json)
-    elif stage == "features":
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            _remove(Path(str(ws.database) + suffix))
-    elif stage == "matching":
+    if stage == "matching":
         if ws.database.exists():
-            from . import reconstruction
+            from .sfm_features import clear_matches
 
-            reconstruction.clear_matches(ws.database)
-    elif stage == "mapping":
-        _remove(ws.sparse_dir)
-    elif stage == "dense":
-        _remove(ws.dense_dir)
-    elif stage == "meshing":
-        for name in ("mesh.ply", "mesh.glb"):
-            _remove(ws.dense_dir / name)
-    elif stage == "export":
-        _remove(ws.artifacts_dir)
-        _remove(ws.result_json)
+            clear_matches(ws.database)
+        return
+    outputs = {
+        "frames": [ws.frames_dir, ws.frames_json],
+        "features": [Path(str(ws.database) + s) for s in ("", "-wal", "-shm", "-journal")],
+        "mapping": [ws.sparse_dir],
+        "dense": [ws.dense_dir],
+        "meshing": [ws.dense_dir / "mesh.ply", ws.dense_dir / "mesh.glb"],
+        "export": [ws.artifacts_dir, ws.result_json],
+    }
+    for path in outputs.get(stage, []):
+        _remove(path)
 
 
 def _require(ws: Workspace, stage: str) -> dict:
@@ -190,29 +180,35 @@ def _require(ws: Workspace, stage: str) -> dict:
 # --- stages ---------------------------------------------------------------------------------
 
 def _stage_frames(ws: Workspace, job: dict, progress: Progress, t0: float) -> dict:
-    from . import video
+    """Frames of the video (:mod:`.frame_select`) checked before SfM (:mod:`.clip_checks`), or
+    the prepared photos (:mod:`.photos`), into ``frames/`` and ``frames.json`` (with
+    ``warnings``: a damaged video's ``video_truncated`` / ``video_corrupted``)."""
+    from . import clip_checks, frame_select
 
     preset: Preset = job["preset"]
     if Path(job["input"]).is_dir():  # photo set (POST /upload-images, issue 4)
         from . import photos
 
         progress(0.0, "Preparing photos...")
-        res = photos.prepare_photo_frames(job["input"], ws.frames_dir, preset.max_image_size)
-        write_json_atomic(ws.frames_json, res)
-        progress(1.0, f"Prepared {len(res['frames'])} photos")
-        return {"frames_extracted": len(res["frames"]), "num_decoded": res["num_decoded"],
-                "video": res["video"], "input_kind": "images"}
-    res = video.extract_frames(job["input"], ws.frames_dir, preset.max_frames,
-                               max_image_size=preset.max_image_size,
-                               progress=lambda f, m: progress(0.9 * f, m))
+        photo_res = photos.prepare_photo_frames(job["input"], ws.frames_dir,
+                                                preset.max_image_size)
+        write_json_atomic(ws.frames_json, photo_res)
+        progress(1.0, f"Prepared {len(photo_res['frames'])} photos")
+        return {"frames_extracted": len(photo_res["frames"]),
+                "num_decoded": photo_res["num_decoded"], "video": photo_res["video"],
+                "input_kind": "images", "warnings": photo_res["warnings"]}
+    res = frame_select.extract_frames(job["input"], ws.frames_dir, preset.max_frames,
+                                      max_image_size=preset.max_image_size,
+                                      progress=lambda f, m: progress(0.9 * f, m))
     progress(0.9, "Checking camera motion and parallax...")
-    # Degenerate clips (dark, blurry, static, tripod pan...) are named here, before SfM.
-    diag = video.diagnose(res, ws.frames_dir)
-    res["motion"], res["parallax"], res["diagnosis"] = (diag["motion"], diag["parallax"],
-                                                       diag["error"])
+    # Degenerate clips (too short, dark, blurry, static, tripod pan...) are named here.
+    diag = clip_checks.diagnose(res, ws.frames_dir)
+    res["motion"], res["parallax"], res["diagnosis"] = (
+        dict(diag["motion"]) if diag["motion"] else None, diag["parallax"], diag["error"])
     write_json_atomic(ws.frames_json, res)  # kept on failure: served at GET /jobs/{id}/frames
     if diag["error"]:
-        raise PipelineError(diag["error"]["code"], details=diag["error"]["details"])
+        raise PipelineError(diag["error"]["code"], message=diag["error"]["message"] or "",
+                            details=diag["error"]["details"])
     progress(1.0, f"Selected {len(res['frames'])} frames")
     return {"frames_extracted": len(res["frames"]), "num_decoded": res["num_decoded"],
             "video": res["video"], "motion": diag["motion"], "selection": res["selection"],
@@ -220,24 +216,26 @@ def _stage_frames(ws: Workspace, job: dict, progress: Progress, t0: float) -> di
 
 
 def _stage_features(ws: Workspace, job: dict, progress: Progress, t0: float) -> dict:
-    from . import reconstruction
+    from . import sfm_features
 
     _require(ws, "frames")
-    return reconstruction.extract_features(ws.database, ws.frames_dir, job["preset"],
-                                           use_gpu=bool(job["use_gpu"]), progress=progress)
+    return sfm_features.extract_features(ws.database, ws.frames_dir, job["preset"],
+                                         use_gpu=bool(job["use_gpu"]),
+                                         progress=progress).to_dict()
 
 
 def _stage_matching(ws: Workspace, job: dict, progress: Progress, t0: float) -> dict:
-    from . import reconstruction
+    from . import sfm_features
 
     _require(ws, "features")
     threads = {"num_threads": 1} if _repeatable(job) else {}
-    return reconstruction.match_sequential(ws.database, use_gpu=bool(job["use_gpu"]),
-                                           progress=progress, **threads)
+    return sfm_features.match_sequential(ws.database, use_gpu=bool(job["use_gpu"]),
+                                         progress=progress, **threads).to_dict()
 
 
 def _stage_mapping(ws: Workspace, job: dict, progress: Progress, t0: float) -> dict:
-    """Map with checks and the bounded recovery ladder (:mod:`.ladder`, issue 4)."""
+    """Map with checks and the bounded recovery ladder (:mod:`.ladder`, issue 4); a failure is
+    named after blur when the frames' sharpness explains it (:func:`.ladder.name_failure`)."""
     from . import ladder
 
     _require(ws, "matching")
@@ -246,95 +244,52 @@ def _stage_mapping(ws: Workspace, job: dict, progress: Progress, t0: float) -> d
     _sqlite_copy(ws.database, ws.database_before_mapping)
     repeatable = _repeatable(job)
 
-    def more_frames() -> dict:
+    def more_frames() -> ladder.AddedFrames:
         """The ladder's ``more_frames`` rung: a frame between each pair of selected frames."""
-        from . import reconstruction, video
+        from . import sfm_features
+        from .more_frames import extract_between
 
-        added = video.extract_between(job["input"], ws.frames_dir, frames["frames"],
-                                      max_image_size=preset.max_image_size)
+        added = extract_between(job["input"], ws.frames_dir, frames["frames"],
+                                max_image_size=preset.max_image_size)
         names = [a["file"] for a in added]
         write_json_atomic(ws.frames_added_json, {"added": names, "frames": added})
         if names:
-            reconstruction.extract_features(
+            sfm_features.extract_features(
                 ws.database, ws.frames_dir, preset, use_gpu=bool(job["use_gpu"]), names=names,
                 num_threads=repeatable.get("num_threads", -1))
-        return {"added": names, "frames": len(frames["frames"]) + len(names)}
+        return ladder.AddedFrames(names, len(frames["frames"]) + len(names))
 
     is_video = not Path(job["input"]).is_dir()
-    return ladder.run_ladder(ws.database, ws.frames_dir, ws.sparse_dir, len(frames["frames"]),
-                             quality=preset.quality, use_gpu=bool(job["use_gpu"]),
-                             focal_prior_px=frames.get("focal_prior_px"), progress=progress,
-                             more_frames=more_frames if is_video else None, **repeatable)
+    try:
+        summary = ladder.run_ladder(
+            ws.database, ws.frames_dir, ws.sparse_dir, len(frames["frames"]),
+            quality=preset.quality, use_gpu=bool(job["use_gpu"]),
+            focal_prior_px=frames.get("focal_prior_px"), progress=progress,
+            more_frames=more_frames if is_video else None, **repeatable)
+    except PipelineError as exc:
+        raise ladder.name_failure(exc, frames["frames"]) from None
+    return summary.model_dump(mode="json")
 
 
 def _stage_export(ws: Workspace, job: dict, progress: Progress, t0: float) -> dict:
-    from . import export, reconstruction
+    """Artifacts, then ``result.json``: a :class:`..results.JobResult` (:mod:`.job_result`)
+    carrying every stage's warnings."""
+    from ..results import MappingSummary
+    from . import export, job_result
 
     _require(ws, "frames")
-    mapping_cp = _require(ws, "mapping")
-    chosen = mapping_cp["summary"]["chosen_model"]
-    model_dir = ws.sparse_dir / str(chosen)
+    mapping = MappingSummary.model_validate(_require(ws, "mapping")["summary"])
+    model_dir = ws.sparse_dir / str(mapping.chosen_model)
     progress(0.0, "Writing point cloud and model files...")
     artifacts = export.export_model(model_dir, ws.frames_dir, ws.artifacts_dir)
-    # issue 6: dense artifacts, when the GPU stages made them
-    for name in ("fused.ply", "mesh.ply", "mesh.glb"):
-        src = ws.dense_dir / name
-        if src.is_file():
-            shutil.copyfile(src, ws.artifacts_dir / name)
-            artifacts.append(export.describe_artifact(ws.artifacts_dir / name))
-    dense_summary = (read_checkpoint(ws.root, "dense") or {}).get("summary")
-    meshing_summary = (read_checkpoint(ws.root, "meshing") or {}).get("summary")
+    artifacts += export.copy_dense_artifacts(ws.dense_dir, ws.artifacts_dir)  # GPU stages
     progress(0.8, "Reading back model statistics...")
-    summary = reconstruction.summarize_model(model_dir)
-    frames = read_json(ws.frames_json)
-    timings = {}
-    for s in STAGE_ORDER[:-1]:
-        cp = read_checkpoint(ws.root, s)
-        timings[s] = cp["elapsed_s"] if cp else None
-    timings["export"] = round(time.monotonic() - t0, 3)
-    timings["total"] = round(sum(v for v in timings.values() if v is not None), 3)
-    result = {
-        "frames_extracted": len(frames["frames"]),
-        # frames given to the chosen mapping attempt (more after the ``more_frames`` rung)
-        "frames_used": int(mapping_cp["summary"].get("frames", len(frames["frames"]))),
-        "frames_added": mapping_cp["summary"].get("frames_added", []),
-        "focal_prior_px": frames.get("focal_prior_px"),
-        "registered_images": summary["registered_images"],
-        "points3d": summary["points3d"],
-        "observations": summary["observations"],
-        "mean_reprojection_error_px": summary["mean_reprojection_error_px"],
-        "mean_track_length": summary["mean_track_length"],
-        "mean_observations_per_image": summary["mean_observations_per_image"],
-        "models": mapping_cp["summary"]["models"],
-        "chosen_model": chosen,
-        "camera": summary["camera"],
-        "timings_s": timings,
-        "artifacts": artifacts,
-        "video": frames["video"],
-        "motion": frames.get("motion"),
-        "features": (read_checkpoint(ws.root, "features") or {}).get("summary"),
-        "matching": (read_checkpoint(ws.root, "matching") or {}).get("summary"),
-        "wide_matching": mapping_cp["summary"].get("wide_matching"),
-        "preset": job["preset"].to_dict(),
-        # issue 4: model checks, the recovery ladder's attempts, and the partial flag
-        "checks": mapping_cp["summary"].get("checks"),
-        "partial": bool(mapping_cp["summary"].get("partial", False)),
-        "quality_warning": mapping_cp["summary"].get("quality_warning"),
-        "warnings": mapping_cp["summary"].get("warnings", []),
-        "model_sizes": mapping_cp["summary"].get("model_sizes"),
-        # the mapper of the chosen attempt; ``first_mapper`` = the preset's (first attempt)
-        "mapper": mapping_cp["summary"].get("chosen_mapper", mapping_cp["summary"].get("mapper")),
-        "first_mapper": mapping_cp["summary"].get("mapper"),
-        "attempts": mapping_cp["summary"].get("attempts"),
-        "input_kind": frames.get("input_kind", "video"),
-        # issue 6: {"skipped": true, "reason": "dense skipped: no CUDA GPU"} on a CPU machine
-        "dense": dense_summary,
-        "meshing": meshing_summary,
-    }
-    write_json_atomic(ws.result_json, result)
+    result = job_result.build_result(ws, job["preset"], mapping, model_dir, artifacts,
+                                     export_s=time.monotonic() - t0)
+    write_json_atomic(ws.result_json, result.model_dump(mode="json"))
     progress(1.0, "Done")
-    return {"registered_images": result["registered_images"], "points3d": result["points3d"],
-            "artifacts": artifacts}
+    return {"registered_images": result.registered_images, "points3d": result.points3d,
+            "artifacts": [a.model_dump(mode="json") for a in artifacts]}
 
 
 def _stage_dense(ws: Workspace, job: dict, progress: Progress, t0: float) -> dict:
@@ -407,10 +362,14 @@ def run_stage(name: str, workspace: str | os.PathLike, progress: Progress | None
     with workspace_lock(ws.root):  # one writer per workspace, released by the kernel on death
         _apply_test_fault(job, name, ws.root)
         _clean_stage(ws, name)
-        progress = progress or _noop
+        progress = progress or no_progress
         t0 = time.monotonic()
         log.info("stage %s started in %s", name, ws.root)
-        summary = _STAGE_FUNCS[name](ws, job, progress, t0)
+        fake_s = fake_stage_seconds()  # TEST ONLY: COLMAP_TEST_FAKE_STAGES (core/fake_stage.py)
+        if fake_s is not None:
+            summary = run_fake_stage(name, ws, progress, fake_s)
+        else:
+            summary = _STAGE_FUNCS[name](ws, job, progress, t0)
         elapsed = round(time.monotonic() - t0, 3)
         write_json_atomic(ws.checkpoint(name), {"stage": name, "elapsed_s": elapsed,
                                                 "summary": summary})
@@ -434,9 +393,9 @@ def run_all(video: str | os.PathLike, out_dir: str | os.PathLike, preset: Preset
         PipelineError: as :func:`run_stage`.
     """
     if use_gpu is None:
-        from . import reconstruction
+        from .sfm_mapping import gpu_capabilities
 
-        use_gpu = bool(reconstruction.gpu_capabilities()["cuda"])
+        use_gpu = bool(gpu_capabilities()["cuda"])
     write_job(out_dir, video, preset, use_gpu=use_gpu)
     for stage in STAGE_ORDER:
         cb = (lambda f, m, _s=stage: progress(_s, f, m)) if progress else None

@@ -1,41 +1,67 @@
-"""Job lifecycle glue between the HTTP layer and the store: turn an upload into a pending job,
-and a stored row into the public view.
+"""Request body -> pending job, for a video and for photos alike: :func:`accept_video` and
+:func:`accept_photos` each do, in order, the ``Idempotency-Key`` check, the disk check, the
+streaming receipt, the form, the replay check, the probe (video) or the photo install, the
+move into the job's folder and the insert of the ``pending`` job.
 
-No FastAPI here: errors are :class:`PipelineError`, turned into HTTP answers by ``api``.
+No web framework here: the body arrives as a :class:`.multipart.UploadBody`, and every refusal
+is a :class:`PipelineError` that the web layer turns into the JSON error shape. The probe runs
+in a child process (``python -m colmap_pipeline probe``), so this process never loads PyAV.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from ..config import Settings
-from ..errors import PipelineError
-from ..layout import DataDir
+from ..errors import ERROR_CATALOG, PipelineError
+from ..jobs import DuplicateKey, Job, JobStore
+from ..layout import DataDir, JobDir
 from ..runner.executor import run_json_command
-from ..web.schemas import ArtifactPublic, JobError, JobPublic
+from . import photo_intake
+from .multipart import ReceivedFiles, UploadBody, receive_files
 
 #: seconds the probe child may take for one upload
 PROBE_TIMEOUT_S = 60.0
+#: longest accepted Idempotency-Key header (characters)
+MAX_IDEMPOTENCY_KEY_LEN = 200
+#: longest project_id / scan_name (characters)
+MAX_NAME_LEN = 200
+#: longest e-mail address (RFC 5321 path limit, characters)
+MAX_EMAIL_LEN = 254
+#: refusals of the probe child passed on to the client as they are (the rest become
+#: ``no_video_stream``); only those the catalog knows count
+PROBE_CODES = frozenset({"no_video_stream", "still_image", "video_incomplete",
+                         "clip_too_short", "video_too_long"})
+#: probe refusals that meant "no usable video" before the narrower codes existed
+_PROBE_AS_NO_VIDEO = frozenset({"too_few_frames", "video_truncated"})
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_QUALITY_HELP = "low: 30 frames/1000 px; medium: 50/1600; high: 100/2400"
+
+InputKind = Literal["video", "images"]
 
 
 class UploadForm(BaseModel):
-    """The text fields of ``POST /upload-video``."""
+    """The text fields of ``POST /upload-video`` and ``POST /upload-images``."""
 
-    project_id: str = Field(min_length=1, max_length=200,
+    project_id: str = Field(min_length=1, max_length=MAX_NAME_LEN,
                             description="the frontend's project id")
-    scan_name: str = Field("Untitled scan", min_length=1, max_length=200,
+    scan_name: str = Field("Untitled scan", min_length=1, max_length=MAX_NAME_LEN,
                            description="display name of the scan")
-    quality: Literal["low", "medium", "high"] = Field(
-        "medium", description="low: 30 frames/1000 px; medium: 50/1600; high: 100/2400")
-    user_email: str | None = Field(None, max_length=254, description="owner's e-mail (optional)")
+    quality: Literal["low", "medium", "high"] = Field("medium", description=_QUALITY_HELP)
+    user_email: str | None = Field(None, max_length=MAX_EMAIL_LEN,
+                                   description="owner's e-mail (optional)",
+                                   json_schema_extra={"format": "email"})
 
     @field_validator("user_email")
     @classmethod
@@ -63,18 +89,96 @@ def parse_form(fields: dict[str, str]) -> UploadForm:
                             details={"fields": problems}) from None
 
 
-async def probe_upload(path: Path, settings: Settings) -> dict:
+def check_idempotency_key(raw: str | None) -> str | None:
+    """The ``Idempotency-Key`` as given (compared byte for byte, never trimmed), or ``None``.
+
+    Raises: PipelineError("invalid_request") for a key outside 1-200 characters.
+    """
+    if raw is not None and not 1 <= len(raw) <= MAX_IDEMPOTENCY_KEY_LEN:
+        raise PipelineError("invalid_request", "Idempotency-Key must be 1-"
+                            f"{MAX_IDEMPOTENCY_KEY_LEN} characters.")
+    return raw
+
+
+def request_fingerprint(kind: InputKind, input_sha256: str, form: UploadForm) -> str:
+    """Hex SHA-256 of what makes two uploads the same request: the input kind, the digest of
+    the file(s) (:func:`input_digest`) and every form field, as canonical JSON."""
+    doc = {"kind": kind, "input_sha256": input_sha256, **form.model_dump()}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
+
+
+def input_digest(received: ReceivedFiles) -> str:
+    """The job's ``input_sha256``: the file's SHA-256 for one file, else the SHA-256 of the
+    files' binary digests in the order received."""
+    if len(received.files) == 1:
+        return received.files[0].sha256
+    digest = hashlib.sha256()
+    for f in received.files:
+        digest.update(bytes.fromhex(f.sha256))
+    return digest.hexdigest()
+
+
+async def require_disk(settings: Settings, content_length: str | None) -> None:
+    """Refuse an upload that would leave less than ``MIN_FREE_DISK_BYTES`` free in DATA_DIR
+    (``Content-Length`` counted when sent). A ``Content-Length`` over ``MAX_UPLOAD_BYTES`` is
+    not a disk problem: it passes here and gets 413 from the receiver (a 507 would invite
+    retries).
+
+    Raises: PipelineError("insufficient_storage") (507) with the numbers in ``details``.
+    """
+    free = (await asyncio.to_thread(shutil.disk_usage, settings.data_dir)).free
+    try:
+        incoming = max(0, int(content_length or 0))
+    except ValueError:
+        incoming = 0
+    if incoming > settings.max_upload_bytes or free - incoming >= settings.min_free_disk_bytes:
+        return
+    raise PipelineError(
+        "insufficient_storage",
+        f"Only {free} bytes are free; the service keeps {settings.min_free_disk_bytes}.",
+        details={"free_disk_bytes": free, "upload_bytes": incoming,
+                 "min_free_disk_bytes": settings.min_free_disk_bytes})
+
+
+def _public_details(details: Any, path: Path) -> dict[str, Any] | None:
+    """The probe's ``details`` without anything naming the server's files (the upload's
+    path or server-made name)."""
+    if not isinstance(details, dict):
+        return None
+    secret = (str(path.parent), path.name)
+    out = {k: v for k, v in details.items()
+           if k not in ("file", "path") and not any(s in str(v) for s in secret)}
+    return out or None
+
+
+def _probe_refusal(rc: int, doc: Any, path: Path) -> PipelineError:
+    """The client-facing error for a probe child that did not describe a video."""
+    err = doc.get("error") if isinstance(doc, dict) else None
+    if not isinstance(err, dict):
+        return PipelineError("no_video_stream", details={"probe_exit": rc})
+    code, message, hint = err.get("code"), err.get("message") or "", err.get("hint") or ""
+    if code == "no_video_stream" or code in _PROBE_AS_NO_VIDEO:
+        return PipelineError("no_video_stream", message, hint)
+    if code in PROBE_CODES and code in ERROR_CATALOG:
+        return PipelineError(code, message, hint, _public_details(err.get("details"), path))
+    return PipelineError("no_video_stream", details={"probe_exit": rc})
+
+
+async def probe_upload(path: Path, settings: Settings) -> dict[str, Any]:
     """Probe an uploaded file in a child process.
 
-    Returns the probe dict (codec, width, height, fps, duration_s, rotation, …).
-    Raises: PipelineError no_video_stream (415) or video_too_long (422).
+    Returns: the probe (:class:`..results.VideoProbe` fields: container, codec, width, height,
+        fps, duration_s, rotation, …).
+    Raises: PipelineError: the child's refusal when it is one of :data:`PROBE_CODES`
+        (``still_image`` for a photo renamed ``.mp4``, ``video_incomplete`` for a file cut
+        before its index…), else ``no_video_stream`` (415); ``video_too_long`` (422) over
+        ``MAX_VIDEO_SECONDS``; ``pipeline_error`` when the child runs past
+        :data:`PROBE_TIMEOUT_S`.
     """
-    rc, doc, err = await run_json_command(["probe", str(path)], timeout_s=PROBE_TIMEOUT_S)
+    rc, doc, _ = await run_json_command(["probe", str(path)], timeout_s=PROBE_TIMEOUT_S)
     if rc != 0 or not isinstance(doc, dict) or "error" in doc:
-        e = (doc or {}).get("error") if isinstance(doc, dict) else None
-        if e and e.get("code") in ("no_video_stream", "too_few_frames", "video_truncated"):
-            raise PipelineError("no_video_stream", e.get("message") or "", e.get("hint") or "")
-        raise PipelineError("no_video_stream", details={"probe_exit": rc})
+        raise _probe_refusal(rc, doc, path)
     duration = float(doc.get("duration_s") or 0.0)
     if duration > settings.max_video_seconds:
         raise PipelineError(
@@ -84,58 +188,173 @@ async def probe_upload(path: Path, settings: Settings) -> dict:
     return doc
 
 
-def _install_input(src: Path, dest: Path) -> None:
+def container_ext(probe: dict[str, Any]) -> str:
+    """File extension for the stored input, from the probed container name (never the
+    client's): ``mp4`` for the ``mov,mp4,…`` family, else its first name, else ``bin``."""
+    names = [re.sub(r"[^a-z0-9]", "", n.lower())[:8]
+             for n in str(probe.get("container", "")).split(",")]
+    return "mp4" if "mp4" in names else next((n for n in names if n), "bin")
+
+
+# ---- the one intake pipeline ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Accepted:
+    """An accepted upload: the job, and whether it is an ``Idempotency-Key`` replay (then the
+    job is the earlier one, in its current state)."""
+
+    job: Job
+    replayed: bool
+    input_kind: InputKind
+
+
+@dataclass(frozen=True)
+class _Installed:
+    input_path: Path
+    input_filename: str | None
+    video_info: dict[str, Any]
+
+
+Installer = Callable[[ReceivedFiles, JobDir, Settings], Awaitable[_Installed]]
+
+
+@dataclass(frozen=True)
+class _Kind:
+    name: InputKind
+    file_fields: frozenset[str]
+    max_files: int
+    install: Installer
+
+
+def _move(src: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(src, dest)
 
 
-async def create_job_from_upload(store: Any, settings: Settings, *, upload_path: Path,
-                                 size_bytes: int, sha256: str, client_filename: str | None,
-                                 form: UploadForm, video: dict,
-                                 idempotency_key: str | None = None) -> dict:
-    """Move the upload into the job's folder and insert the ``pending`` row.
+async def _install_video(received: ReceivedFiles, jdir: JobDir,
+                         settings: Settings) -> _Installed:
+    upload = received.files[0]
+    probe = await probe_upload(upload.path, settings)
+    dest = jdir.input_video(container_ext(probe))
+    await asyncio.to_thread(_move, upload.path, dest)
+    return _Installed(dest, upload.client_filename, probe)
 
-    The file is stored as ``DATA_DIR/jobs/JOB_ID/input/video.<container>`` (a name the server
-    makes). If the insert fails, the job folder is removed. ``idempotency_key`` (the upload's
-    ``Idempotency-Key`` header) is unique among live jobs: a duplicate raises
-    ``sqlite3.IntegrityError``.
-    Returns: the stored row.
-    """
+
+async def _install_photos(received: ReceivedFiles, jdir: JobDir,
+                          settings: Settings) -> _Installed:
+    images = jdir.input_images
+    photos = await asyncio.to_thread(photo_intake.install_photo_set, received.files, images)
+    name = received.files[0].client_filename if photos.source == "zip" \
+        else f"{photos.count} photos"
+    return _Installed(images, name, {"kind": "images", "images": photos.count,
+                                     "source": photos.source})
+
+
+VIDEO = _Kind("video", frozenset({"video"}), 1, _install_video)
+PHOTOS = _Kind("images", photo_intake.FILE_FIELDS, photo_intake.MAX_PHOTOS, _install_photos)
+
+
+def _replay(existing: Job, fingerprint: str, kind: _Kind) -> Accepted:
+    """The earlier job of this key, or 422 when the key came with another request."""
+    if existing.request_fingerprint not in (None, fingerprint):
+        raise PipelineError(
+            "idempotency_key_reused",
+            "This Idempotency-Key belongs to an upload with another file or other fields "
+            f"(job {existing.job_id}).", details={"job_id": existing.job_id})
+    return Accepted(existing, True, kind.name)
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What the insert needs to know about the upload."""
+
+    received: ReceivedFiles
+    form: UploadForm
+    input_sha256: str
+    key: str | None
+    fingerprint: str
+
+
+async def _insert(store: JobStore, settings: Settings, req: _Request, kind: _Kind) -> Accepted:
+    """Install the input into a new job folder and insert the pending job; the folder is
+    removed again if anything fails (a concurrent upload with the same key included)."""
     job_id = str(uuid.uuid4())
-    names = [re.sub(r"[^a-z0-9]", "", n.lower())[:8]
-             for n in str(video.get("container", "")).split(",")]
-    ext = "mp4" if "mp4" in names else next((n for n in names if n), "bin")
     jdir = DataDir(settings.data_dir).job(job_id)
-    dest = jdir.input_video(ext)
-    await asyncio.to_thread(_install_input, upload_path, dest)
     try:
-        return await store.create_job({
-            "job_id": job_id, "scan_id": str(uuid.uuid4()), "project_id": form.project_id,
-            "scan_name": form.scan_name, "user_email": form.user_email, "quality": form.quality,
-            "input_path": str(dest), "input_filename": client_filename,
-            "input_bytes": size_bytes, "input_sha256": sha256, "video_info": video,
-            **({"idempotency_key": idempotency_key} if idempotency_key else {})})
+        installed = await kind.install(req.received, jdir, settings)
+        job = await store.create_job({
+            "job_id": job_id, "scan_id": str(uuid.uuid4()), "project_id": req.form.project_id,
+            "scan_name": req.form.scan_name, "user_email": req.form.user_email,
+            "quality": req.form.quality, "input_path": str(installed.input_path),
+            "input_filename": installed.input_filename,
+            "input_bytes": req.received.total_bytes, "input_sha256": req.input_sha256,
+            "video_info": installed.video_info, "idempotency_key": req.key,
+            "request_fingerprint": req.fingerprint})
+    except DuplicateKey:
+        await asyncio.to_thread(shutil.rmtree, jdir.root, True)
+        existing = await store.find_by_idempotency_key(req.key) if req.key else None
+        if existing is None:
+            raise
+        return _replay(existing, req.fingerprint, kind)  # a concurrent upload won
     except BaseException:
         await asyncio.to_thread(shutil.rmtree, jdir.root, True)
         raise
+    return Accepted(job, False, kind.name)
 
 
-def job_public(row: dict, queue_position: int | None = None) -> JobPublic:
-    """The public view of a stored job row."""
-    results = row.get("results")
-    artifacts = [ArtifactPublic(**{k: a[k] for k in ArtifactPublic.model_fields if k in a})
-                 for a in (results or {}).get("artifacts", []) if "url" in a]
-    error = None
-    if row.get("error_code"):
-        error = JobError(code=row["error_code"], message=row.get("error_message") or "",
-                         hint=row.get("error_hint") or "")
-    return JobPublic(
-        job_id=row["job_id"], scan_id=row["scan_id"], project_id=row["project_id"],
-        scan_name=row["scan_name"], quality=row["quality"], status=row["status"],
-        progress=row["progress"], current_stage=row.get("current_stage"),
-        message=row.get("message"), queue_position=queue_position,
-        created_at=row["created_at"], started_at=row.get("started_at"),
-        finished_at=row.get("finished_at"), attempt=row.get("attempt", 0),
-        input_bytes=row["input_bytes"], input_sha256=row["input_sha256"],
-        video=row.get("video_info"), error=error, results=results, artifacts=artifacts,
-        attempts=row.get("attempts") or [])
+def _remove(received: ReceivedFiles) -> None:
+    for f in received.files:
+        f.path.unlink(missing_ok=True)  # a no-op once moved into the job folder
+
+
+async def _accept(body: UploadBody, store: JobStore, settings: Settings,
+                  kind: _Kind) -> Accepted:
+    key = check_idempotency_key(body.idempotency_key)
+    await require_disk(settings, body.content_length)
+    received = await receive_files(
+        body, DataDir(settings.data_dir).uploads, max_bytes=settings.max_upload_bytes,
+        file_fields=kind.file_fields, max_files=kind.max_files,
+        read_timeout_s=settings.upload_read_timeout_s)
+    try:
+        form = parse_form(received.fields)
+        digest = input_digest(received)
+        fingerprint = request_fingerprint(kind.name, digest, form)
+        if key is not None:
+            existing = await store.find_by_idempotency_key(key)
+            if existing is not None:
+                return _replay(existing, fingerprint, kind)
+        return await _insert(store, settings,
+                             _Request(received, form, digest, key, fingerprint), kind)
+    finally:
+        await asyncio.to_thread(_remove, received)
+
+
+async def accept_video(body: UploadBody, *, store: JobStore, settings: Settings) -> Accepted:
+    """``POST /upload-video``: one file in the field ``video`` plus :class:`UploadForm`.
+
+    The file is stored as ``DATA_DIR/jobs/JOB_ID/input/video.<container>`` (a name the server
+    makes from the probe). The same ``Idempotency-Key`` with the same request (file digest and
+    fields, :func:`request_fingerprint`) replays the earlier job; with another request it is
+    refused.
+
+    Returns: the new ``pending`` job, or the replayed one.
+    Raises: PipelineError: ``invalid_request`` (bad key, form or body), ``insufficient_storage``,
+        the receiver's (``upload_too_large``, ``empty_file``, ``upload_timeout``), the probe's
+        (:func:`probe_upload`), ``idempotency_key_reused``. Nothing is left on disk after a
+        refusal.
+    """
+    return await _accept(body, store, settings, VIDEO)
+
+
+async def accept_photos(body: UploadBody, *, store: JobStore, settings: Settings) -> Accepted:
+    """``POST /upload-images``: 3-300 photos in the field ``images`` (or ``zip``), or one zip,
+    plus :class:`UploadForm`; otherwise as :func:`accept_video`.
+
+    The photos are stored as ``DATA_DIR/jobs/JOB_ID/input/images/img_NNNNN.jpg|png``; the job's
+    ``video_info`` is ``{"kind": "images", "images": n, "source": "photos"|"zip"}``.
+
+    Raises: PipelineError: as :func:`accept_video` without the probe's, plus
+        :func:`.photo_intake.install_photo_set`'s (``unsafe_archive``, ``unsupported_image``,
+        ``too_few_frames``).
+    """
+    return await _accept(body, store, settings, PHOTOS)

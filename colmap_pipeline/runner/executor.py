@@ -1,6 +1,6 @@
 """Child processes for pipeline work: argv only (never a shell), own process group, lower CPU
 priority, and death with the server (``PR_SET_PDEATHSIG``, set by the child itself in
-:mod:`colmap_pipeline.child`).
+:mod:`colmap_pipeline.core.child`).
 
 The API process uses this module to run ``python -m colmap_pipeline …``; it never imports
 pycolmap itself. A child that pycolmap aborts (SIGABRT) fails one stage of one job.
@@ -8,6 +8,7 @@ pycolmap itself. A child that pycolmap aborts (SIGABRT) fails one stage of one j
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import signal
@@ -16,9 +17,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import PipelineError
 from ..layout import Workspace
+from ..protocol import EXIT_OK, DoneEvent, ErrorEvent, ProgressEvent, parse_event
 
 ProgressCallback = Callable[[float, str], Awaitable[None]]
 
@@ -121,10 +124,10 @@ async def _stop(proc: asyncio.subprocess.Process, grace_s: float | None = None) 
 
 
 async def run_json_command(args: list[str], *, timeout_s: float, nice: int = 0,
-                           cwd: Path | None = None) -> tuple[int, dict | None, str]:
-    """Run ``python -m colmap_pipeline ARGS`` that prints one JSON document on stdout.
+                           cwd: Path | None = None) -> tuple[int, dict[str, Any] | None, str]:
+    """Run ``python -m colmap_pipeline ARGS`` that prints one JSON object on stdout.
 
-    Returns ``(returncode, parsed JSON or None, stderr tail)``.
+    Returns ``(returncode, the parsed object or None, last 2000 characters of stderr)``.
     Raises: PipelineError("pipeline_error") when it runs past ``timeout_s`` (it is killed).
     """
     proc = await asyncio.create_subprocess_exec(
@@ -142,9 +145,10 @@ async def run_json_command(args: list[str], *, timeout_s: float, nice: int = 0,
         raise
     try:
         doc = json.loads(out.decode() or "null")
-    except json.JSONDecodeError:
+    except ValueError:
         doc = None
-    return proc.returncode, doc, err.decode(errors="replace")[-2000:]
+    rc = proc.returncode if proc.returncode is not None else -signal.SIGKILL
+    return rc, doc if isinstance(doc, dict) else None, err.decode(errors="replace")[-2000:]
 
 
 @dataclass
@@ -152,16 +156,18 @@ class StageOutcome:
     """How one stage child ended.
 
     Attributes:
-        returncode: the child's exit status; negative = killed by that signal number.
-        summary: the stage summary from its ``done`` event, when it succeeded.
-        error: ``{"code","message","hint",...}`` from its ``error`` event, if it sent one.
+        returncode: the child's exit status (:data:`~..protocol.EXIT_OK` ...); negative =
+            killed by that signal number.
+        summary: the stage summary from its ``done`` event, when it sent one.
+        error: its ``error`` event (catalog code, message, hint, details), if it sent one.
         timed_out: the deadline passed and the group was killed.
-        stderr_path: the child's log.
+        stderr_path: the child's log (``WS/logs/STAGE.log``).
+        events: protocol lines read from its stdout.
     """
 
     returncode: int
-    summary: dict | None = None
-    error: dict | None = None
+    summary: dict[str, Any] | None = None
+    error: ErrorEvent | None = None
     timed_out: bool = False
     stderr_path: Path | None = None
     events: int = field(default=0)
@@ -169,7 +175,37 @@ class StageOutcome:
     @property
     def ok(self) -> bool:
         """True when the child exited 0 after a ``done`` event."""
-        return self.returncode == 0 and self.summary is not None and not self.timed_out
+        return self.returncode == EXIT_OK and self.summary is not None and not self.timed_out
+
+
+async def _maybe_await(value: Awaitable[None] | None) -> None:
+    if value is not None and inspect.isawaitable(value):
+        await value
+
+
+async def _follow_events(proc: asyncio.subprocess.Process, outcome: StageOutcome,
+                         on_progress: ProgressCallback, deadline: float) -> None:
+    """Read the child's protocol lines until its stdout closes, filling ``outcome`` and relaying
+    each progress event unchanged. Raises TimeoutError at ``deadline`` (``loop.time()``)."""
+    loop = asyncio.get_running_loop()
+    assert proc.stdout is not None
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise TimeoutError
+        line = await asyncio.wait_for(proc.stdout.readline(), remaining)
+        if not line:
+            return
+        event = parse_event(line)
+        if event is None:
+            continue
+        outcome.events += 1
+        if isinstance(event, ProgressEvent):
+            await on_progress(event.fraction, event.message)
+        elif isinstance(event, DoneEvent):
+            outcome.summary = event.summary
+        else:
+            outcome.error = event
 
 
 async def run_stage(stage: str, workspace: Path, *, on_progress: ProgressCallback,
@@ -178,20 +214,21 @@ async def run_stage(stage: str, workspace: Path, *, on_progress: ProgressCallbac
                     kill_grace_s: float | None = None) -> StageOutcome:
     """Run ``python -m colmap_pipeline stage STAGE --workspace WS`` and follow its events.
 
-    The child prints one JSON object per line on stdout (``progress``/``done``/``error``);
-    its stderr goes to ``WS/logs/STAGE.log``.
+    The child prints one JSON object per line on stdout (the protocol of
+    :mod:`colmap_pipeline.protocol`: progress / done / error); its stderr goes to
+    ``WS/logs/STAGE.log``.
 
     Args:
         deadline: ``loop.time()`` after which the child's group is killed (job timeout).
-        on_progress: awaited with ``(fraction 0-1, message)`` for each progress event.
+        on_progress: awaited with ``(fraction 0-1, message)`` for each progress event, as the
+            child sent them.
         on_spawn: called (and awaited, if it returns an awaitable) with the child's pid (= its
             process group id) right after start.
         kill_grace_s: seconds between SIGTERM and SIGKILL when the child must be stopped
             (default :data:`KILL_GRACE_S`).
-    Raises: asyncio.CancelledError after killing the child's group, when the caller is
-        cancelled (shutdown).
+    Raises: asyncio.CancelledError after stopping the child's group, when the caller is
+        cancelled (operator cancel, shutdown).
     """
-    loop = asyncio.get_running_loop()
     ws = Workspace(workspace)
     await asyncio.to_thread(ws.logs_dir.mkdir, parents=True, exist_ok=True)
     log_path = ws.log(stage)
@@ -203,33 +240,12 @@ async def run_stage(stage: str, workspace: Path, *, on_progress: ProgressCallbac
             env=child_env(nice=nice, extra=env_extra), start_new_session=True)
     finally:
         await asyncio.to_thread(log.close)  # the child holds its own copy
-    outcome = StageOutcome(returncode=0, stderr_path=log_path)
-    assert proc.stdout is not None
+    outcome = StageOutcome(returncode=EXIT_OK, stderr_path=log_path)
     try:
         if on_spawn:
-            res = on_spawn(proc.pid)
-            if asyncio.iscoroutine(res):
-                await res
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise TimeoutError
-            line = await asyncio.wait_for(proc.stdout.readline(), remaining)
-            if not line:
-                break
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            outcome.events += 1
-            kind = event.get("event")
-            if kind == "progress":
-                await on_progress(float(event.get("fraction", 0.0)), str(event.get("message", "")))
-            elif kind == "done":
-                outcome.summary = event.get("summary") or {}
-            elif kind == "error":
-                outcome.error = {k: event.get(k) for k in ("code", "message", "hint", "details")}
-        remaining = max(0.1, deadline - loop.time())
+            await _maybe_await(on_spawn(proc.pid))
+        await _follow_events(proc, outcome, on_progress, deadline)
+        remaining = max(0.1, deadline - asyncio.get_running_loop().time())
         outcome.returncode = await asyncio.wait_for(proc.wait(), remaining)
     except TimeoutError:
         outcome.timed_out = True
@@ -245,7 +261,7 @@ async def run_stage(stage: str, workspace: Path, *, on_progress: ProgressCallbac
 
 
 def describe_exit(returncode: int) -> str:
-    """'exit status 3' or 'signal SIGABRT' for a child's return code."""
+    """``'exit status 3'`` or ``'signal SIGABRT'`` for a child's return code."""
     if returncode < 0:
         try:
             return f"signal {signal.Signals(-returncode).name}"

@@ -1,13 +1,15 @@
 """GPU capability, probed once at start-up in a child process (the API never imports pycolmap).
 
 ``python -m colmap_pipeline gpu-probe`` reports what pycolmap in the children can do; NVML
-(nvidia-ml-py) is asked for the device names, which is safe from the API process.
+(nvidia-ml-py, :func:`nvml_devices`, the one NVML reader) is asked for the devices and their
+live readings, which is safe from the API process (no CUDA context is created).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from .executor import run_json_command
 
@@ -17,6 +19,63 @@ log = logging.getLogger("colmap_worker.gpu")
 GPU_PROBE_TIMEOUT_S = 120.0
 
 
+@dataclass(frozen=True)
+class GpuDevice:
+    """One NVIDIA GPU as NVML reports it now.
+
+    Attributes:
+        index: NVML device index.
+        name: e.g. ``"NVIDIA H100 80GB HBM3"``.
+        memory_total_bytes / memory_used_bytes: ``nvmlDeviceGetMemoryInfo`` (bytes).
+        utilization_gpu_percent: percent of the last sample period the GPU was busy
+            (``nvmlDeviceGetUtilizationRates``); ``None`` where unsupported (some vGPUs).
+    """
+
+    index: int
+    name: str
+    memory_total_bytes: int
+    memory_used_bytes: int
+    utilization_gpu_percent: int | None
+
+
+def _read_device(nvml: Any, index: int) -> GpuDevice:
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    name = nvml.nvmlDeviceGetName(handle)
+    mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+    try:
+        util: int | None = int(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+    except Exception:  # noqa: BLE001 - e.g. NVML_ERROR_NOT_SUPPORTED on some vGPUs
+        util = None
+    return GpuDevice(index, name.decode() if isinstance(name, bytes) else str(name),
+                     int(mem.total), int(mem.used), util)
+
+
+def nvml_devices() -> list[GpuDevice]:
+    """Every NVIDIA GPU as NVML reports it now; ``[]`` without a driver or nvidia-ml-py, and
+    the devices read so far when NVML fails midway. Cheap (no CUDA context); never raises.
+    Blocking (NVML calls): call it in a thread from async code."""
+    try:
+        import pynvml
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no driver: no GPU
+        return []
+    out: list[GpuDevice] = []
+    try:
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            out.append(_read_device(pynvml, i))
+    except Exception:  # noqa: BLE001 - report what was read
+        log.debug("NVML stopped answering after %d device(s)", len(out), exc_info=True)
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:  # noqa: BLE001 - nothing left to release
+            pass
+    return out
+
+
 @dataclass
 class GpuInfo:
     """What the pipeline children can run on.
@@ -24,7 +83,8 @@ class GpuInfo:
     Attributes:
         cuda: pycolmap was built with CUDA.
         device_count: CUDA devices visible to the children.
-        enabled: GPU stages will use the GPU (``cuda and device_count > 0 and not COLMAP_CPU_ONLY``).
+        enabled: GPU stages will use the GPU
+            (``cuda and device_count > 0 and not COLMAP_CPU_ONLY``).
         cpu_only_forced: ``COLMAP_CPU_ONLY`` was set.
         devices: NVML device names, when NVML answers.
         dense_possible: PatchMatch stereo can run (CUDA pycolmap, a device, not CPU-only).
@@ -41,99 +101,19 @@ class GpuInfo:
     pycolmap_version: str | None = None
     error: str | None = None
 
-    def public(self) -> dict:
-        """JSON form for ``/`` and ``/health``, with live NVML readings (memory, utilisation)
-        of each GPU; cheap (NVML calls, no CUDA context), never raises."""
+    def public(self) -> dict[str, Any]:
+        """JSON form for ``/`` and ``/health``: the probe's fields plus ``devices``, each GPU's
+        live NVML readings (:class:`GpuDevice` as a dict). Blocking (NVML): call in a thread."""
         return {"cuda": self.cuda, "device_count": self.device_count, "enabled": self.enabled,
                 "cpu_only_forced": self.cpu_only_forced, "dense_possible": self.dense_possible,
                 "pycolmap_version": self.pycolmap_version, "error": self.error,
-                "devices": nvml_devices()}
+                "devices": [asdict(d) for d in nvml_devices()]}
 
 
-def nvml_devices() -> list[dict]:
-    """Each NVIDIA GPU as NVML reports it now; ``[]`` without a driver or nvidia-ml-py.
-
-    Returns:
-        ``[{"index": int, "name": str, "memory_total_bytes": int, "memory_used_bytes": int,
-        "utilization_gpu_percent": int | None}]`` (utilisation: percent of the last sample
-        period the GPU was busy, ``nvmlDeviceGetUtilizationRates``; ``None`` when unsupported).
-    """
-    try:
-        import pynvml
-    except ImportError:
-        return []
-    try:
-        pynvml.nvmlInit()
-    except Exception:  # noqa: BLE001 - no driver: no GPU
-        return []
-    out = []
-    try:
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(h)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-            try:
-                util = int(pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
-            except Exception:  # noqa: BLE001 - e.g. NVML_ERROR_NOT_SUPPORTED on some vGPUs
-                util = None
-            out.append({"index": i, "name": name.decode() if isinstance(name, bytes) else str(name),
-                        "memory_total_bytes": int(mem.total), "memory_used_bytes": int(mem.used),
-                        "utilization_gpu_percent": util})
-    except Exception:  # noqa: BLE001 - report what was read
-        pass
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001
-            pass
-    return out
-
-
-def nvml_device_names() -> list[str]:
-    """Names of NVIDIA GPUs via NVML; ``[]`` when there is no driver or no NVML."""
-    try:
-        import pynvml
-    except ImportError:
-        return []
-    try:
-        pynvml.nvmlInit()
-    except Exception:
-        return []
-    try:
-        names = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))
-            names.append(name.decode() if isinstance(name, bytes) else str(name))
-        return names
-    except Exception:
-        return []
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
-
-
-async def probe_gpu(*, cpu_only: bool) -> GpuInfo:
-    """Run the GPU probe child once; never raises (a failed probe means CPU)."""
-    info = GpuInfo(cpu_only_forced=cpu_only)
-    try:
-        rc, doc, err = await run_json_command(["gpu-probe"], timeout_s=GPU_PROBE_TIMEOUT_S)
-    except Exception as exc:  # noqa: BLE001 - any failure means "no GPU"
-        info.error = f"probe failed: {exc}"
-        return info
-    if rc != 0 or not isinstance(doc, dict):
-        info.error = f"probe exited {rc}: {err[-300:]}"
-        return info
-    info.cuda = bool(doc.get("cuda"))
-    info.device_count = int(doc.get("device_count") or 0)
-    info.pycolmap_version = doc.get("pycolmap_version")
-    if info.cuda:
-        info.devices = await asyncio.to_thread(nvml_device_names)
-    info.enabled = info.cuda and info.device_count > 0 and not cpu_only
-    info.dense_possible = bool(doc.get("dense_possible")) and info.enabled
+def _log_probe(info: GpuInfo, cpu_only: bool) -> None:
     if info.enabled:
-        log.info("GPU detected: %s", ", ".join(info.devices) or f"{info.device_count} CUDA device(s)")
+        log.info("GPU detected: %s",
+                 ", ".join(info.devices) or f"{info.device_count} CUDA device(s)")
     elif cpu_only and info.cuda and info.device_count:
         log.info("GPU present but COLMAP_CPU_ONLY=true: every stage runs on the CPU")
     else:
@@ -141,4 +121,29 @@ async def probe_gpu(*, cpu_only: bool) -> GpuInfo:
                  "the CPU, dense stages skipped", info.cuda, info.device_count)
     log.info("GPU probe: cuda=%s devices=%d enabled=%s dense=%s", info.cuda, info.device_count,
              info.enabled, info.dense_possible)
+
+
+async def probe_gpu(*, cpu_only: bool) -> GpuInfo:
+    """Run the GPU probe child (``python -m colmap_pipeline gpu-probe``) once.
+
+    Never raises: a probe that fails, times out (:data:`GPU_PROBE_TIMEOUT_S`) or prints no
+    JSON object means "CPU only", with the reason in :attr:`GpuInfo.error`.
+    """
+    info = GpuInfo(cpu_only_forced=cpu_only)
+    try:
+        rc, doc, err = await run_json_command(["gpu-probe"], timeout_s=GPU_PROBE_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - any failure means "no GPU"
+        info.error = f"probe failed: {exc}"
+        return info
+    if rc != 0 or doc is None:
+        info.error = f"probe exited {rc}: {err[-300:]}"
+        return info
+    info.cuda = bool(doc.get("cuda"))
+    info.device_count = int(doc.get("device_count") or 0)
+    info.pycolmap_version = doc.get("pycolmap_version")
+    if info.cuda:
+        info.devices = [d.name for d in await asyncio.to_thread(nvml_devices)]
+    info.enabled = info.cuda and info.device_count > 0 and not cpu_only
+    info.dense_possible = bool(doc.get("dense_possible")) and info.enabled
+    _log_probe(info, cpu_only)
     return info

@@ -1,15 +1,26 @@
-"""Pydantic models of the HTTP contract (field names from the deployment guide; extra fields added).
+"""Pydantic models of the HTTP contract (field names from the deployment guide; extra fields
+added), and the conversion of a stored :class:`..jobs.Job` into its public view.
 
-These are what ``/docs`` shows; every field has a description.
+These are what ``/docs`` shows; every field has a description. A completed job's ``results``,
+its ``video`` probe, its run records and the per-frame scores are the typed models of
+:mod:`..results`, the same ones the pipeline child writes.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+import logging
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
-JobStatus = Literal["pending", "processing", "completed", "failed", "cancelled", "expired",
-                    "deleted"]
+from ..jobs import Job, JobStatus
+from ..results import Artifact, AttemptRecord, FrameScore, JobResult, JobWarning, VideoProbe
+
+log = logging.getLogger("colmap_worker.api")
+
+_M = TypeVar("_M", bound=BaseModel)
+
+#: attempt records a job view carries (the newest ones); ``attempts_total`` counts them all
+MAX_ATTEMPT_RECORDS = 20
 
 
 class ErrorBody(BaseModel):
@@ -63,23 +74,24 @@ class ReadinessResponse(BaseModel):
 
 
 class UploadResponse(BaseModel):
-    """``POST /upload-video`` → 202."""
+    """``POST /upload-video`` and ``POST /upload-images`` → 202."""
 
     job_id: str
     scan_id: str
-    status: Literal["pending"] = "pending"
-    message: str = "Video uploaded successfully"
+    status: JobStatus = Field(description="pending for a new job; a replay (same "
+                              "Idempotency-Key) gives the job's current status")
+    message: str = Field(description="'Video uploaded successfully', 'Photos uploaded "
+                         "successfully', or for a replay what the job is doing now")
     status_url: str = Field(description="where to poll the job")
+    replayed: bool = Field(False, description="true when this answers a repeated "
+                           "Idempotency-Key (also sent as the Idempotent-Replayed header)")
 
 
-class ArtifactPublic(BaseModel):
+class ArtifactPublic(Artifact):
     """A downloadable result file."""
 
-    name: str = Field(description="file name, e.g. sparse.ply")
-    url: str = Field(description="download path")
-    bytes: int = Field(description="size in bytes")
-    media_type: str
-    sha256: str
+    #: required here (optional in a stored result: the web layer makes it)
+    url: str = Field(description="download path, relative to the API root")
 
 
 class JobError(BaseModel):
@@ -89,6 +101,10 @@ class JobError(BaseModel):
                       "reconstruction_failed, pipeline_crashed, job_timeout, …")
     message: str
     hint: str
+    details: dict[str, Any] | None = Field(
+        None, description="the numbers behind the failure, e.g. for reconstruction_failed: "
+        "frames used, median keypoints per frame, verified image pairs, the mapping attempts "
+        "with their outcome, the largest model's size")
 
 
 class JobPublic(BaseModel):
@@ -99,7 +115,8 @@ class JobPublic(BaseModel):
     project_id: str
     scan_name: str
     quality: Literal["low", "medium", "high"]
-    status: JobStatus = Field(description="pending|processing|completed|failed|cancelled")
+    status: JobStatus = Field(description="pending|processing|completed|failed|cancelled|"
+                              "expired|deleted")
     progress: int = Field(description="0-100, never goes backwards within an attempt")
     current_stage: str | None = Field(description="Frame Extraction, Feature Detection, Feature "
                                       "Matching, Sparse Reconstruction, Exporting …")
@@ -109,22 +126,52 @@ class JobPublic(BaseModel):
     started_at: str | None = None
     finished_at: str | None = None
     attempt: int = Field(description="number of times the job was started")
-    input_bytes: int = Field(description="size of the uploaded file")
-    input_sha256: str = Field(description="sha256 of the uploaded file")
-    video: dict[str, Any] | None = Field(None, description="probed stream facts: codec, width, "
-                                         "height, fps, duration_s, rotation")
+    input_bytes: int = Field(description="size of the uploaded file(s), bytes")
+    input_sha256: str = Field(description="sha256 of the uploaded file (of the files' digests "
+                              "for several photos)")
+    video: VideoProbe | None = Field(None, description="probe of the input")
     error: JobError | None = Field(None, description="set when status is failed")
-    results: dict[str, Any] | None = Field(
-        None, description="completed jobs: metrics read from the reconstruction "
-        "(frames_extracted, frames_used (more when the ladder added frames), frames_added, "
-        "registered_images, points3d, mean_reprojection_error_px, mean_track_length, models, "
-        "camera, checks, partial, quality_warning, attempts (every mapping attempt of the "
-        "recovery ladder with settings, outcome, time), focal_prior_px, timings_s)")
+    results: JobResult | None = Field(None, description="set when status is completed")
     artifacts: list[ArtifactPublic] = Field(default_factory=list)
-    attempts: list[dict[str, Any]] = Field(
-        default_factory=list, description="one record per run of the job: attempt, outcome, "
-        "failed_stage, error_code, started_at, finished_at, stage_wall_s (wall time of each "
-        "stage's process, s)")
+    attempts: list[AttemptRecord] = Field(
+        default_factory=list, description=f"the newest {MAX_ATTEMPT_RECORDS} runs of the job, "
+        "oldest first (attempts_total counts them all)")
+    attempts_total: int = Field(0, description="number of run records the job has")
+
+    @classmethod
+    def from_job(cls, job: Job, queue_position: int | None = None) -> JobPublic:
+        """The public view of a stored job. A stored result or run record that no longer
+        fits its model (written by an older child) is left out and logged, never a 500."""
+        error = None
+        if job.error_code:
+            error = JobError(code=job.error_code, message=job.error_message or "",
+                             hint=job.error_hint or "", details=job.error_details or None)
+        results = _parse(JobResult, job.results, job.job_id)
+        artifacts = [ArtifactPublic(**{**a.model_dump(), "url":
+                                       f"/jobs/{job.job_id}/artifacts/{a.name}"})
+                     for a in (results.artifacts if results else [])]
+        records = [r for r in (_parse(AttemptRecord, a, job.job_id)
+                               for a in job.attempts[-MAX_ATTEMPT_RECORDS:]) if r is not None]
+        return cls(
+            job_id=job.job_id, scan_id=job.scan_id, project_id=job.project_id,
+            scan_name=job.scan_name, quality=job.quality,
+            status=job.status, progress=job.progress, current_stage=job.current_stage,
+            message=job.message, queue_position=queue_position, created_at=job.created_at,
+            started_at=job.started_at, finished_at=job.finished_at, attempt=job.attempt,
+            input_bytes=job.input_bytes, input_sha256=job.input_sha256,
+            video=_parse(VideoProbe, job.video_info, job.job_id), error=error, results=results,
+            artifacts=artifacts, attempts=records, attempts_total=len(job.attempts))
+
+
+def _parse(model: type[_M], data: Any, job_id: str) -> _M | None:
+    if data is None:
+        return None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        log.warning("job %s: stored %s does not fit its model: %s", job_id, model.__name__,
+                    exc.errors()[:3])
+        return None
 
 
 class JobList(BaseModel):
@@ -136,24 +183,6 @@ class JobList(BaseModel):
     offset: int
 
 
-class FrameScore(BaseModel):
-    """One decoded frame's scores and the selection's verdict on it (issue 3)."""
-
-    timestamp_s: float = Field(description="presentation time (s) from the stream's pts")
-    window: int = Field(description="time window (0 .. cap-1) the frame fell in")
-    sharpness: float = Field(description="variance of the Laplacian on the 480 px analysis image")
-    brightness: float = Field(description="mean luma, 0-255 (full range, HDR tone-mapped)")
-    contrast: float | None = Field(None, description="luma standard deviation, 0-255")
-    texture: float | None = Field(None, description="variance of the Laplacian at 1/4 scale")
-    motion_px: float | None = Field(
-        None, description="median tracked motion (px of the 480 px analysis image) since the "
-        "last kept frame; only for window candidates; null when not measured or tracking lost")
-    kept: bool = Field(description="handed to SfM")
-    reason: str | None = Field(None, description="why it was dropped: black, overexposed, "
-                               "blank, not_sharpest, blurry, near_duplicate; null when kept")
-    file: str | None = Field(None, description="image file name when kept")
-
-
 class FramesResponse(BaseModel):
     """``GET /jobs/{job_id}/frames``: the frame selection of the job's last frames stage."""
 
@@ -162,9 +191,9 @@ class FramesResponse(BaseModel):
     kept: int = Field(description="frames handed to SfM")
     num_decoded: int = Field(description="frames decoded from the video")
     dropped: dict[str, int] = Field(description="dropped frame count by reason")
-    warnings: list[dict[str, Any]] = Field(default_factory=list,
-                                           description="e.g. video_truncated")
+    warnings: list[JobWarning] = Field(default_factory=list,
+                                       description="e.g. video_truncated")
     diagnosis: dict[str, Any] | None = Field(
         None, description="the degenerate-clip error found before SfM: {code, details}")
-    video: dict[str, Any] | None = Field(None, description="probe of the input video")
+    video: VideoProbe | None = Field(None, description="probe of the input video")
     frames: list[FrameScore] = Field(description="every decoded frame, in decode order")

@@ -1,8 +1,8 @@
 """Tests for colmap_pipeline.intake.multipart against a real uvicorn server on a real socket.
 
 A TestClient would hand the whole body to the app in one piece; these tests need a socket so
-that the server can answer 413 while the client has sent only part of the body, and so that a
-client can disconnect mid-upload.
+that the server can answer 413 while the client has sent only part of the body, so that a
+client can disconnect mid-upload, and so that a body can stall.
 """
 from __future__ import annotations
 
@@ -25,18 +25,20 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
+from web_harness import CTYPE, TAIL, multipart_head, read_response
+from web_harness import raw_request as raw_headers
 
 from colmap_pipeline.errors import PipelineError
 from colmap_pipeline.intake.multipart import (
     MULTIPART_OVERHEAD_BYTES,
     PARTIAL_SUFFIX,
     UPLOAD_SUFFIX,
-    receive_upload,
+    UploadBody,
+    receive_files,
 )
 
 KIB = 1024
 MIB = 1024 * KIB
-BOUNDARY = "test-boundary-7d8f2a"
 
 # -- the app under test ---------------------------------------------------------------------
 # Per-test settings; tests run one at a time, the server thread reads these.
@@ -47,10 +49,15 @@ app = FastAPI()
 
 @app.post("/upload")
 async def upload(request: Request, max_bytes: int = MIB, chunk_write_bytes: int = MIB,
-                 close: bool = False) -> Response:
+                 close: bool = False, max_files: int = 1, read_timeout_s: float = 60.0,
+                 fields: str = "video") -> Response:
+    body = UploadBody(request.headers.get("content-type"), request.headers.get("content-length"),
+                      request.stream())
     try:
-        received = await receive_upload(request, STATE.dest_dir, max_bytes=max_bytes,
-                                        chunk_write_bytes=chunk_write_bytes)
+        received = await receive_files(body, STATE.dest_dir, max_bytes=max_bytes,
+                                       chunk_write_bytes=chunk_write_bytes, max_files=max_files,
+                                       file_fields=frozenset(fields.split(",")),
+                                       read_timeout_s=read_timeout_s)
     except PipelineError as exc:
         STATE.outcomes.put(exc.code)
         headers = {"Connection": "close"} if close else None
@@ -59,14 +66,19 @@ async def upload(request: Request, max_bytes: int = MIB, chunk_write_bytes: int 
         STATE.outcomes.put("client_disconnect")
         return Response(status_code=400)  # nobody is listening any more
     STATE.outcomes.put("ok")
+    first = received.files[0]
     return JSONResponse({
         "fields": received.fields,
-        "file_field": received.file_field,
-        "path": str(received.path),
-        "size_bytes": received.size_bytes,
-        "sha256": received.sha256,
-        "client_filename": received.client_filename,
-        "client_content_type": received.client_content_type,
+        "file_field": first.file_field,
+        "path": str(first.path),
+        "size_bytes": first.size_bytes,
+        "sha256": first.sha256,
+        "client_filename": first.client_filename,
+        "client_content_type": first.client_content_type,
+        "files": [{"field": f.file_field, "path": str(f.path), "size_bytes": f.size_bytes,
+                   "sha256": f.sha256, "client_filename": f.client_filename}
+                  for f in received.files],
+        "total_bytes": received.total_bytes,
     })
 
 
@@ -107,48 +119,6 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server) -> SimpleNamesp
 # -- helpers --------------------------------------------------------------------------------
 def payload(n: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(n)
-
-
-def multipart_head(fields: dict[str, str], file_field: str = "video",
-                   filename: str = "clip.mp4") -> bytes:
-    """Everything up to (and including) the blank line before the file's bytes."""
-    out = []
-    for name, value in fields.items():
-        out.append(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
-                   f"{value}\r\n")
-    out.append(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{file_field}"; '
-               f'filename="{filename}"\r\nContent-Type: video/mp4\r\n\r\n')
-    return "".join(out).encode()
-
-
-TAIL = f"\r\n--{BOUNDARY}--\r\n".encode()
-CTYPE = f"multipart/form-data; boundary={BOUNDARY}"
-
-
-def raw_headers(port: int, path: str, content_length: int | None, extra: str = "") -> bytes:
-    length = f"Content-Length: {content_length}\r\n" if content_length is not None else ""
-    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {CTYPE}\r\n"
-            f"{length}{extra}\r\n").encode()
-
-
-def read_response(sock: socket.socket, timeout: float = 5.0) -> tuple[int, dict, bytes]:
-    """Read one HTTP/1.1 response (status, lower-cased headers, body) from a raw socket."""
-    sock.settimeout(timeout)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed before a response: {data!r}"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
-    length = int(headers.get("content-length", "0"))
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        assert chunk, "connection closed mid-response"
-        body += chunk
-    return status, headers, body[:length]
 
 
 def listing(directory: Path) -> list[str]:
@@ -359,3 +329,76 @@ def test_client_disconnect_mid_upload_leaves_no_partial_file(env):
     assert wait_until(lambda: listing(env.dest) == []), listing(env.dest)
     assert listing(env.systmp) == []
     assert os.listdir(env.dest) == []
+
+
+def test_stalled_body_gets_408_and_its_partial_file_is_removed(env):
+    """Issue 10 item 9: a body that stopped arriving held its connection and file forever."""
+    body = multipart_head({"quality": "low"}) + payload(512 * KIB) + TAIL
+    path = f"/upload?read_timeout_s=0.5&chunk_write_bytes={16 * KIB}"
+    with socket.create_connection(("127.0.0.1", env.port), timeout=5) as sock:
+        sock.sendall(raw_headers(env.port, path, len(body)))
+        sock.sendall(body[:len(body) // 2])  # then nothing more
+        assert wait_until(lambda: list(env.dest.glob(f"*{PARTIAL_SUFFIX}"))), listing(env.dest)
+        started = time.monotonic()
+        status, _, resp = read_response(sock, timeout=10)
+        waited = time.monotonic() - started
+    assert status == 408
+    err = json.loads(resp)
+    assert err["code"] == "upload_timeout"
+    assert err["details"]["read_timeout_s"] == 0.5
+    assert 0 < err["details"]["received_bytes"] < len(body)
+    assert waited < 5
+    assert outcome() == "upload_timeout"
+    assert listing(env.dest) == []
+
+
+def test_several_files_stream_to_their_own_names(env):
+    parts = [payload(100 * KIB + i, seed=i) for i in range(3)]
+    files = [("images", (f"p{i}.jpg", p, "image/jpeg")) for i, p in enumerate(parts)]
+    r = httpx.post(env.url, params={"max_files": 3, "fields": "images,zip",
+                                    "chunk_write_bytes": 8 * KIB},
+                   data={"project_id": "p"}, files=files, timeout=10)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["fields"] == {"project_id": "p"}
+    assert [f["client_filename"] for f in got["files"]] == ["p0.jpg", "p1.jpg", "p2.jpg"]
+    assert [Path(f["path"]).read_bytes() for f in got["files"]] == parts
+    assert [f["sha256"] for f in got["files"]] == [hashlib.sha256(p).hexdigest() for p in parts]
+    assert got["total_bytes"] == sum(map(len, parts))
+    assert len({f["path"] for f in got["files"]}) == 3
+    assert not list(env.dest.glob(f"*{PARTIAL_SUFFIX}"))
+
+
+@pytest.mark.parametrize("params,files,status,code,message_part", [
+    ({"max_files": 2, "fields": "images"},
+     [("images", ("a.jpg", b"a")), ("images", ("b.jpg", b"b")), ("images", ("c.jpg", b"c"))],
+     422, "invalid_request", "Too many files (at most 2)"),
+    ({"max_files": 3, "fields": "images", "max_bytes": 150 * KIB},
+     [("images", ("a.jpg", payload(100 * KIB))), ("images", ("b.jpg", payload(100 * KIB)))],
+     413, "upload_too_large", "in total"),
+    ({"max_files": 3, "fields": "images"},
+     [("images", ("a.jpg", b"a")), ("images", ("b.jpg", b""))], 400, "empty_file", "empty"),
+], ids=["too-many-files", "total-too-large", "one-empty"])
+def test_several_files_limits_leave_nothing(env, params, files, status, code, message_part):
+    r = httpx.post(env.url, params=params, files=files, timeout=10)
+    assert r.status_code == status, r.text
+    assert r.json()["code"] == code and message_part in r.json()["message"]
+    if code == "empty_file":
+        assert r.json()["details"] == {"field": "images", "file_index": 1}
+    assert listing(env.dest) == []
+
+
+def test_content_length_that_is_not_a_number_is_refused_before_reading(tmp_path):
+    """The receiver's own check (uvicorn/h11 refuses such a request before the app: see
+    test_web_http11.py for what the server answers)."""
+    import asyncio
+
+    async def never():
+        raise AssertionError("the body must not be read")
+        yield b""  # pragma: no cover
+
+    body = UploadBody(CTYPE, "12abc", never())
+    with pytest.raises(PipelineError) as ei:
+        asyncio.run(receive_files(body, tmp_path, max_bytes=MIB))
+    assert ei.value.code == "invalid_request" and "Content-Length" in ei.value.message
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,423 @@
+"""SIFT features and verified matches in the COLMAP database: the input of every mapping attempt.
+
+Each step is a plain function of ``(paths, options)`` in the style of pycolmap's own Python
+examples, reading and writing the job's COLMAP database (``WS/database.db``). Import this
+module lazily (inside a pipeline stage): it loads pycolmap.
+
+Facts used here (checked on pycolmap 4.2.1, CPU build):
+
+* ``extract_features`` with ``CameraMode.SINGLE`` creates one camera per call; later calls share
+  it when ``ImageReaderOptions.existing_camera_id`` names it, so extraction can run in chunks of
+  images (real progress) and still end with one camera in the database.
+* ``match_image_pairs`` on the pairs of ``SequentialPairGenerator`` gives the same verified pairs
+  as ``match_sequential`` and can run in chunks (real progress).
+* ``SequentialPairingOptions.quadratic_overlap`` gives the distances 1, 2, 4, ... only (up to
+  ``overlap`` of them); without it, the distances 1 .. ``overlap``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import pycolmap
+
+from ..errors import PipelineError
+from ..presets import Preset
+from .progress import Progress, no_progress
+
+PathLike = str | os.PathLike[str]
+Pair = tuple[int, int]
+_T = TypeVar("_T")
+
+#: Camera model shared by all frames of a video (one physical camera, fixed zoom):
+#: SIMPLE_RADIAL = f, cx, cy, k (COLMAP ``src/colmap/sensor/models.h``), COLMAP's default.
+CAMERA_MODEL = "SIMPLE_RADIAL"
+#: Sequential matching: each image is matched with the next ``SEQUENTIAL_OVERLAP`` images and,
+#: with quadratic overlap, images 2**k further (COLMAP's defaults, ``SequentialPairingOptions``).
+SEQUENTIAL_OVERLAP = 10
+#: Images per ``extract_features`` call. Measured on 2 cores, 30 frames 848x480: one call 11.0 s,
+#: chunks of 10: 11.1 s, chunks of 6: 11.6 s, chunks of 3: 13.9 s (per-call start-up cost).
+MIN_IMAGES_PER_CHUNK = 5
+TARGET_CHUNKS = 10
+#: Image pairs per ``match_image_pairs`` call (119 sequential pairs for 30 frames: one call
+#: 4.0-4.9 s, four chunks 5.7 s).
+MIN_PAIRS_PER_CHUNK = 30
+#: Own vocabulary for offline loop closure: visual words and descriptors sampled to build it
+#: (COLMAP's downloadable trees have 32K-1M words for millions of images; a job has at most a
+#: few hundred thousand descriptors, so a few hundred words keep the build to ~1-2 s on 2
+#: cores), and images retrieved per query (COLMAP's ``loop_detection_num_images`` default 50 is
+#: meant for long videos; a job has <= 100 frames).
+LOOP_VOCAB_WORDS = 256
+LOOP_VOCAB_SAMPLE = 20000
+LOOP_NUM_IMAGES = 8
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+@dataclass(frozen=True)
+class FeatureSummary:
+    """What feature extraction left in the database.
+
+    Attributes:
+        images: images in the database.
+        cameras: cameras in the database (1: one shared camera).
+        keypoints: SIFT keypoints over all images.
+        mean_keypoints_per_image: keypoints / images.
+        images_without_features: images with 0 keypoints.
+        device: ``cpu`` or ``cuda``.
+    """
+
+    images: int
+    cameras: int
+    keypoints: int
+    mean_keypoints_per_image: float
+    images_without_features: int
+    device: str
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain dict (the features stage's checkpoint summary)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class MatchSummary:
+    """What a matching call did, and the database's totals after it.
+
+    Attributes:
+        image_pairs: pairs matched by this call (0: nothing new to match).
+        matched_pairs: pairs with raw matches in the database.
+        verified_pairs: pairs with a verified two-view geometry in the database.
+        inlier_matches: verified (inlier) matches over all pairs.
+        device: ``cpu`` or ``cuda``.
+    """
+
+    image_pairs: int
+    matched_pairs: int
+    verified_pairs: int
+    inlier_matches: int
+    device: str
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain dict (the matching stage's checkpoint summary)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DatabaseStats:
+    """Numbers that explain a failed reconstruction (``PipelineError.details``).
+
+    Attributes:
+        images: images in the database.
+        median_keypoints_per_image: median SIFT keypoints per image.
+        matched_pairs: image pairs matched (tried), whatever the outcome.
+        verified_pairs: image pairs whose two-view geometry has inlier matches (COLMAP's own
+            ``num_verified_image_pairs`` counts every pair tried).
+        best_pair_inliers: inlier matches of the best verified pair (0: none).
+        inlier_matches: verified matches over all pairs.
+    """
+
+    images: int
+    median_keypoints_per_image: float
+    matched_pairs: int
+    verified_pairs: int
+    best_pair_inliers: int
+    inlier_matches: int
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain dict (JSON-serialisable)."""
+        return asdict(self)
+
+
+def device(use_gpu: bool) -> pycolmap.Device:
+    """``Device.cuda`` when asked and pycolmap was built with CUDA, else ``Device.cpu``."""
+    return pycolmap.Device.cuda if (use_gpu and pycolmap.has_cuda) else pycolmap.Device.cpu
+
+
+def _chunks(items: list[_T], n_min: int, target: int) -> list[list[_T]]:
+    size = max(n_min, math.ceil(len(items) / max(1, target)))
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def list_images(image_dir: PathLike) -> list[str]:
+    """Sorted image file names (``.jpg``/``.jpeg``/``.png``) directly inside ``image_dir``."""
+    return sorted(p.name for p in Path(image_dir).iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not p.name.startswith("."))
+
+
+def read_camera(database_path: PathLike) -> pycolmap.Camera:
+    """The (first) camera in the database.
+
+    Raises:
+        PipelineError("pipeline_error"): the database holds no camera.
+    """
+    with pycolmap.Database.open(str(database_path)) as db:
+        cams = db.read_all_cameras()
+    if not cams:
+        raise PipelineError("pipeline_error", details={"reason": "database has no camera"})
+    return cams[0]
+
+
+def image_names(database_path: PathLike) -> dict[int, str]:
+    """``{image_id: file name}`` of every image in the database."""
+    with pycolmap.Database.open(str(database_path)) as db:
+        return {int(im.image_id): im.name for im in db.read_all_images()}
+
+
+def _extraction_options(preset: Preset, dev: pycolmap.Device,
+                        num_threads: int) -> pycolmap.FeatureExtractionOptions:
+    ext = pycolmap.FeatureExtractionOptions()
+    ext.max_image_size = int(preset.max_image_size)
+    ext.sift.max_num_features = int(preset.max_num_features)
+    ext.num_threads = num_threads
+    ext.use_gpu = dev == pycolmap.Device.cuda
+    return ext
+
+
+def _feature_summary(database_path: PathLike, dev: pycolmap.Device) -> FeatureSummary:
+    with pycolmap.Database.open(str(database_path)) as db:
+        images = db.read_all_images()
+        per_image = [db.num_keypoints_for_image(im.image_id) for im in images]
+        num_cameras = db.num_cameras()
+    if num_cameras != 1:
+        raise PipelineError("pipeline_error", details={
+            "reason": "feature extraction did not end with one shared camera",
+            "cameras": num_cameras})
+    return FeatureSummary(
+        images=len(images), cameras=num_cameras, keypoints=int(sum(per_image)),
+        mean_keypoints_per_image=round(sum(per_image) / max(1, len(per_image)), 1),
+        images_without_features=int(sum(1 for n in per_image if n == 0)), device=dev.name)
+
+
+def extract_features(database_path: PathLike, image_dir: PathLike, preset: Preset,
+                     use_gpu: bool = False, progress: Progress = no_progress,
+                     num_threads: int = -1, names: list[str] | None = None) -> FeatureSummary:
+    """Detect SIFT features (Lowe, IJCV 2004; COLMAP's SIFT) in every image of ``image_dir``.
+
+    One shared camera (``CameraMode.SINGLE``, model :data:`CAMERA_MODEL`, focal length
+    initialised from COLMAP's default 1.2 x max(width, height)). Images are downscaled
+    internally to ``preset.max_image_size`` px (longest side) and keep at most
+    ``preset.max_num_features`` features. Extraction runs in chunks of images (the first chunk
+    creates the camera, later ones reuse it through ``existing_camera_id``) so that
+    ``progress`` reports real work.
+
+    Args:
+        database_path: COLMAP database (created; should not already hold these images).
+        image_dir: folder of frames.
+        preset: quality preset.
+        use_gpu: use CUDA SIFT when pycolmap was built with CUDA (ignored otherwise).
+        progress: ``progress(fraction, message)``.
+        num_threads: CPU threads (-1 = all cores).
+        names: only these files of ``image_dir``, added to the database's existing camera
+            (the ladder's ``more_frames`` rung); default: every image, new camera.
+
+    Returns:
+        the database's totals after extraction.
+
+    Raises:
+        PipelineError("too_few_frames"): ``image_dir`` holds no image.
+        PipelineError("pipeline_error"): the database does not end with exactly one camera.
+    """
+    camera_id = -1
+    if names is None:
+        names = list_images(image_dir)
+    else:
+        names = list(names)
+        camera_id = int(read_camera(database_path).camera_id) if names else -1
+    if not names:
+        raise PipelineError("too_few_frames", details={"images": 0})
+    dev = device(use_gpu)
+    ext = _extraction_options(preset, dev, num_threads)
+    done = 0
+    progress(0.0, f"Detecting features in images (0/{len(names)})...")
+    for chunk in _chunks(names, MIN_IMAGES_PER_CHUNK, TARGET_CHUNKS):
+        reader = pycolmap.ImageReaderOptions()
+        reader.camera_model = CAMERA_MODEL
+        if camera_id != -1:
+            reader.existing_camera_id = camera_id
+        pycolmap.extract_features(database_path, image_dir, image_names=chunk,
+                                  camera_mode=pycolmap.CameraMode.SINGLE,
+                                  reader_options=reader, extraction_options=ext, device=dev)
+        if camera_id == -1:
+            camera_id = int(read_camera(database_path).camera_id)
+        done += len(chunk)
+        progress(done / len(names), f"Detecting features in images ({done}/{len(names)})...")
+    return _feature_summary(database_path, dev)
+
+
+def _match_totals(db: pycolmap.Database, image_pairs: int, dev: pycolmap.Device) -> MatchSummary:
+    return MatchSummary(image_pairs=image_pairs, matched_pairs=db.num_matched_image_pairs(),
+                        verified_pairs=db.num_verified_image_pairs(),
+                        inlier_matches=db.num_inlier_matches(), device=dev.name)
+
+
+def _match_pairs(database_path: PathLike, pairs: list[Pair], id_to_name: dict[int, str],
+                 use_gpu: bool, progress: Progress, num_threads: int) -> MatchSummary:
+    """Match and verify ``pairs`` (image ids) in chunks with ``match_image_pairs``."""
+    dev = device(use_gpu)
+    matching = pycolmap.FeatureMatchingOptions()
+    matching.num_threads = num_threads
+    matching.use_gpu = dev == pycolmap.Device.cuda
+    done = 0
+    progress(0.0, f"Matching image pairs (0/{len(pairs)})...")
+    fd, list_path = tempfile.mkstemp(prefix=".pairs_", suffix=".txt",
+                                     dir=os.path.dirname(os.path.abspath(database_path)))
+    os.close(fd)
+    try:
+        for chunk in _chunks(pairs, MIN_PAIRS_PER_CHUNK, TARGET_CHUNKS):
+            with open(list_path, "w", encoding="utf-8") as fh:
+                fh.writelines(f"{id_to_name[a]} {id_to_name[b]}\n" for a, b in chunk)
+            imported = pycolmap.ImportedPairingOptions()
+            imported.match_list_path = list_path
+            pycolmap.match_image_pairs(database_path, matching_options=matching,
+                                       pairing_options=imported, device=dev)
+            done += len(chunk)
+            progress(done / len(pairs), f"Matching image pairs ({done}/{len(pairs)})...")
+    finally:
+        os.unlink(list_path)
+    with pycolmap.Database.open(str(database_path)) as db:
+        return _match_totals(db, len(pairs), dev)
+
+
+def sequential_pairs(database_path: PathLike, overlap: int = SEQUENTIAL_OVERLAP,
+                     quadratic: bool = True) -> list[Pair]:
+    """Pairs of COLMAP's ``SequentialPairGenerator`` in name order (= time order), without loop
+    detection (it needs a vocabulary tree). pycolmap 4.2.1 (measured): ``quadratic=True``
+    gives the distances 1, 2, 4, ... only (up to ``overlap`` of them), ``quadratic=False`` the
+    distances 1 .. ``overlap``."""
+    pairing = pycolmap.SequentialPairingOptions()
+    pairing.overlap = int(overlap)
+    pairing.quadratic_overlap = bool(quadratic)
+    pairing.loop_detection = False
+    with pycolmap.Database.open(str(database_path)) as db:
+        return [(int(a), int(b))
+                for a, b in pycolmap.SequentialPairGenerator(pairing, db).all_pairs()]
+
+
+def all_pairs(database_path: PathLike) -> list[Pair]:
+    """Every unordered pair of images (exhaustive matching: n (n - 1) / 2 pairs)."""
+    ids = sorted(image_names(database_path))
+    return [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:]]
+
+
+def match_sequential(database_path: PathLike, use_gpu: bool = False,
+                     progress: Progress = no_progress, num_threads: int = -1,
+                     overlap: int = SEQUENTIAL_OVERLAP) -> MatchSummary:
+    """Match SIFT features between frames that are close in time, then verify geometrically.
+
+    Pairs come from :func:`sequential_pairs` (each image with the next ``overlap`` images,
+    quadratic overlap); they are matched in chunks with ``match_image_pairs`` (brute-force SIFT
+    matching with ratio test 0.8 and cross-check, then two-view geometry verification with
+    RANSAC: COLMAP defaults).
+
+    Raises:
+        PipelineError("reconstruction_failed"): no image pair could be formed (< 2 images).
+    """
+    pairs = sequential_pairs(database_path, overlap, quadratic=True)
+    id_to_name = image_names(database_path)
+    if not pairs:
+        raise PipelineError("reconstruction_failed", details={
+            "reason": "no image pairs to match", "images": len(id_to_name)})
+    return _match_pairs(database_path, pairs, id_to_name, use_gpu, progress, num_threads)
+
+
+def match_new_pairs(database_path: PathLike, pairs: list[Pair], use_gpu: bool = False,
+                    progress: Progress = no_progress, num_threads: int = -1) -> MatchSummary:
+    """Match and verify those of ``pairs`` (image ids, either order) that the database does not
+    hold yet; ``image_pairs`` of the result counts them (0: nothing to do)."""
+    id_to_name = image_names(database_path)
+    seen: set[Pair] = set()
+    todo: list[Pair] = []
+    with pycolmap.Database.open(str(database_path)) as db:
+        for a, b in pairs:
+            key = (min(int(a), int(b)), max(int(a), int(b)))
+            if key[0] == key[1] or key in seen or not set(key) <= id_to_name.keys():
+                continue
+            seen.add(key)
+            if not db.exists_matches(*key):
+                todo.append(key)
+        totals = _match_totals(db, 0, device(use_gpu))
+    if not todo:
+        progress(1.0, "No further image pairs to match")
+        return totals
+    return _match_pairs(database_path, todo, id_to_name, use_gpu, progress, num_threads)
+
+
+def clear_matches(database_path: PathLike) -> None:
+    """Delete all matches and two-view geometries from the database (keeps features)."""
+    with pycolmap.Database.open(str(database_path)) as db:
+        db.clear_matches()
+        db.clear_two_view_geometries()
+
+
+def database_stats(database_path: PathLike) -> DatabaseStats:
+    """Keypoints and verified pairs of the database: why mapping had (or lacked) material."""
+    with pycolmap.Database.open(str(database_path)) as db:
+        per_image = [db.num_keypoints_for_image(im.image_id) for im in db.read_all_images()]
+        _, inliers = db.read_two_view_geometry_num_inliers()
+        return DatabaseStats(
+            images=len(per_image),
+            median_keypoints_per_image=float(statistics.median(per_image)) if per_image else 0.0,
+            matched_pairs=int(db.num_matched_image_pairs()),
+            verified_pairs=sum(1 for n in inliers if n > 0),
+            best_pair_inliers=int(max(inliers, default=0)),
+            inlier_matches=int(db.num_inlier_matches()))
+
+
+def build_own_vocabulary(database_path: PathLike, vocab_path: PathLike,
+                         num_words: int = LOOP_VOCAB_WORDS, sample: int = LOOP_VOCAB_SAMPLE,
+                         seed: int = 0) -> dict[str, object]:
+    """Build a visual-word vocabulary (COLMAP ``VisualIndex``: k-means words + Hamming
+    embedding, Schoenberger et al., ACCV 2016) from this database's own SIFT descriptors and
+    write it to ``vocab_path``. Offline: nothing is downloaded (COLMAP's default
+    ``vocab_tree_path`` is a URL; this file replaces it).
+
+    Returns:
+        ``{"vocab_words": int, "descriptors_sampled": int, "path": str}``.
+
+    Raises:
+        PipelineError("reconstruction_failed"): the database holds no descriptors.
+    """
+    with pycolmap.Database.open(str(database_path)) as db:
+        arrays = [np.asarray(db.read_descriptors(im.image_id).data, dtype=np.float32)
+                  for im in db.read_all_images()]
+    arrays = [a for a in arrays if a.size]
+    if not arrays:
+        raise PipelineError("reconstruction_failed", details={"reason": "no descriptors"})
+    desc = np.concatenate(arrays)
+    rng = np.random.default_rng(seed)
+    if len(desc) > sample:
+        desc = desc[rng.choice(len(desc), sample, replace=False)]
+    words = int(max(16, min(num_words, len(desc) // 8)))
+    index = pycolmap.VisualIndex.create(128, 64)
+    opts = pycolmap.VisualIndex.BuildOptions()
+    opts.num_visual_words = words
+    opts.num_iterations = 20
+    opts.num_rounds = 1
+    index.build(opts, pycolmap.FeatureDescriptorsFloat(pycolmap.FeatureExtractorType.SIFT,
+                                                       np.ascontiguousarray(desc)))
+    index.write(str(vocab_path))
+    return {"vocab_words": words, "descriptors_sampled": int(len(desc)), "path": str(vocab_path)}
+
+
+def loop_closure_pairs(database_path: PathLike, vocab_path: PathLike,
+                       num_images: int = LOOP_NUM_IMAGES) -> list[Pair]:
+    """Image pairs from COLMAP's sequential pairing with loop detection against the local
+    vocabulary ``vocab_path`` (every image queries the index for its ``num_images`` most
+    similar images; overlap 1 adds the neighbours)."""
+    pairing = pycolmap.SequentialPairingOptions()
+    pairing.overlap = 1
+    pairing.quadratic_overlap = False
+    pairing.loop_detection = True
+    pairing.loop_detection_period = 1
+    pairing.loop_detection_num_images = int(num_images)
+    pairing.vocab_tree_path = str(vocab_path)
+    with pycolmap.Database.open(str(database_path)) as db:
+        return [(int(a), int(b))
+                for a, b in pycolmap.SequentialPairGenerator(pairing, db).all_pairs() if a != b]

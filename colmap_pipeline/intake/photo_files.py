@@ -1,0 +1,265 @@
+"""Safety checks on uploaded photos and photo zips, and their installation into a job folder
+(API process: no pycolmap, no image decoding, only ``zipfile`` and magic bytes).
+
+* :func:`install_photo_files` moves already-received image files into ``JOB/input/images/``
+  under server-made names (``img_00000.jpg`` ...), in the natural order of the client's file
+  names (metadata only, never used on disk);
+* :func:`extract_photo_zip` checks a zip before writing anything (entry count, declared total
+  size, per-entry compression ratio, entry names: ``..``, absolute paths, drive letters,
+  symbolic links; non-image entries), then streams each entry to a server-made name, counting
+  the real bytes (a zip may lie about sizes). Every failure raises ``PipelineError`` with a
+  4xx code and leaves nothing behind outside ``dest_dir`` (the caller removes the job folder).
+
+The frames stage's side of a photo set (decoding, EXIF) is :mod:`colmap_pipeline.core.photos`.
+"""
+from __future__ import annotations
+
+import os
+import re
+import stat
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TypedDict
+
+from ..errors import PipelineError
+
+#: Accepted photo types, by extension and by magic bytes (JPEG: FF D8 FF, ITU T.81 / JFIF;
+#: PNG: the 8-byte signature of RFC 2083 section 3.1).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+MAGIC = {".jpg": b"\xff\xd8\xff", ".jpeg": b"\xff\xd8\xff", ".png": b"\x89PNG\r\n\x1a\n"}
+#: Smallest and largest photo set (SfM needs at least 3 views; the largest preset selects 100
+#: video frames, photo sets get a little more room). ``core/photos.py`` checks the same numbers
+#: in the child (``tests/test_photo_files.py`` asserts they agree).
+MIN_PHOTOS = 3
+MAX_PHOTOS = 300
+#: Zip caps (zip bombs, OWASP "File Upload Cheat Sheet"): entries in the central directory,
+#: total uncompressed bytes, and the uncompressed/compressed ratio of any entry. JPEG and PNG
+#: are already compressed (ratios ~1.0-1.5 seen on photos; flat PNGs reach ~20-50), a
+#: DEFLATE bomb reaches ~1000.
+MAX_ZIP_ENTRIES = 1000
+MAX_ZIP_UNCOMPRESSED_BYTES = 4 * 1024**3
+MAX_ZIP_RATIO = 100.0
+#: Entries ignored inside a zip: macOS resource forks and hidden files.
+_IGNORED = re.compile(r"(^|/)(__MACOSX/|\.)")
+_COPY_BLOCK = 1 << 20
+
+
+class InstalledPhoto(TypedDict):
+    """One installed photo: server name, the client's name (metadata only) and its size."""
+
+    file: str
+    client_filename: str | None
+    bytes: int
+
+
+@dataclass(frozen=True)
+class ZipCaps:
+    """Limits of :func:`extract_photo_zip` (entries, uncompressed bytes, expansion ratio)."""
+
+    max_entries: int = MAX_ZIP_ENTRIES
+    max_total_bytes: int = MAX_ZIP_UNCOMPRESSED_BYTES
+    max_ratio: float = MAX_ZIP_RATIO
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders ``img2`` before ``img10`` (digits compared as numbers)."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def _unsafe(message: str, **details: object) -> PipelineError:
+    return PipelineError("unsafe_archive", message=message, details=details or None)
+
+
+def _not_image(name: str, why: str) -> PipelineError:
+    return PipelineError("unsupported_image",
+                         message=f"{name!r} is not a JPEG or PNG photo ({why}).",
+                         details={"file": name[:200]})
+
+
+def image_ext(name: str) -> str | None:
+    """Lower-case extension of ``name`` if it is a photo type (``.jpg``/``.jpeg``/``.png``)."""
+    ext = os.path.splitext(name)[1].lower()
+    return ext if ext in IMAGE_EXTENSIONS else None
+
+
+def check_magic(head: bytes, ext: str, name: str) -> None:
+    """Raise ``unsupported_image`` unless ``head`` starts with the magic bytes of ``ext``."""
+    if not head.startswith(MAGIC[ext]):
+        raise _not_image(name, "its content does not start like a " + ext[1:].upper() + " file")
+
+
+def check_count(n: int) -> None:
+    """Raise ``too_few_frames`` (fewer than ``MIN_PHOTOS``) or ``invalid_request`` (more than
+    ``MAX_PHOTOS``) for a set of ``n`` photos."""
+    if n < MIN_PHOTOS:
+        raise PipelineError("too_few_frames", message=f"{n} photo(s) were sent; at least "
+                            f"{MIN_PHOTOS} are needed.",
+                            hint="Upload at least 3 overlapping photos of the scene.",
+                            details={"photos": n, "min_photos": MIN_PHOTOS})
+    if n > MAX_PHOTOS:
+        raise PipelineError("invalid_request", message=f"{n} photos were sent; at most "
+                            f"{MAX_PHOTOS} are accepted.",
+                            hint=f"Send at most {MAX_PHOTOS} photos.",
+                            details={"photos": n, "max_photos": MAX_PHOTOS})
+
+
+def install_photo_files(files: list[tuple[Path, str | None]],
+                        dest_dir: Path) -> list[InstalledPhoto]:
+    """Move received photo files into ``dest_dir`` as ``img_NNNNN<ext>``.
+
+    Args:
+        files: ``(received path, client file name or None)`` per photo, in upload order.
+        dest_dir: created; must be inside the job folder.
+
+    Returns:
+        ``[{"file": server name, "client_filename": str | None, "bytes": int}]`` in the order
+        used (natural order of client names, then upload order).
+
+    Raises:
+        PipelineError: ``unsupported_image`` (415) for a name without .jpg/.jpeg/.png or content
+            without the type's magic bytes; ``too_few_frames`` / ``invalid_request`` (422) for
+            fewer than ``MIN_PHOTOS`` or more than ``MAX_PHOTOS`` photos.
+    """
+    check_count(len(files))
+    checked = []
+    for i, (path, client) in enumerate(files):
+        label = client or f"file #{i + 1}"
+        ext = image_ext(client or "") or ""
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+        if not ext:  # no usable name: decide by content
+            ext = next((e for e in (".jpg", ".png") if head.startswith(MAGIC[e])), "")
+            if not ext:
+                raise _not_image(label, "its name does not end in .jpg, .jpeg or .png")
+        check_magic(head, ext, label)
+        checked.append((natural_key(client or ""), i, path, client, ".jpg" if ext == ".jpeg"
+                        else ext))
+    checked.sort(key=lambda t: (t[0], t[1]))
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    out: list[InstalledPhoto] = []
+    for n, (_, _, path, client, ext) in enumerate(checked):
+        name = f"img_{n:05d}{ext}"
+        size = path.stat().st_size
+        os.replace(path, dest_dir / name)
+        out.append({"file": name, "client_filename": client, "bytes": size})
+    return out
+
+
+def _safe_member_name(info: zipfile.ZipInfo) -> str:
+    """The entry's name as a relative POSIX path, or raise ``unsafe_archive``."""
+    raw = info.filename
+    name = raw.replace("\\", "/")
+    if (name.startswith("/") or re.match(r"^[A-Za-z]:", name) or "\x00" in name):
+        raise _unsafe(f"The zip holds an entry with an absolute path ({raw[:200]!r}).",
+                      entry=raw[:200])
+    parts = PurePosixPath(name).parts
+    if any(p == ".." for p in parts):
+        raise _unsafe(f"The zip holds an entry that points outside the archive "
+                      f"({raw[:200]!r}).", entry=raw[:200])
+    mode = (info.external_attr >> 16) & 0xFFFF
+    if stat.S_ISLNK(mode):
+        raise _unsafe(f"The zip holds a symbolic link ({raw[:200]!r}).", entry=raw[:200])
+    return name
+
+
+@dataclass(frozen=True)
+class _Member:
+    name: str
+    info: zipfile.ZipInfo
+    ext: str
+
+
+def _photo_members(zf: zipfile.ZipFile, caps: ZipCaps) -> list[_Member]:
+    """The zip's photo entries in natural order, after every check that needs no extraction
+    (entry count, names, links, types, encryption, declared sizes and ratios, photo count)."""
+    infos = zf.infolist()
+    if len(infos) > caps.max_entries:
+        raise _unsafe(f"The zip holds {len(infos)} entries; at most {caps.max_entries} are "
+                      "accepted.", entries=len(infos), max_entries=caps.max_entries)
+    members = []
+    declared = 0
+    for info in infos:
+        name = _safe_member_name(info)
+        if info.is_dir() or _IGNORED.search(name):
+            continue
+        ext = image_ext(name)
+        if ext is None:
+            raise _not_image(name, "only .jpg, .jpeg and .png files may be in the zip")
+        if info.flag_bits & 0x1:
+            raise _unsafe(f"The zip entry {name[:200]!r} is encrypted.", entry=name[:200])
+        declared += info.file_size
+        ratio = info.file_size / max(1, info.compress_size)
+        if ratio > caps.max_ratio:
+            raise _unsafe(f"The zip entry {name[:200]!r} expands {ratio:.0f}x; at most "
+                          f"{caps.max_ratio:.0f}x is accepted (zip bomb?).", entry=name[:200],
+                          ratio=round(ratio, 1), max_ratio=caps.max_ratio)
+        members.append(_Member(name, info, ext))
+    if declared > caps.max_total_bytes:
+        raise _unsafe(f"The zip would expand to {declared} bytes; at most "
+                      f"{caps.max_total_bytes} are accepted.", uncompressed_bytes=declared,
+                      max_uncompressed_bytes=caps.max_total_bytes)
+    check_count(len(members))
+    members.sort(key=lambda m: natural_key(m.name))
+    return members
+
+
+def _copy_member(zf: zipfile.ZipFile, m: _Member, target: Path, total: int,
+                 caps: ZipCaps) -> int:
+    """Stream one entry to ``target`` (which must not exist), checking its magic bytes and
+    counting the real bytes against its declared size and the caps; returns bytes written."""
+    with zf.open(m.info) as src, open(target, "xb") as dst:
+        head = src.read(16)
+        check_magic(head, m.ext, m.name)
+        dst.write(head)
+        written = len(head)
+        while block := src.read(_COPY_BLOCK):
+            written += len(block)
+            if (written > m.info.file_size or total + written > caps.max_total_bytes
+                    or written > caps.max_ratio * max(1, m.info.compress_size)):
+                raise _unsafe(f"The zip entry {m.name[:200]!r} expands beyond its "
+                              "declared size or the caps (zip bomb?).", entry=m.name[:200])
+            dst.write(block)
+    return written
+
+
+def extract_photo_zip(zip_path: Path, dest_dir: Path,
+                      max_entries: int = MAX_ZIP_ENTRIES,
+                      max_total_bytes: int = MAX_ZIP_UNCOMPRESSED_BYTES,
+                      max_ratio: float = MAX_ZIP_RATIO) -> list[InstalledPhoto]:
+    """Check the zip at ``zip_path`` and extract its photos into ``dest_dir`` as
+    ``img_NNNNN<ext>`` (natural order of entry names); blocking: run it in a thread.
+
+    Checks, all before the first byte is written: the zip opens; at most ``max_entries``
+    entries; no entry name is absolute, has a drive letter or a ``..`` component, and no entry
+    is a symbolic link; every file entry (folders, ``__MACOSX/`` and hidden files are ignored)
+    is named .jpg/.jpeg/.png; the declared uncompressed total is at most ``max_total_bytes``
+    and no entry's declared ratio exceeds ``max_ratio``. During extraction the real bytes are
+    counted against the same caps and the declared size, and each entry's first bytes must be
+    the magic bytes of its type.
+
+    Returns:
+        as :func:`install_photo_files` (``client_filename`` = the entry name).
+
+    Raises:
+        PipelineError: ``unsafe_archive`` (422: not a zip, too many entries, path traversal,
+            absolute path, link, bomb caps), ``unsupported_image`` (415: an entry that is not
+            a photo), ``too_few_frames`` / ``invalid_request`` (photo count). ``dest_dir`` may
+            hold partial output on failure: the caller removes the job folder.
+    """
+    caps = ZipCaps(max_entries, max_total_bytes, max_ratio)
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise _unsafe(f"The file is not a readable zip archive ({exc}).") from None
+    with zf:
+        members = _photo_members(zf, caps)
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        total = 0
+        out: list[InstalledPhoto] = []
+        for n, m in enumerate(members):
+            target = dest_dir / f"img_{n:05d}{'.jpg' if m.ext == '.jpeg' else m.ext}"
+            written = _copy_member(zf, m, target, total, caps)
+            total += written
+            out.append({"file": target.name, "client_filename": m.name, "bytes": written})
+        return out

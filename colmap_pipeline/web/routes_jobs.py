@@ -1,0 +1,165 @@
+"""The job routes: list, get, delete, cancel, retry, one artifact, the frame scores. Each is a
+store read or one runner call, shaped into :class:`.schemas.JobPublic`."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import FileResponse
+
+from ..errors import PipelineError
+from ..jobs import Job, JobStatus, JobStore
+from ..layout import DataDir, read_json
+from .deps import NotDraining, RunnerDep, SettingsDep, StoreDep
+from .errors import ApiError
+from .schemas import ErrorResponse, FramesResponse, JobList, JobPublic
+
+router = APIRouter(tags=["jobs"])
+
+#: largest ``offset`` of ``GET /jobs`` (larger ones overflowed SQLite's integer: 500)
+MAX_LIST_OFFSET = 10**9
+#: longest ``project_id`` filter (as the upload form's)
+MAX_PROJECT_ID_LEN = 200
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorResponse} for s in (404, 409, 422, 503)}
+
+
+async def live_job(store: JobStore, job_id: str) -> Job:
+    """The job, unless unknown or deleted.
+
+    Raises: PipelineError("not_found") (404).
+    """
+    job = await store.get_job(job_id)
+    if job is None or job.status == JobStatus.DELETED:
+        raise PipelineError("not_found", f"No job with id {job_id!r}.")
+    return job
+
+
+async def _view(store: JobStore, job: Job) -> JobPublic:
+    pos = await store.queue_position(job.job_id) if job.status == JobStatus.PENDING else None
+    return JobPublic.from_job(job, pos)
+
+
+async def _refused(store: JobStore, job_id: str, code: str) -> ApiError:
+    """409 ``code`` naming the job's status now (404 when it went away meanwhile)."""
+    job = await live_job(store, job_id)
+    return ApiError(PipelineError(code, f"Job {job_id} is {job.status.value}.",
+                                  details={"status": job.status.value}))
+
+
+@router.get("/jobs", response_model=JobList, response_model_exclude_unset=True,
+            responses={422: {"model": ErrorResponse}}, summary="List jobs, newest first")
+async def list_jobs(
+        store: StoreDep,
+        project_id: Annotated[str | None, Query(max_length=MAX_PROJECT_ID_LEN)] = None,
+        status: Annotated[JobStatus | None, Query()] = None,
+        limit: Annotated[int, Query(ge=1, le=200, description="page size")] = 50,
+        offset: Annotated[int, Query(ge=0, le=MAX_LIST_OFFSET,
+                                     description="jobs to skip")] = 0) -> JobList:
+    jobs, total = await store.list_jobs(project_id=project_id,
+                                        status=status.value if status else None,
+                                        limit=limit, offset=offset)
+    return JobList(jobs=[await _view(store, j) for j in jobs], total=total, limit=limit,
+                   offset=offset)
+
+
+@router.get("/jobs/{job_id}", response_model=JobPublic, response_model_exclude_unset=True,
+            responses={404: {"model": ErrorResponse}}, summary="Job status, progress, results")
+async def get_job(job_id: str, store: StoreDep) -> JobPublic:
+    return await _view(store, await live_job(store, job_id))
+
+
+@router.delete("/jobs/{job_id}", response_model=JobPublic,
+               response_model_exclude_unset=True, responses=_ERRORS,
+               summary="Delete a job and its files")
+async def delete_job(job_id: str, store: StoreDep, runner: RunnerDep) -> JobPublic:
+    """Cancels the job if it runs, removes its files, and keeps the row as ``deleted``
+    (then ``GET /jobs/{job_id}`` answers 404)."""
+    await live_job(store, job_id)
+    if not await runner.delete(job_id):
+        raise PipelineError("not_found", f"No job with id {job_id!r}.")
+    return await _view(store, await _must_get(store, job_id))
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobPublic,
+             response_model_exclude_unset=True, responses=_ERRORS,
+             summary="Cancel a pending or processing job")
+async def cancel_job(job_id: str, store: StoreDep, runner: RunnerDep) -> JobPublic:
+    """Stops the job's child process group (gone within a few seconds) and frees its GPU
+    slot; the workspace stays until retention so a retry reuses its checkpoints."""
+    await live_job(store, job_id)
+    if not await runner.cancel(job_id):
+        raise await _refused(store, job_id, "job_not_cancellable")
+    return await _view(store, await _must_get(store, job_id))
+
+
+@router.post("/jobs/{job_id}/retry", response_model=JobPublic,
+             response_model_exclude_unset=True, responses=_ERRORS,
+             dependencies=[NotDraining], summary="Retry a failed or cancelled job")
+async def retry_job(job_id: str, store: StoreDep, runner: RunnerDep) -> JobPublic:
+    """Queues the job again with the same ``job_id``; it resumes from its first stage
+    without a valid checkpoint."""
+    await live_job(store, job_id)
+    if not await runner.retry(job_id):
+        raise await _refused(store, job_id, "job_not_retryable")
+    return await _view(store, await _must_get(store, job_id))
+
+
+async def _must_get(store: JobStore, job_id: str) -> Job:
+    job = await store.get_job(job_id)
+    if job is None:  # a store never forgets a job (deleted ones stay as tombstones)
+        raise PipelineError("not_found", f"No job with id {job_id!r}.")
+    return job
+
+
+@router.head("/jobs/{job_id}/artifacts/{name}", include_in_schema=False)
+@router.get("/jobs/{job_id}/artifacts/{name}",
+            responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
+            response_class=FileResponse, summary="Download one artifact")
+async def get_artifact(job_id: str, name: str, store: StoreDep,
+                       settings: SettingsDep) -> FileResponse:
+    """The file of one of the job's ``artifacts`` (``HEAD``: its headers only)."""
+    job = await live_job(store, job_id)
+    if job.status != JobStatus.COMPLETED:
+        raise PipelineError("job_not_completed", f"Job {job_id} is {job.status.value}.")
+    arts = {a.get("name"): a for a in (job.results or {}).get("artifacts", [])
+            if isinstance(a, dict)}
+    if name not in arts:
+        raise PipelineError("artifact_not_found", f"No artifact {name!r}.",
+                            details={"available": sorted(str(n) for n in arts)})
+    path = DataDir(settings.data_dir).job(job_id).work.artifact(name)
+    if not await asyncio.to_thread(path.is_file):
+        raise PipelineError("artifact_not_found", f"The file of {name!r} is gone.")
+    return FileResponse(path, media_type=arts[name].get("media_type"), filename=name)
+
+
+def _read_frames_json(path: Path) -> dict[str, Any] | None:
+    """``frames.json`` of a workspace, or ``None`` when absent or half-written."""
+    try:
+        doc = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+@router.get("/jobs/{job_id}/frames", response_model=FramesResponse,
+            response_model_exclude_unset=True,
+            responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
+            summary="Per-frame scores of the frame selection")
+async def get_frames(job_id: str, store: StoreDep, settings: SettingsDep) -> FramesResponse:
+    """Every decoded frame's timestamp, sharpness, brightness, motion and whether it was
+    kept (or why not). Available once the frames stage has run, also for failed jobs."""
+    await live_job(store, job_id)
+    doc = await asyncio.to_thread(_read_frames_json,
+                                  DataDir(settings.data_dir).job(job_id).work.frames_json)
+    if doc is None or "scores" not in doc:
+        raise PipelineError("frames_not_ready")
+    sel = doc.get("selection") or {}
+    return FramesResponse(job_id=job_id, cap=sel.get("cap", 0), kept=len(doc.get("frames", [])),
+                          num_decoded=doc.get("num_decoded", 0),
+                          dropped=sel.get("dropped", {}), warnings=doc.get("warnings", []),
+                          diagnosis=doc.get("diagnosis"), video=doc.get("video"),
+                          frames=doc["scores"])

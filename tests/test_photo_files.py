@@ -1,0 +1,154 @@
+"""Tests of colmap_pipeline.intake.photo_files: photo and zip safety on upload (issue 4).
+
+Each bad archive is refused with a clear 4xx error code, and afterwards nothing exists outside
+the job folder (no job folder is left, the uploads folder is empty, and the traversal targets
+were never written): checked on the function and through ``POST /upload-images`` on a real
+server (``start_server``).
+"""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pytest
+from factories import bomb_zip, jpeg_bytes, make_zip, png_bytes
+
+from colmap_pipeline.core import photos
+from colmap_pipeline.errors import PipelineError
+from colmap_pipeline.intake import photo_files
+
+GOOD = [(f"p{i}.jpg", jpeg_bytes(seed=i)) for i in range(3)]
+BAD_ZIPS = {
+    "zip_slip": (make_zip(GOOD + [("../../escaped.jpg", jpeg_bytes())]), 422, "unsafe_archive"),
+    "absolute": (make_zip(GOOD + [("/tmp/colmap_abs_escape.jpg", jpeg_bytes())]), 422,
+                 "unsafe_archive"),
+    "bomb": (bomb_zip(), 422, "unsafe_archive"),
+    "many_entries": (make_zip([(f"t{i}.jpg", b"\xff\xd8\xff") for i in range(10_000)]), 422,
+                     "unsafe_archive"),
+    "non_image": (make_zip(GOOD + [("notes.txt", b"hello")]), 415, "unsupported_image"),
+    "fake_jpeg": (make_zip(GOOD + [("fake.jpg", b"MZ\x90\x00 not a jpeg")]), 415,
+                  "unsupported_image"),
+}
+
+
+def test_the_child_checks_the_same_photo_rules():
+    """core/photos.py cannot import the intake (the import rules), so it repeats these."""
+    assert (photos.MIN_PHOTOS, photos.MAX_PHOTOS) == (photo_files.MIN_PHOTOS,
+                                                      photo_files.MAX_PHOTOS)
+    assert photos.IMAGE_EXTENSIONS == photo_files.IMAGE_EXTENSIONS
+    names = ["img10.jpg", "IMG2.jpg", "img1.png"]
+    assert sorted(names, key=photos.natural_key) == sorted(names, key=photo_files.natural_key) \
+        == ["img1.png", "IMG2.jpg", "img10.jpg"]
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ZIPS))
+def test_extract_photo_zip_refuses_and_writes_nothing_outside(tmp_path, case):
+    data, _, code = BAD_ZIPS[case]
+    job = tmp_path / "jobs" / "j1"
+    (job / "input").mkdir(parents=True)
+    zpath = job / "input" / "upload.zip"
+    zpath.write_bytes(data)
+    with pytest.raises(PipelineError) as ei:
+        photo_files.extract_photo_zip(zpath, job / "input" / "images")
+    assert ei.value.code == code
+    assert ei.value.message and ei.value.hint
+    # nothing outside the job folder, and no traversal target anywhere
+    outside = [p for p in tmp_path.rglob("*") if job not in p.parents and p != job]
+    assert {p.relative_to(tmp_path).as_posix() for p in outside} == {"jobs"}
+    assert not Path("/tmp/colmap_abs_escape.jpg").exists()
+    # refused before extraction: no photo was written for path, count and bomb problems
+    if code == "unsafe_archive":
+        assert not (job / "input" / "images").exists() or \
+            not any((job / "input" / "images").iterdir())
+
+
+def test_extract_photo_zip_orders_naturally_and_ignores_macos_junk(tmp_path):
+    entries = [("set/img10.jpg", jpeg_bytes(seed=10)), ("set/img2.jpg", jpeg_bytes(seed=2)),
+               ("set/img1.JPEG", jpeg_bytes(seed=1)), ("__MACOSX/set/._img1.jpg", b"junk"),
+               ("set/.DS_Store", b"junk"), ("set/", b"")]
+    zpath = tmp_path / "a.zip"
+    zpath.write_bytes(make_zip(entries, zipfile.ZIP_DEFLATED))
+    out = photo_files.extract_photo_zip(zpath, tmp_path / "images")
+    assert [o["client_filename"] for o in out] == ["set/img1.JPEG", "set/img2.jpg",
+                                                   "set/img10.jpg"]
+    assert [o["file"] for o in out] == ["img_00000.jpg", "img_00001.jpg", "img_00002.jpg"]
+    assert (tmp_path / "images" / "img_00002.jpg").read_bytes() == jpeg_bytes(seed=10)
+
+
+def test_install_photo_files_names_by_server_and_checks_content(tmp_path):
+    received = []
+    for i, (name, data) in enumerate([("IMG_10.jpg", jpeg_bytes(seed=10)), (None, png_bytes()),
+                                      ("IMG_2.JPEG", jpeg_bytes(seed=2))]):
+        p = tmp_path / f"upload{i}"
+        p.write_bytes(data)
+        received.append((p, name))
+    out = photo_files.install_photo_files(received, tmp_path / "images")
+    # natural order of the client names; a nameless file is typed by its magic bytes
+    assert [(o["file"], o["client_filename"]) for o in out] == [
+        ("img_00000.png", None), ("img_00001.jpg", "IMG_2.JPEG"),
+        ("img_00002.jpg", "IMG_10.jpg")]
+    assert out[2]["bytes"] == len(jpeg_bytes(seed=10))
+    liar = tmp_path / "liar"
+    liar.write_bytes(jpeg_bytes())
+    with pytest.raises(PipelineError) as ei:
+        photo_files.install_photo_files([(liar, "a.png")] * 3, tmp_path / "x")
+    assert ei.value.code == "unsupported_image" and ei.value.http_status == 415
+    with pytest.raises(PipelineError) as ei:
+        photo_files.install_photo_files([(liar, "a.jpg")] * 2, tmp_path / "x")
+    assert ei.value.code == "too_few_frames" and ei.value.details == {"photos": 2,
+                                                                      "min_photos": 3}
+
+
+def _post(c, files, quality="low"):
+    return c.post("/upload-images", data={"project_id": "p", "quality": quality}, files=files)
+
+
+def _leftovers(srv) -> list[str]:
+    """Files under DATA_DIR other than the SQLite database (and its WAL/SHM files)."""
+    return sorted(p.relative_to(srv.data_dir).as_posix() for p in srv.data_dir.rglob("*")
+                  if p.is_file() and not p.name.startswith("colmap_app.db"))
+
+
+def test_upload_images_refuses_bad_zips_with_4xx_and_leaves_nothing(start_server):
+    srv = start_server(MAX_REQUESTS_PER_MINUTE="100")
+    with srv.client() as c:
+        for case in sorted(BAD_ZIPS):
+            data, status, code = BAD_ZIPS[case]
+            r = _post(c, [("images", ("photos.zip", data, "application/zip"))])
+            assert r.status_code == status, (case, r.text)
+            err = r.json()["error"]
+            assert err["code"] == code and err["message"] and err["hint"], case
+            assert _leftovers(srv) == [], case
+            assert not (srv.data_dir.parent / "escaped.jpg").exists()
+            assert not (srv.data_dir / "escaped.jpg").exists()
+        # a text file among photos, too few photos, a photo with a lying extension
+        r = _post(c, [("images", (f"p{i}.jpg", d, "image/jpeg")) for i, (_, d) in
+                      enumerate(GOOD)] + [("images", ("readme.txt", b"hi", "text/plain"))])
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_image"
+        r = _post(c, [("images", ("a.jpg", jpeg_bytes(), "image/jpeg"))])
+        assert r.status_code == 422 and r.json()["error"]["code"] == "too_few_frames"
+        r = _post(c, [("images", ("a.png", jpeg_bytes(), "image/png"))] * 3)
+        assert r.status_code == 415
+        assert _leftovers(srv) == []
+        assert c.get("/jobs").json()["total"] == 0
+
+
+def test_upload_images_creates_a_pending_job_from_files_and_from_a_zip(start_server):
+    srv = start_server(MAX_REQUESTS_PER_MINUTE="100", TEST_FAULT="sleep:frames")
+    with srv.client() as c:
+        files = [("images", (f"IMG_{i}.jpg", jpeg_bytes(seed=i), "image/jpeg"))
+                 for i in (10, 2, 1)]
+        r = _post(c, files)
+        assert r.status_code == 202, r.text
+        job = c.get(r.json()["status_url"]).json()
+        assert job["video"] == {"kind": "images", "images": 3, "source": "photos"}
+        r2 = _post(c, [("images", ("set.zip", make_zip(GOOD), "application/zip"))])
+        assert r2.status_code == 202, r2.text
+        assert c.get(r2.json()["status_url"]).json()["video"]["source"] == "zip"
+    imgs = srv.data_dir / "jobs" / r.json()["job_id"] / "input" / "images"
+    assert sorted(p.name for p in imgs.iterdir()) == ["img_00000.jpg", "img_00001.jpg",
+                                                      "img_00002.jpg"]
+    # natural order of the client names: IMG_1, IMG_2, IMG_10
+    assert (imgs / "img_00000.jpg").read_bytes() == jpeg_bytes(seed=1)
+    assert (imgs / "img_00002.jpg").read_bytes() == jpeg_bytes(seed=10)
+    assert not any((srv.data_dir / "uploads").glob("*"))
