@@ -66,11 +66,18 @@ def app_facts() -> tuple[set[str], int, set[str]]:
 def check_northflank(doc: dict, routes: set[str], port: int, settings_vars: set[str],
                      env_names: list[str]) -> list[str]:
     """Every problem of a northflank.json document (``[]`` = good)."""
-    errs: list[str] = []
     spec = doc.get("spec") or {}
+    errs: list[str] = []
     unknown = set(spec) - SPEC_FIELDS
     if unknown:
         errs.append(f"unknown spec fields {sorted(unknown)}")
+    return (errs + _build_problems(spec, port) + _deployment_problems(spec)
+            + _env_problems(doc, spec, port, settings_vars, env_names)
+            + _probe_problems(spec, routes, port))
+
+
+def _build_problems(spec: dict, port: int) -> list[str]:
+    errs: list[str] = []
     df = (spec.get("buildSettings") or {}).get("dockerfile") or {}
     if not (REPO / df.get("dockerFilePath", "").lstrip("/")).is_file():
         errs.append(f"dockerFilePath {df.get('dockerFilePath')!r} is not a file")
@@ -80,6 +87,11 @@ def check_northflank(doc: dict, routes: set[str], port: int, settings_vars: set[
     if [(p.get("internalPort"), p.get("protocol"), p.get("public")) for p in ports] != [
             (port, "HTTP", True)]:
         errs.append(f"ports must be one public HTTP port {port}: {ports}")
+    return errs
+
+
+def _deployment_problems(spec: dict) -> list[str]:
+    errs: list[str] = []
     gpu = (spec.get("billing") or {}).get("gpu") or {}
     if not gpu.get("enabled") or (gpu.get("configuration") or {}).get("gpuType") not in (
             "nvidia-t4", "nvidia-a10g"):
@@ -89,12 +101,17 @@ def check_northflank(doc: dict, routes: set[str], port: int, settings_vars: set[
         errs.append(f"instances must be 1 while the job store is SQLite: {dep.get('instances')}")
     if not ((dep.get("storage") or {}).get("ephemeralStorage") or {}).get("storageSize"):
         errs.append("ephemeral storage size missing")
+    return errs
+
+
+def _env_problems(doc: dict, spec: dict, port: int, settings_vars: set[str],
+                  env_names: list[str]) -> list[str]:
+    errs: list[str] = []
     env = spec.get("runtimeEnvironment") or {}
     if str(env.get("PORT")) != str(port):
         errs.append(f"PORT={env.get('PORT')!r} does not match the app's port {port}")
-    for name in env_names:
-        if name not in env:
-            errs.append(f"variable {name} of .env.example is missing")
+    errs += [f"variable {name} of .env.example is missing" for name in env_names
+             if name not in env]
     secrets = set((doc.get("x-colmap-worker") or {}).get("secrets") or [])
     args = doc.get("arguments") or {}
     for name, value in env.items():
@@ -105,6 +122,11 @@ def check_northflank(doc: dict, routes: set[str], port: int, settings_vars: set[
             errs.append(f"secret {name} must be a ${{args.…}} reference listed in secrets")
         if ref and ref.group(1) not in args:
             errs.append(f"{name} refers to undeclared argument {ref.group(1)}")
+    return errs
+
+
+def _probe_problems(spec: dict, routes: set[str], port: int) -> list[str]:
+    errs: list[str] = []
     probes = {h.get("type"): h for h in spec.get("healthChecks") or []}
     for kind, (path, delay, period, timeout, failures) in GUIDE_PROBES.items():
         h = probes.get(kind)

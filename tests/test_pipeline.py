@@ -61,7 +61,8 @@ def synthetic_clip(tmp_path: Path, step_px: float = 4.0, n: int = 40) -> Path:
 def test_stages_and_weights():
     assert list(pipeline.STAGES) == ["frames", "features", "matching", "mapping", "dense",
                                      "meshing", "export"]
-    assert pipeline.STAGES["dense"] == "Dense Reconstruction" and pipeline.STAGES["meshing"] == "Meshing"
+    assert pipeline.STAGES["dense"] == "Dense Reconstruction"
+    assert pipeline.STAGES["meshing"] == "Meshing"
     assert pipeline.STAGES["mapping"] == "Sparse Reconstruction"
     assert set(pipeline.STAGE_WEIGHTS) == set(pipeline.STAGES)
     assert sum(pipeline.STAGE_WEIGHTS.values()) == pytest.approx(1.0)

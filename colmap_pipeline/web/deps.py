@@ -72,9 +72,9 @@ class GpuView(Protocol):
         """JSON form with live NVML readings (blocking: call in a thread)."""
 
 
-async # The dependency functions are ``async`` on purpose: FastAPI runs a plain ``def`` dependency in
-# its thread pool, one hop per dependency per request, which cost about 20% of the server's CPU
-# per poll under 50 concurrent pollers (BENCHMARKS.md, issue 10 item 12).
+# The dependency functions are ``async`` on purpose: FastAPI runs a plain ``def`` dependency
+# in its thread pool, one hop per dependency per request, which cost about 20% of the server's
+# CPU per poll under 50 concurrent pollers (BENCHMARKS.md, issue 10 item 12).
 async def _store(request: Request) -> JobStore:
     store: JobStore = request.app.state.store
     return store
