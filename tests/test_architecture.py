@@ -21,7 +21,7 @@ from conftest import REPO
 
 PACKAGE = "colmap_pipeline"
 #: the shared leaves: light modules that every process may import
-LEAVES = {"config", "presets", "errors", "layout", "jobs", "protocol", "results"}
+LEAVES = {"config", "presets", "errors", "layout", "jobs", "protocol", "results", "photo_rules"}
 #: libraries only the core (the stage children) may import
 HEAVY = {"pycolmap", "av", "cv2", "PIL", "trimesh", "numpy", "plyfile"}
 #: web and database frameworks the core must never import
@@ -35,18 +35,34 @@ ALLOWED_PARTS = {
     "intake": {"leaf", "intake", "runner"},
     "runner": {"leaf", "runner"},
     "core": {"leaf", "core"},
-    "main": {"leaf", "web", "intake", "runner", "database"},
-    "database": {"leaf"},
+    "main": {"leaf", "web", "intake", "runner", "database", "stores"},
+    "database": {"leaf", "stores"},
+    # the job store's implementations (SQLite, PostgreSQL), opened by database.open_store;
+    # web/intake/runner see only the JobStore protocol of jobs.py
+    "stores": {"leaf", "stores"},
+    # storage (issue 12): the object store and the job-folder sync, used by the server's parts
+    # around the stage children (intake uploads the input, the runner syncs each stage, web
+    # serves artifacts and readiness, housekeeping removes objects); it needs only the leaves
+    "storage": {"leaf", "storage"},
 }
+for _p in ("web", "intake", "runner", "main"):
+    ALLOWED_PARTS[_p].add("storage")
+#: the Google Cloud client libraries: only storage/ talks to the bucket (the children and the
+#: leaves never load them; the rest goes through the storage interface)
+GCS_LIBS = {"google"}
 #: part -> third-party top-level modules it must not import
 FORBIDDEN_LIBS = {
-    "leaf": HEAVY | SERVER_ONLY - {"httpx"},
-    "web": HEAVY,
-    "intake": HEAVY | {"fastapi"},
-    "runner": HEAVY | {"fastapi", "starlette"},
-    "core": SERVER_ONLY | {"pydantic_settings"},
-    "main": HEAVY,
-    "database": HEAVY | {"fastapi", "starlette"},
+    "leaf": HEAVY | SERVER_ONLY - {"httpx"} | GCS_LIBS,
+    "web": HEAVY | GCS_LIBS,
+    "intake": HEAVY | {"fastapi"} | GCS_LIBS,
+    "runner": HEAVY | {"fastapi", "starlette"} | GCS_LIBS,
+    "core": SERVER_ONLY | {"pydantic_settings"} | GCS_LIBS,
+    "main": HEAVY | GCS_LIBS,
+    "database": HEAVY | {"fastapi", "starlette"} | GCS_LIBS,
+    "storage": HEAVY | {"fastapi", "starlette"},
+    # a store knows no web framework, no bucket and no queue: the queue's defer comes in as a
+    # callback (PostgresJobStore.create_job(in_transaction=...))
+    "stores": HEAVY | {"fastapi", "starlette", "procrastinate"} | GCS_LIBS,
 }
 
 

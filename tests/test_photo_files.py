@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from factories import bomb_zip, jpeg_bytes, make_zip, png_bytes
 
-from colmap_pipeline.core import photos
 from colmap_pipeline.errors import PipelineError
 from colmap_pipeline.intake import photo_files
 
@@ -29,16 +28,6 @@ BAD_ZIPS = {
     "fake_jpeg": (make_zip(GOOD + [("fake.jpg", b"MZ\x90\x00 not a jpeg")]), 415,
                   "unsupported_image"),
 }
-
-
-def test_the_child_checks_the_same_photo_rules():
-    """core/photos.py cannot import the intake (the import rules), so it repeats these."""
-    assert (photos.MIN_PHOTOS, photos.MAX_PHOTOS) == (photo_files.MIN_PHOTOS,
-                                                      photo_files.MAX_PHOTOS)
-    assert photos.IMAGE_EXTENSIONS == photo_files.IMAGE_EXTENSIONS
-    names = ["img10.jpg", "IMG2.jpg", "img1.png"]
-    assert sorted(names, key=photos.natural_key) == sorted(names, key=photo_files.natural_key) \
-        == ["img1.png", "IMG2.jpg", "img10.jpg"]
 
 
 @pytest.mark.parametrize("case", sorted(BAD_ZIPS))

@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any, TypedDict
 
 from ..errors import PipelineError
+from ..photo_rules import (  # noqa: F401 - MIN/MAX_PHOTOS re-exported for callers of photos
+    IMAGE_EXTENSIONS,
+    MAX_PHOTOS,
+    MIN_PHOTOS,
+    check_count,
+    natural_key,
+)
 
-#: Photo types the upload installs (``intake/photo_files.py`` ``IMAGE_EXTENSIONS``).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-#: Smallest and largest photo set: the upload's limits (``intake/photo_files.py``), checked
-#: again here for a workspace made by hand (``tests/test_photo_files.py`` asserts they agree).
-MIN_PHOTOS = 3
-MAX_PHOTOS = 300
 #: EXIF tags (CIPA DC-008 / JEITA CP-3451): the Exif sub-IFD pointer, FocalLength (mm),
 #: FocalLengthIn35mmFilm (mm), FocalPlaneXResolution, FocalPlaneResolutionUnit, PixelXDimension,
 #: PixelYDimension.
@@ -84,28 +84,10 @@ class PhotoFrames(TypedDict):
     warnings: list[dict[str, Any]]
 
 
-def natural_key(name: str) -> list:
-    """Sort key that orders ``img2`` before ``img10`` (digits compared as numbers)."""
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
-
-
 def _not_image(name: str, why: str) -> PipelineError:
     return PipelineError("unsupported_image",
                          message=f"{name!r} is not a JPEG or PNG photo ({why}).",
                          details={"file": name[:200]})
-
-
-def _check_count(n: int) -> None:
-    if n < MIN_PHOTOS:
-        raise PipelineError("too_few_frames", message=f"{n} photo(s) were sent; at least "
-                            f"{MIN_PHOTOS} are needed.",
-                            hint="Upload at least 3 overlapping photos of the scene.",
-                            details={"photos": n, "min_photos": MIN_PHOTOS})
-    if n > MAX_PHOTOS:
-        raise PipelineError("invalid_request", message=f"{n} photos were sent; at most "
-                            f"{MAX_PHOTOS} are accepted.",
-                            hint=f"Send at most {MAX_PHOTOS} photos.",
-                            details={"photos": n, "max_photos": MAX_PHOTOS})
 
 
 def _exif_number(ifd: Any, tag: int) -> float | None:
@@ -218,7 +200,7 @@ def prepare_photo_frames(input_dir: str | os.PathLike, frames_dir: str | os.Path
     names = sorted((p.name for p in src.iterdir()
                     if p.is_file() and os.path.splitext(p.name)[1].lower() in IMAGE_EXTENSIONS),
                    key=natural_key)
-    _check_count(len(names))
+    check_count(len(names))
     frames: list[PhotoFrame] = []
     priors: list[FocalPrior | None] = []
     for i, name in enumerate(names):

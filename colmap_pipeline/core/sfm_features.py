@@ -28,6 +28,7 @@ import numpy as np
 import pycolmap
 
 from ..errors import PipelineError
+from ..photo_rules import IMAGE_EXTENSIONS
 from ..presets import Preset
 from .progress import Progress, no_progress
 
@@ -57,7 +58,6 @@ LOOP_VOCAB_WORDS = 256
 LOOP_VOCAB_SAMPLE = 20000
 LOOP_NUM_IMAGES = 8
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
 @dataclass(frozen=True)

@@ -23,16 +23,17 @@ from pathlib import Path, PurePosixPath
 from typing import TypedDict
 
 from ..errors import PipelineError
+from ..photo_rules import (  # noqa: F401 - MIN/MAX_PHOTOS re-exported to the intake
+    IMAGE_EXTENSIONS,
+    MAX_PHOTOS,
+    MIN_PHOTOS,
+    check_count,
+    natural_key,
+)
 
-#: Accepted photo types, by extension and by magic bytes (JPEG: FF D8 FF, ITU T.81 / JFIF;
-#: PNG: the 8-byte signature of RFC 2083 section 3.1).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+#: Accepted photo types by magic bytes (JPEG: FF D8 FF, ITU T.81 / JFIF; PNG: the 8-byte
+#: signature of RFC 2083 section 3.1); the extensions are :data:`..photo_rules.IMAGE_EXTENSIONS`.
 MAGIC = {".jpg": b"\xff\xd8\xff", ".jpeg": b"\xff\xd8\xff", ".png": b"\x89PNG\r\n\x1a\n"}
-#: Smallest and largest photo set (SfM needs at least 3 views; the largest preset selects 100
-#: video frames, photo sets get a little more room). ``core/photos.py`` checks the same numbers
-#: in the child (``tests/test_photo_files.py`` asserts they agree).
-MIN_PHOTOS = 3
-MAX_PHOTOS = 300
 #: Zip caps (zip bombs, OWASP "File Upload Cheat Sheet"): entries in the central directory,
 #: total uncompressed bytes, and the uncompressed/compressed ratio of any entry. JPEG and PNG
 #: are already compressed (ratios ~1.0-1.5 seen on photos; flat PNGs reach ~20-50), a
@@ -62,11 +63,6 @@ class ZipCaps:
     max_ratio: float = MAX_ZIP_RATIO
 
 
-def natural_key(name: str) -> list:
-    """Sort key that orders ``img2`` before ``img10`` (digits compared as numbers)."""
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
-
-
 def _unsafe(message: str, **details: object) -> PipelineError:
     return PipelineError("unsafe_archive", message=message, details=details or None)
 
@@ -87,21 +83,6 @@ def check_magic(head: bytes, ext: str, name: str) -> None:
     """Raise ``unsupported_image`` unless ``head`` starts with the magic bytes of ``ext``."""
     if not head.startswith(MAGIC[ext]):
         raise _not_image(name, "its content does not start like a " + ext[1:].upper() + " file")
-
-
-def check_count(n: int) -> None:
-    """Raise ``too_few_frames`` (fewer than ``MIN_PHOTOS``) or ``invalid_request`` (more than
-    ``MAX_PHOTOS``) for a set of ``n`` photos."""
-    if n < MIN_PHOTOS:
-        raise PipelineError("too_few_frames", message=f"{n} photo(s) were sent; at least "
-                            f"{MIN_PHOTOS} are needed.",
-                            hint="Upload at least 3 overlapping photos of the scene.",
-                            details={"photos": n, "min_photos": MIN_PHOTOS})
-    if n > MAX_PHOTOS:
-        raise PipelineError("invalid_request", message=f"{n} photos were sent; at most "
-                            f"{MAX_PHOTOS} are accepted.",
-                            hint=f"Send at most {MAX_PHOTOS} photos.",
-                            details={"photos": n, "max_photos": MAX_PHOTOS})
 
 
 def install_photo_files(files: list[tuple[Path, str | None]],
