@@ -5,6 +5,9 @@
 requests, which ``python main.py`` sets up in :func:`server_config`).
 The lifespan opens the job store, sweeps orphans, probes the GPU once (in a child), and
 starts/stops the runner (which first kills children a crashed server left and resumes its jobs).
+With ``DATABASE_URL`` set the runner is ``runner.worker.QueueRunner``: this replica's share of
+a procrastinate queue in PostgreSQL (every replica runs one; a dead replica's jobs resume on
+another after ``QUEUE_STALL_TIMEOUT_S``).
 
 Graceful shutdown (SIGTERM, what Northflank sends): :class:`DrainingServer` marks the app as
 draining at once (``/readiness`` 503, uploads 503 + ``Retry-After``) while it keeps serving HTTP,
@@ -19,7 +22,6 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -34,7 +36,7 @@ from colmap_pipeline.runner.housekeeping import sweep_partial_uploads
 from colmap_pipeline.runner.scheduler import JobRunner
 from colmap_pipeline.web.app import build_app
 from colmap_pipeline.web.http11 import JsonErrorH11Protocol
-from database import SqliteJobStore
+from database import open_store
 
 log = logging.getLogger("colmap_worker")
 
@@ -86,9 +88,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if swept:
             log.warning("removed %d partial upload(s) left by a previous run", swept)
         app.state.draining = False
-        app.state.store = await SqliteJobStore.open(Path(settings.database_path or data.database))
+        app.state.store = await open_store(settings)  # PostgreSQL when DATABASE_URL is set
         app.state.gpu = await probe_gpu(cpu_only=settings.colmap_cpu_only)
-        app.state.runner = JobRunner(app.state.store, settings, gpu_enabled=app.state.gpu.enabled)
+        if settings.database_url:  # PostgreSQL mode: procrastinate queue shared by replicas
+            from colmap_pipeline.runner.worker import open_queue_mode  # this mode only
+            app.state.store, app.state.runner = await open_queue_mode(
+                app.state.store, settings, gpu_enabled=app.state.gpu.enabled)
+        else:
+            app.state.runner = JobRunner(app.state.store, settings,
+                                         gpu_enabled=app.state.gpu.enabled)
         await app.state.runner.start()  # kills recorded child groups, requeues, schedules
         await app.state.runner.housekeeping(startup=True)  # retention, orphan workspaces
         app.state.runner.start_housekeeping()

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("./data"), description="uploads, workspaces, artifacts, database")
     database_path: Path | None = Field(None, description="SQLite file; default "
                                        "DATA_DIR/colmap_app.db")
+    database_url: str | None = Field(
+        None, description="PostgreSQL URL (postgresql://user:pass@host:5432/db): the job store "
+        "shared by several replicas; wins over DATABASE_PATH")
     colmap_cpu_only: bool = Field(False, description="force every stage onto the CPU")
     max_concurrent_jobs: int = Field(1, ge=1, description="jobs processed at once")
     max_gpu_jobs: int = Field(4, ge=1, description="jobs in GPU stages at once")
@@ -44,8 +47,14 @@ class Settings(BaseSettings):
     job_timeout_s: float = Field(3600.0, gt=0, description="wall-clock limit per job (s)")
     cors_origins: str = Field("*", description="comma-separated allowed origins, or *")
     child_nice: int = Field(10, ge=0, le=19, description="nice increment for pipeline children")
-    storage_bucket: str = Field("", description="GCS bucket for artifacts (optional)")
+    storage_bucket: str = Field("", description="GCS bucket holding every job's input, stage "
+                                "checkpoints and artifacts; empty: local disk only")
     gcs_project_id: str = Field("", description="GCS project (optional)")
+    storage_emulator_host: str = Field(
+        "", description="http://HOST:PORT of a GCS emulator (gcp-storage-emulator); empty: Google")
+    artifact_url_ttl_s: int = Field(
+        900, ge=1, le=7 * 24 * 3600, description="lifetime of an artifact's V4 signed URL (s; "
+        "at most 7 days, the V4 limit)")
     log_level: str = Field("info")
     test_fault: str = Field(
         "",
@@ -65,6 +74,15 @@ class Settings(BaseSettings):
     max_manual_retries: int = Field(
         10, ge=0, description="times a client may retry one job (POST /jobs/{id}/retry); "
         "beyond it the retry answers 409 retry_limit_reached")
+    queue_heartbeat_interval_s: float = Field(
+        5.0, gt=0, description="PostgreSQL mode: seconds between a replica's queue-worker "
+        "heartbeats (also its fetch and abort polling fallback)")
+    queue_stall_timeout_s: float = Field(
+        30.0, gt=0, description="PostgreSQL mode: a replica whose heartbeat is older than this "
+        "(s) is dead; its jobs are requeued (retried once per run)")
+    queue_sweep_interval_s: int = Field(
+        5, ge=1, le=59, description="PostgreSQL mode: seconds between stall sweeps (a "
+        "procrastinate periodic task, seconds field of a cron line)")
     pipeline_random_seed: int = Field(
         -1, ge=-1, description="-1: random RANSAC/mapper seeds on all cores; >= 0: that seed "
         "and one thread for matching and mapping, so runs are repeatable (tests, benchmarks)")

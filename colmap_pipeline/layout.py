@@ -21,6 +21,16 @@ the runner and the stage children all import it; it imports no pycolmap and no w
             checkpoints/STAGE.json       written atomically when a stage ends
             logs/STAGE.log               each stage child's stderr
             result.json                  the job's results (:class:`..results.JobResult`)
+            .storage.json                what of the workspace is in the bucket (bucket mode)
+
+The bucket (``STORAGE_BUCKET``, :class:`ObjectKeys`) mirrors the same names::
+
+    jobs/JOB_ID/input/video.<container>      the uploaded video, as it is
+    jobs/JOB_ID/input/images.tar             the uploaded photo set, one tar
+    jobs/JOB_ID/stages/STAGE.tar             what STAGE changed in work/ (a delta, one tar)
+    jobs/JOB_ID/work/checkpoints/STAGE.json  written after STAGE.tar: the stage's commit mark
+    jobs/JOB_ID/work/artifacts/NAME          each artifact, its own object (downloads)
+    jobs/JOB_ID/work/frames.json             a copy of the frames stage's (GET /jobs/ID/frames)
 """
 from __future__ import annotations
 
@@ -63,6 +73,8 @@ class Workspace:
         self.checkpoints_dir = self.root / "checkpoints"
         self.logs_dir = self.root / "logs"
         self.result_json = self.root / "result.json"
+        #: which stages and files of this workspace are in the bucket (bucket mode only)
+        self.storage_manifest = self.root / ".storage.json"
 
     def checkpoint(self, stage: str) -> Path:
         """Path of ``checkpoints/<stage>.json``."""
@@ -86,6 +98,36 @@ class Workspace:
         """``test_fault_paused.<stage>``: the test-only ``pause`` hook's marker file."""
         return self.root / f"test_fault_paused.{stage}"
 
+    def stage_files(self) -> dict[str, tuple[int, int]]:
+        """The files stage snapshots carry: ``{relative POSIX path: (bytes, mtime ns)}``.
+
+        Every file under the workspace except ``job.json`` (rewritten by each attempt, it holds
+        this replica's absolute input path), ``checkpoints/`` (their own objects), hidden files
+        (the lock, the storage manifest, half-written temporaries) and the test-fault markers.
+        ``artifacts/NAME`` entries are listed: the sync stores each as its own object.
+        Blocking.
+        """
+        out: dict[str, tuple[int, int]] = {}
+        if not self.root.is_dir():
+            return out
+        skip = {self.job_json.name, self.checkpoints_dir.name}
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            rel_dir = Path(dirpath).relative_to(self.root)
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")
+                           and not (rel_dir == Path(".") and d in skip)]
+            for name in filenames:
+                if name.startswith(".") or name.startswith("test_fault_paused."):
+                    continue
+                if rel_dir == Path(".") and name in skip:
+                    continue
+                st = (Path(dirpath) / name).stat()
+                out[(rel_dir / name).as_posix()] = (st.st_size, st.st_mtime_ns)
+        return out
+
+    def is_artifact_file(self, rel: str) -> bool:
+        """Whether ``rel`` (a :meth:`stage_files` key) is a file in ``artifacts/``."""
+        return rel.startswith(self.artifacts_dir.name + "/")
+
 
 class JobDir:
     """``DATA_DIR/jobs/JOB_ID``: the input and the workspace of one job."""
@@ -99,6 +141,53 @@ class JobDir:
     def input_video(self, container: str) -> Path:
         """``input/video.<container>`` (the container name comes from the probe, not the client)."""
         return self.input_dir / f"video.{container}"
+
+    def local_input(self, stored: str | os.PathLike[str]) -> Path:
+        """The job's input as stored on its row (an absolute path under the ``DATA_DIR`` of
+        the replica that took the upload), mapped into this job folder: the part after the
+        job's id, under :attr:`root`. A path without the job's id is returned as it is."""
+        parts = Path(stored).parts
+        name = self.root.name
+        if name not in parts:
+            return Path(stored)
+        at = len(parts) - 1 - parts[::-1].index(name)
+        return self.root.joinpath(*parts[at + 1:])
+
+
+class ObjectKeys:
+    """Object keys of one job in the bucket: the names of :class:`JobDir` under ``jobs/JOB_ID/``
+    (see the module's table). ``JOB_ID`` is a server-made UUID, never a client's name."""
+
+    #: the prefix of every job's objects
+    ROOT = "jobs/"
+
+    def __init__(self, job_id: str):
+        self.prefix = f"{self.ROOT}{job_id}/"
+        self.stages_prefix = self.prefix + "stages/"
+        self.checkpoints_prefix = self.prefix + "work/checkpoints/"
+        self.artifacts_prefix = self.prefix + "work/artifacts/"
+        #: a copy of ``work/frames.json`` (it is in ``stages/frames.tar`` too), served by
+        #: ``GET /jobs/ID/frames`` on a replica whose disk lacks it
+        self.frames_json = self.prefix + "work/frames.json"
+
+    def input(self, jdir: JobDir, path: Path) -> str:
+        """Key of the input ``path`` (a file or the photo folder) of ``jdir``: its path under
+        the job folder; a folder is stored as one ``.tar``."""
+        rel = path.relative_to(jdir.root).as_posix()
+        return self.prefix + rel + (".tar" if path.is_dir() else "")
+
+    def stage(self, stage: str) -> str:
+        """``stages/<stage>.tar``: what ``stage`` changed in the workspace."""
+        return f"{self.stages_prefix}{stage}.tar"
+
+    def checkpoint(self, stage: str) -> str:
+        """``work/checkpoints/<stage>.json``: written last, it commits the stage."""
+        return f"{self.checkpoints_prefix}{stage}.json"
+
+    def artifact(self, name: str) -> str:
+        """``work/artifacts/<name>``; ``name`` must be a plain file name (no separators)."""
+        Workspace(".").artifact(name)  # raises ValueError for a name with separators
+        return self.artifacts_prefix + name
 
 
 class DataDir:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .protocol import STAGES
 
 
 class _Open(BaseModel):
@@ -244,9 +246,18 @@ class AttemptRecord(_Open):
     started_at: str | None = Field(None, description="ISO-8601 UTC")
     finished_at: str | None = Field(None, description="ISO-8601 UTC")
     stage_wall_s: dict[str, float] = Field(default_factory=dict,
-                                           description="wall time of each stage child (s)")
+                                           description="wall time of each stage child (s), "
+                                           "in pipeline order")
     resumed_from: str | None = Field(None, description="first stage run in this attempt")
     skipped_stages: list[str] = Field(default_factory=list,
                                       description="stages reused from checkpoints")
     retry: str | None = Field(None, description="why an automatic retry followed")
     detail: str | None = None
+
+    @field_validator("stage_wall_s")
+    @classmethod
+    def _pipeline_order(cls, v: dict[str, float]) -> dict[str, float]:
+        """Stages in run order: PostgreSQL's JSONB stores object keys sorted, so the order they
+        were recorded in does not survive a round trip there."""
+        rank = {s: i for i, s in enumerate(STAGES)}
+        return dict(sorted(v.items(), key=lambda kv: rank.get(kv[0], len(rank))))

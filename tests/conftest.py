@@ -135,3 +135,37 @@ async def make_api(tmp_path):
 async def api(make_api):
     """The app in process with default settings (see :func:`make_api`)."""
     return await make_api()
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh PostgreSQL database for this test (dropped after): its ``postgresql://`` URL.
+    Skipped without PostgreSQL on a developer machine, failed in CI (``tests/pg.py``)."""
+    import pg
+
+    pg.require_postgres()
+    name = pg.create_database()
+    try:
+        yield pg.url_for(name)
+    finally:
+        pg.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+    """``gcp-storage-emulator`` running for the whole session (:class:`gcs_emulator.Emulator`:
+    ``url``, ``new_bucket()``, ``client()``). Started here, never skipped."""
+    from gcs_emulator import Emulator
+
+    emu = Emulator(tmp_path_factory.mktemp("gcs") / "emulator.log")
+    yield emu
+    emu.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator, monkeypatch):
+    """A fresh, empty bucket of the emulator: the settings that select it
+    (``{"storage_bucket": name, "storage_emulator_host": url}``); ``STORAGE_EMULATOR_HOST`` is
+    set in the environment too (for servers started by the test)."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator.url)
+    return {"storage_bucket": gcs_emulator.new_bucket(), "storage_emulator_host": gcs_emulator.url}

@@ -187,3 +187,26 @@ def test_core_loads_no_web_or_database_framework():
     imports = "\n".join(f"import {m}" for m in _modules_of("core"))
     assert _loaded(imports, {"fastapi", "starlette", "aiosqlite", "uvicorn", "slowapi",
                              "database", "pydantic_settings"}) == []
+
+
+def test_the_embedded_mode_never_loads_the_gcs_client():
+    """Without ``STORAGE_BUCKET`` the server (every web, intake, runner and storage module but
+    the GCS one) never imports google-cloud-storage: it loads only in bucket mode."""
+    mods = [m for m in _modules_of("web", "intake", "runner", "storage")
+            if m != f"{PACKAGE}.storage.gcs"]
+    code = "import main\nmain.create_app()\n" + "\n".join(f"import {m}" for m in mods)
+    assert _loaded(code, {"google.cloud.storage"}) == []
+
+
+def test_only_main_and_database_open_a_store_implementation():
+    """Issue 12: the web, intake and runner code see the JobStore protocol only; a runner
+    module importing the PostgreSQL store (or psycopg's pool through it) is reported."""
+    probe = REPO / PACKAGE / "runner" / "_arch_probe_stores_tmp.py"
+    try:
+        probe.write_text("from ..stores.postgres import PostgresJobStore\n")
+        found = violations([probe])
+    finally:
+        probe.unlink(missing_ok=True)
+    assert found == [f"{PACKAGE}/runner/_arch_probe_stores_tmp.py:1 imports "
+                     f"{PACKAGE}.stores.postgres: runner may not import stores"]
+    assert violations([REPO / "database.py", REPO / "main.py"]) == []

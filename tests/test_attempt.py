@@ -14,9 +14,11 @@ from runner_harness import (
     error_outcome,
     runner_settings,
     started,
+    until,
     wait_done,
 )
 
+from colmap_pipeline.jobs import Intent
 from colmap_pipeline.protocol import STAGES, ErrorEvent
 from colmap_pipeline.results import AttemptRecord
 from colmap_pipeline.runner import attempt
@@ -205,3 +207,25 @@ async def test_a_result_outside_the_schema_fails_the_job(tmp_path):
     assert job.status == "failed" and job.error_code == "pipeline_error"
     assert "does not match the results schema" in str(job.error_message)
     assert job.attempts[-1]["failed_stage"] == "export"
+
+
+@pytest.mark.asyncio
+async def test_a_run_whose_job_was_claimed_by_another_worker_starts_no_further_stage(tmp_path):
+    """Issue 12 (PostgreSQL mode): a replica taken for dead whose job another replica
+    claimed (the row's ``attempt`` moved on) stops at its next stage boundary."""
+    store = RecordingStore()
+    settings = runner_settings(tmp_path)
+
+    async def other_replica_claims(stage: str) -> None:
+        if stage == "features":  # the sweep requeued it, another worker claimed it
+            assert await store.apply("job-1", Intent.REQUEUE)
+            assert await store.apply("job-1", Intent.CLAIM)
+
+    stages = ScriptedStages(settings, on_run=other_replica_claims)
+    await add_job(store, settings)
+    async with started(store, settings, stage_runner=stages) as runner:
+        await until(lambda: not runner.active_jobs and stages.calls, 10, "the run to end")
+        job = await store.get_job("job-1")
+    assert stages.calls == ["frames", "features"]  # matching never started here
+    assert job is not None and job.status == "processing" and job.attempt == 2
+    assert job.attempts[-1]["outcome"] == "stopped"

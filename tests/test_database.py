@@ -1,7 +1,9 @@
-"""The job-store contract, run against every store: SQLite (``database.SqliteJobStore``) and
-the in-memory fake (``tests/fakes.py``). A new store (PostgreSQL, issue 12) adds one entry to
-:data:`BACKENDS` and passes the same tests. SQLite-only facts (schema, WAL, migrations, the
-translation of ``sqlite3`` errors) are at the end."""
+"""The job-store contract, run against every store: SQLite (``database.SqliteJobStore``),
+PostgreSQL (``colmap_pipeline.stores.postgres.PostgresJobStore``, a fresh database per test,
+issue 12) and the in-memory fake (``tests/fakes.py``): each is one entry of :data:`BACKENDS`
+and passes the same tests. Backend-only facts (schema, migrations, the translation of
+``sqlite3``/``psycopg`` errors, a lost PostgreSQL) are at the end; ``open_store`` picks the
+store from the settings."""
 from __future__ import annotations
 
 import asyncio
@@ -26,6 +28,8 @@ from colmap_pipeline.jobs import (
     StoreError,
     StoreUnavailable,
 )
+from colmap_pipeline.stores import sqlite as sqlite_store
+from colmap_pipeline.stores.postgres import PostgresJobStore
 from database import SqliteJobStore
 
 pytestmark = pytest.mark.asyncio
@@ -45,6 +49,12 @@ def _sqlite(tmp_path: Path) -> Backend:
     return Backend("sqlite", open_)
 
 
+def _postgres(tmp_path: Path, url: str) -> Backend:
+    async def open_() -> JobStore:
+        return await PostgresJobStore.open(url)
+    return Backend("postgres", open_)
+
+
 def _memory(tmp_path: Path) -> Backend:
     shared = InMemoryJobStore()
 
@@ -54,12 +64,15 @@ def _memory(tmp_path: Path) -> Backend:
     return Backend("memory", open_)
 
 
-#: every store the contract runs against (issue 12: add "postgres")
-BACKENDS: dict[str, Callable[[Path], Backend]] = {"sqlite": _sqlite, "memory": _memory}
+#: every store the contract runs against; ``postgres`` gets a fresh database (``pg_url``)
+BACKENDS: dict[str, Callable[..., Backend]] = {"sqlite": _sqlite, "memory": _memory,
+                                               "postgres": _postgres}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param == "postgres":
+        return _postgres(tmp_path, request.getfixturevalue("pg_url"))
     return BACKENDS[request.param](tmp_path)
 
 
@@ -441,7 +454,7 @@ async def test_sqlite_errors_never_leave_the_store(tmp_path, monkeypatch):
     with pytest.raises(StoreUnavailable):
         await SqliteJobStore.open(bad)
 
-    monkeypatch.setattr(database, "BUSY_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT_S", 0.05)
     path = tmp_path / "jobs.db"
     s = await SqliteJobStore.open(path)
     try:

@@ -28,8 +28,11 @@ GUIDE_PROBES = {
     "readinessProbe": ("/readiness", 30, 10, 5, 3),
 }
 #: Northflank combined-service fields this file uses (API "create combined service" body).
-SPEC_FIELDS = {"name", "description", "billing", "deployment", "vcsData", "buildSettings",
-               "ports", "runtimeEnvironment", "runtimeFiles", "healthChecks"}
+SPEC_FIELDS = {"name", "description", "billing", "deployment", "autoscaling", "vcsData",
+               "buildSettings", "ports", "runtimeEnvironment", "runtimeFiles", "healthChecks"}
+#: Variables of .env.example that only tests and local demos set (an empty value in production
+#: would still be read as "set" by google-cloud-storage's own emulator switch).
+TEST_ONLY_VARS = {"STORAGE_EMULATOR_HOST"}
 PROBE_FIELDS = {"protocol", "type", "path", "port", "initialDelaySeconds", "periodSeconds",
                 "timeoutSeconds", "failureThreshold", "successThreshold"}
 #: Variables read by the platform, the driver or a client library rather than Settings (the
@@ -98,7 +101,13 @@ def _deployment_problems(spec: dict) -> list[str]:
         errs.append(f"GPU must be enabled with a T4 or A10G: {gpu}")
     dep = spec.get("deployment") or {}
     if dep.get("instances") != 1:
-        errs.append(f"instances must be 1 while the job store is SQLite: {dep.get('instances')}")
+        errs.append(f"the deployment starts with 1 instance: {dep.get('instances')}")
+    hpa = (spec.get("autoscaling") or {}).get("horizontal") or {}
+    got = (hpa.get("enabled"), hpa.get("minReplicas"), hpa.get("maxReplicas"),
+           (hpa.get("cpu") or {}).get("thresholdPercentage"),
+           (hpa.get("memory") or {}).get("thresholdPercentage"))
+    if got != (True, 1, 3, 80, 80):
+        errs.append(f"the guide's scaling is 1-3 replicas at 80% CPU and memory: {got}")
     if not ((dep.get("storage") or {}).get("ephemeralStorage") or {}).get("storageSize"):
         errs.append("ephemeral storage size missing")
     return errs
@@ -111,7 +120,7 @@ def _env_problems(doc: dict, spec: dict, port: int, settings_vars: set[str],
     if str(env.get("PORT")) != str(port):
         errs.append(f"PORT={env.get('PORT')!r} does not match the app's port {port}")
     errs += [f"variable {name} of .env.example is missing" for name in env_names
-             if name not in env]
+             if name not in env and name not in TEST_ONLY_VARS]
     secrets = set((doc.get("x-colmap-worker") or {}).get("secrets") or [])
     args = doc.get("arguments") or {}
     for name, value in env.items():
@@ -162,6 +171,12 @@ def test_northflank_json_matches_the_app(facts):
     assert {"/health", "/readiness"} <= routes and port == 8080
     assert len(env_names) >= 20  # the parser really read .env.example
     assert check_northflank(doc, *facts) == []
+    # scaled out: a PostgreSQL addon feeds DATABASE_URL (a secret argument), and the bucket
+    addons = doc["x-colmap-worker"]["addons"]
+    assert [(a["kind"], a["spec"]["type"]) for a in addons] == [("Addon", "postgresql")]
+    env = doc["spec"]["runtimeEnvironment"]
+    assert env["DATABASE_URL"] == "${args.DATABASE_URL}"
+    assert env["STORAGE_BUCKET"] == "${args.STORAGE_BUCKET}"
 
 
 def _mutated(change) -> dict:
@@ -178,7 +193,10 @@ def _mutated(change) -> dict:
     (lambda s: s["ports"][0].update(internalPort=8000), "one public HTTP port"),
     (lambda s: s["healthChecks"][0].update(port=80), "differs from the app's 8080"),
     (lambda s: s["healthChecks"][1].update(timeoutSeconds=1), "timings"),
-    (lambda s: s["deployment"].update(instances=3), "instances must be 1"),
+    (lambda s: s["deployment"].update(instances=3), "starts with 1 instance"),
+    (lambda s: s["autoscaling"]["horizontal"].update(maxReplicas=1), "1-3 replicas"),
+    (lambda s: s["autoscaling"]["horizontal"]["cpu"].update(thresholdPercentage=50),
+     "80% CPU and memory"),
     (lambda s: s["runtimeEnvironment"].update(
         GOOGLE_APPLICATION_CREDENTIALS="/app/secrets/key.json"), "secret GOOGLE_APPLICATION"),
     (lambda s: s["runtimeEnvironment"].update(MAX_FRAME_HIGH="100"), "no Settings field"),

@@ -28,6 +28,7 @@ from ..errors import ERROR_CATALOG, PipelineError
 from ..jobs import DuplicateKey, Job, JobStore
 from ..layout import DataDir, JobDir
 from ..runner.executor import run_json_command
+from ..storage import job_sync, store_input
 from . import photo_intake
 from .multipart import ReceivedFiles, UploadBody, receive_files
 
@@ -282,6 +283,7 @@ async def _insert(store: JobStore, settings: Settings, req: _Request, kind: _Kin
     jdir = DataDir(settings.data_dir).job(job_id)
     try:
         installed = await kind.install(req.received, jdir, settings)
+        await store_input(settings, jdir, installed.input_path)  # bucket mode: before the 202
         job = await store.create_job({
             "job_id": job_id, "scan_id": str(uuid.uuid4()), "project_id": req.form.project_id,
             "scan_name": req.form.scan_name, "user_email": req.form.user_email,
@@ -291,13 +293,13 @@ async def _insert(store: JobStore, settings: Settings, req: _Request, kind: _Kin
             "video_info": installed.video_info, "idempotency_key": req.key,
             "request_fingerprint": req.fingerprint})
     except DuplicateKey:
-        await asyncio.to_thread(shutil.rmtree, jdir.root, True)
+        await asyncio.to_thread(job_sync(settings, job_id).discard)  # folder + objects
         existing = await store.find_by_idempotency_key(req.key) if req.key else None
         if existing is None:
             raise
         return _replay(existing, req.fingerprint, kind)  # a concurrent upload won
     except BaseException:
-        await asyncio.to_thread(shutil.rmtree, jdir.root, True)
+        await asyncio.to_thread(job_sync(settings, job_id).discard)  # folder + objects
         raise
     return Accepted(job, False, kind.name)
 

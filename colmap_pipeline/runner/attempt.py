@@ -36,7 +36,7 @@ from pydantic import ValidationError
 from ..config import Settings
 from ..errors import ERROR_CATALOG
 from ..jobs import Intent, Job, JobStatus, JobStore, StoreError, utcnow
-from ..layout import DataDir, next_stage, prepare_workspace, read_json
+from ..layout import DataDir, next_stage, read_json
 from ..protocol import (
     EXIT_PIPELINE_ERROR,
     EXIT_STAGE_PIPELINE_ERROR,
@@ -45,6 +45,7 @@ from ..protocol import (
     overall_progress,
 )
 from ..results import AttemptRecord, JobResult
+from ..storage import job_sync
 from .executor import StageOutcome, describe_exit
 from .executor import run_stage as run_stage_child
 
@@ -151,7 +152,6 @@ class Failure:
             code = "pipeline_error"
         _, default_message, default_hint = ERROR_CATALOG[code]
         return cls(code, message or default_message, hint or default_hint, details or None)
-
 
 
 def failure_for(stage: str, outcome: StageOutcome, *, job_timeout_s: float) -> Failure:
@@ -282,9 +282,9 @@ class JobRun:
     async def attempt(self) -> AttemptResult:
         """Run the job's unfinished stages once, each in its own child."""
         ctx, st = self.ctx, self.state
-        ws = ctx.data.job(self.job_id).work
-        await asyncio.to_thread(
-            prepare_workspace, ws.root, self.job.input_path, ctx.settings.preset(self.job.quality),
+        ws, sync = ctx.data.job(self.job_id).work, job_sync(ctx.settings, self.job_id)
+        await asyncio.to_thread(  # bucket mode: input and checkpoints from the bucket if missing
+            sync.prepare, self.job.input_path, ctx.settings.preset(self.job.quality),
             use_gpu=ctx.gpu_enabled, test_fault=ctx.settings.test_fault,
             random_seed=ctx.settings.pipeline_random_seed)
         first = await asyncio.to_thread(next_stage, ws.root)
@@ -293,7 +293,8 @@ class JobRun:
         for stage in todo:
             st.stage = stage
             current = await ctx.store.get_job(self.job_id)
-            if current is None or current.status != JobStatus.PROCESSING:
+            if (current is None or current.status != JobStatus.PROCESSING  # gone, or another
+                    or current.attempt != st.number):  # replica claimed it (.stalls)
                 return AttemptResult(AttemptEnd.GONE, stage,
                                      left_as=current.status if current else None)
             if ctx.draining():
@@ -304,6 +305,7 @@ class JobRun:
             st.stage_wall_s[stage] = round(time.monotonic() - t0, 3)
             if not outcome.ok:
                 return AttemptResult(AttemptEnd.FAILED, stage, outcome)
+            await asyncio.to_thread(sync.push)  # outputs + checkpoint to the bucket (StorageError)
         st.stage = None
         return AttemptResult(AttemptEnd.COMPLETED)
 

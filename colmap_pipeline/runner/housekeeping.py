@@ -5,9 +5,10 @@ and uploads that no job owns.
   dead server left half-received (no request is in flight yet).
 - :class:`Housekeeper` runs at start-up and then every ``HOUSEKEEPING_INTERVAL_S``: jobs
   ``completed``/``failed``/``cancelled`` longer than ``RETENTION_HOURS`` ago become ``expired``
-  (row kept) and lose their folder; job folders without a job that keeps files, and partial
-  uploads, are removed (all of them at start-up; later only those untouched for at least an
-  hour, so an upload being moved into place is never swept).
+  (row kept) and lose their folder (and, in bucket mode, their objects); job folders without
+  a job that keeps files, and partial uploads, are removed (all of them at start-up; later
+  only those untouched for at least an hour, so an upload being moved into place is never
+  swept); in bucket mode, so are the objects of jobs that keep no files, when an hour old.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from pathlib import Path
 from ..config import Settings
 from ..jobs import Intent, JobStore
 from ..layout import DataDir
+from ..storage import StorageError, open_storage, remove_job_files
+from ..storage.sync import sweep_orphan_objects
 
 log = logging.getLogger("colmap_worker.housekeeping")
 
@@ -87,6 +90,7 @@ class SweepCounts:
     expired: int = 0  #: jobs whose files retention removed (rows now ``expired``)
     orphans: int = 0  #: job folders without a job that keeps files
     uploads: int = 0  #: partial uploads
+    bucket_orphans: int = 0  #: jobs whose leftover objects left the bucket (bucket mode)
 
 
 class Housekeeper:
@@ -114,10 +118,23 @@ class Housekeeper:
         min_age = 0.0 if startup else max(MIN_SWEEP_AGE_S, self.settings.housekeeping_interval_s)
         keep = await self.store.job_ids_with_files() | self.busy()
         orphans, uploads = await asyncio.to_thread(sweep_orphans, self.data, keep, min_age)
-        counts = SweepCounts(expired, orphans, uploads)
-        if expired or orphans or uploads:
+        counts = SweepCounts(expired, orphans, uploads, await self._sweep_bucket(keep))
+        if expired or orphans or uploads or counts.bucket_orphans:
             log.warning("housekeeping: %s", asdict(counts))
         return counts
+
+    async def _sweep_bucket(self, keep: set[str]) -> int:
+        """Bucket mode: remove the objects of jobs that keep no files (a failed delete's
+        leftovers), never younger than ``max(1 h, HOUSEKEEPING_INTERVAL_S)`` even at start-up:
+        the bucket is shared, and another replica may be between an upload and its row. A
+        bucket error is logged (the next pass tries again)."""
+        min_age = max(MIN_SWEEP_AGE_S, self.settings.housekeeping_interval_s)
+        try:
+            return await asyncio.to_thread(sweep_orphan_objects, open_storage(self.settings),
+                                           keep, min_age)
+        except StorageError as exc:
+            log.error("housekeeping: bucket sweep failed: %s", exc)
+            return 0
 
     async def _expire(self) -> int:
         """Expire jobs finished before the retention cutoff: the row turns ``expired`` first
@@ -130,7 +147,7 @@ class Housekeeper:
             if job_id in busy:
                 continue
             if await self.store.apply(job_id, Intent.EXPIRE):
-                await asyncio.to_thread(shutil.rmtree, self.data.job(job_id).root, True)
+                await remove_job_files(self.settings, job_id)  # folder and bucket objects
                 n += 1
         return n
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -25,6 +24,7 @@ from ..errors import PipelineError
 from ..jobs import Intent, Job, JobStore, allowed
 from ..layout import DataDir
 from ..protocol import GPU_STAGES
+from ..storage import remove_job_files
 from .attempt import JobRun, RunContext, StageRunner
 from .executor import kill_process_group, kill_recorded_group
 from .executor import run_stage as run_stage_child
@@ -210,7 +210,7 @@ class JobRunner:
         if not await self.store.apply(job_id, Intent.DELETE):
             return False
         await self._abort_task(job_id, "deleted")
-        await asyncio.to_thread(shutil.rmtree, self.data.job(job_id).root, True)
+        await remove_job_files(self.settings, job_id)  # folder and bucket objects
         return True
 
     async def _abort_task(self, job_id: str, reason: str) -> None:

@@ -6,12 +6,13 @@ import asyncio
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse, Response
 
 from ..errors import PipelineError
 from ..jobs import Job, JobStatus, JobStore
-from ..layout import DataDir, read_json
+from ..layout import DataDir, ObjectKeys, read_json
+from .artifacts import bucket_artifact, bucket_json, request_storage
 from .deps import NotDraining, RunnerDep, SettingsDep, StoreDep
 from .errors import ApiError
 from .schemas import ErrorResponse, FramesResponse, JobList, JobPublic
@@ -117,11 +118,14 @@ async def _must_get(store: JobStore, job_id: str) -> Job:
 
 @router.head("/jobs/{job_id}/artifacts/{name}", include_in_schema=False)
 @router.get("/jobs/{job_id}/artifacts/{name}",
-            responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
+            responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse},
+                       307: {"description": "bucket mode: a V4 signed URL of the object"}},
             response_class=FileResponse, summary="Download one artifact")
-async def get_artifact(job_id: str, name: str, store: StoreDep,
-                       settings: SettingsDep) -> FileResponse:
-    """The file of one of the job's ``artifacts`` (``HEAD``: its headers only)."""
+async def get_artifact(job_id: str, name: str, request: Request, store: StoreDep,
+                       settings: SettingsDep) -> Response:
+    """The file of one of the job's ``artifacts`` (``HEAD``: its headers only). In bucket
+    mode (``STORAGE_BUCKET``): a 307 redirect to a V4 signed URL valid
+    ``ARTIFACT_URL_TTL_S`` when the credentials can sign, else the object streamed."""
     job = await live_job(store, job_id)
     if job.status != JobStatus.COMPLETED:
         raise PipelineError("job_not_completed", f"Job {job_id} is {job.status.value}.")
@@ -130,6 +134,11 @@ async def get_artifact(job_id: str, name: str, store: StoreDep,
     if name not in arts:
         raise PipelineError("artifact_not_found", f"No artifact {name!r}.",
                             details={"available": sorted(str(n) for n in arts)})
+    storage = request_storage(request, settings)
+    if storage.remote:
+        return await bucket_artifact(storage, job_id, name, arts[name].get("media_type"),
+                                     ttl_s=settings.artifact_url_ttl_s,
+                                     head=request.method == "HEAD")
     path = DataDir(settings.data_dir).job(job_id).work.artifact(name)
     if not await asyncio.to_thread(path.is_file):
         raise PipelineError("artifact_not_found", f"The file of {name!r} is gone.")
@@ -149,12 +158,16 @@ def _read_frames_json(path: Path) -> dict[str, Any] | None:
             response_model_exclude_unset=True,
             responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
             summary="Per-frame scores of the frame selection")
-async def get_frames(job_id: str, store: StoreDep, settings: SettingsDep) -> FramesResponse:
+async def get_frames(job_id: str, request: Request, store: StoreDep,
+                     settings: SettingsDep) -> FramesResponse:
     """Every decoded frame's timestamp, sharpness, brightness, motion and whether it was
     kept (or why not). Available once the frames stage has run, also for failed jobs."""
     await live_job(store, job_id)
     doc = await asyncio.to_thread(_read_frames_json,
                                   DataDir(settings.data_dir).job(job_id).work.frames_json)
+    if doc is None:  # bucket mode: the stage may have run on another replica
+        doc = await bucket_json(request_storage(request, settings),
+                                ObjectKeys(job_id).frames_json)
     if doc is None or "scores" not in doc:
         raise PipelineError("frames_not_ready")
     sel = doc.get("selection") or {}

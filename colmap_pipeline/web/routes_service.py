@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from .. import __version__
+from .artifacts import request_storage
 from .deps import GpuDep, RunnerDep, SettingsDep, StoreDep, is_draining
 from .schemas import HealthResponse, ReadinessResponse, RootResponse
 
@@ -53,7 +54,8 @@ async def health(gpu: GpuDep, runner: RunnerDep, settings: SettingsDep) -> Healt
 async def readiness(request: Request, store: StoreDep, runner: RunnerDep,
                     settings: SettingsDep) -> JSONResponse:
     """200 when the store answers, DATA_DIR is writable with ``MIN_FREE_DISK_BYTES`` free, the
-    runner runs and the server is not draining; else 503 naming the failing checks."""
+    runner runs and the server is not draining (and, in bucket mode, the bucket exists and
+    may be used: ``storage``); else 503 naming the failing checks."""
     data_dir = Path(settings.data_dir)
     free = await asyncio.to_thread(free_disk_bytes, data_dir)
     checks = {
@@ -63,6 +65,9 @@ async def readiness(request: Request, store: StoreDep, runner: RunnerDep,
         "runner": runner.running,
         "not_draining": not is_draining(request),
     }
+    storage = request_storage(request, settings)
+    if storage.remote:  # bucket mode: missing bucket or refused access -> 503 "storage"
+        checks["storage"] = await asyncio.to_thread(storage.ready)
     failing = [k for k, ok in checks.items() if not ok]
     body = ReadinessResponse(status="not_ready" if failing else "ready", checks=checks,
                              failing=failing, free_disk_bytes=free)

@@ -1,0 +1,115 @@
+"""The job table's schema, as versioned append-only migrations for each store: SQLite
+(:mod:`.sqlite`) and PostgreSQL (:mod:`.postgres`) take the same steps, so a database of either
+kind at version N has the same columns (:data:`colmap_pipeline.jobs.COLUMNS`).
+
+Migration i moves the schema from version i to i+1; each store records the applied version in a
+one-row table ``schema_version`` and applies the missing steps when it opens. A new column is a
+new entry in BOTH lists, never an edit of a shipped one.
+"""
+from __future__ import annotations
+
+#: SQLite: each migration moves the schema from version i to i+1. Append only; never edit a
+#: shipped one.
+SQLITE_MIGRATIONS: list[str] = [
+    # 0 -> 1: jobs table
+    """
+    CREATE TABLE jobs (
+        job_id TEXT PRIMARY KEY,
+        scan_id TEXT NOT NULL,
+        project_id TEXT NOT NULL,
+        scan_name TEXT NOT NULL,
+        user_email TEXT,
+        quality TEXT NOT NULL,
+        status TEXT NOT NULL,
+        progress INTEGER NOT NULL DEFAULT 0,
+        current_stage TEXT,
+        message TEXT,
+        error_code TEXT,
+        error_message TEXT,
+        error_hint TEXT,
+        created_at TEXT NOT NULL,
+        started_at TEXT,
+        finished_at TEXT,
+        updated_at TEXT NOT NULL,
+        input_path TEXT NOT NULL,
+        input_filename TEXT,
+        input_bytes INTEGER NOT NULL,
+        input_sha256 TEXT NOT NULL,
+        video_info TEXT,
+        results TEXT,
+        attempt INTEGER NOT NULL DEFAULT 0,
+        attempts TEXT NOT NULL DEFAULT '[]'
+    );
+    CREATE INDEX jobs_status_created ON jobs(status, created_at);
+    CREATE INDEX jobs_project_created ON jobs(project_id, created_at);
+    """,
+    # 1 -> 2: job lifecycle (issue 5): the stage child's process group (killed at boot if it
+    # survived its server), the upload's Idempotency-Key (unique while set), automatic retries
+    """
+    ALTER TABLE jobs ADD COLUMN pgid INTEGER;
+    ALTER TABLE jobs ADD COLUMN idempotency_key TEXT;
+    ALTER TABLE jobs ADD COLUMN auto_retries INTEGER NOT NULL DEFAULT 0;
+    CREATE UNIQUE INDEX jobs_idempotency_key ON jobs(idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE INDEX jobs_status_finished ON jobs(status, finished_at);
+    """,
+    # 2 -> 3 (issue 10): a failed reconstruction's numbers (JSON, item 6), and the fingerprint
+    # of the request stored with its Idempotency-Key (item 10)
+    """
+    ALTER TABLE jobs ADD COLUMN error_details TEXT;
+    ALTER TABLE jobs ADD COLUMN request_fingerprint TEXT;
+    """,
+]
+
+#: PostgreSQL: the same steps as :data:`SQLITE_MIGRATIONS` in its own types (JSONB, BIGINT,
+#: an identity ``seq`` for SQLite's ``rowid``). Append only, in step with the SQLite list.
+POSTGRES_MIGRATIONS: list[str] = [
+    # 0 -> 1: jobs table
+    """
+    CREATE TABLE jobs (
+        seq BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE,
+        job_id TEXT PRIMARY KEY,
+        scan_id TEXT NOT NULL,
+        project_id TEXT NOT NULL,
+        scan_name TEXT NOT NULL,
+        user_email TEXT,
+        quality TEXT NOT NULL,
+        status TEXT NOT NULL,
+        progress INTEGER NOT NULL DEFAULT 0,
+        current_stage TEXT,
+        message TEXT,
+        error_code TEXT,
+        error_message TEXT,
+        error_hint TEXT,
+        created_at TEXT NOT NULL,
+        started_at TEXT,
+        finished_at TEXT,
+        updated_at TEXT NOT NULL,
+        input_path TEXT NOT NULL,
+        input_filename TEXT,
+        input_bytes BIGINT NOT NULL,
+        input_sha256 TEXT NOT NULL,
+        video_info JSONB,
+        results JSONB,
+        attempt INTEGER NOT NULL DEFAULT 0,
+        attempts JSONB NOT NULL DEFAULT '[]'::jsonb
+    );
+    CREATE INDEX jobs_status_created ON jobs(status, created_at, seq);
+    CREATE INDEX jobs_project_created ON jobs(project_id, created_at, seq);
+    """,
+    # 1 -> 2: job lifecycle: the stage child's process group, the upload's Idempotency-Key
+    # (unique while set), automatic retries
+    """
+    ALTER TABLE jobs ADD COLUMN pgid INTEGER;
+    ALTER TABLE jobs ADD COLUMN idempotency_key TEXT;
+    ALTER TABLE jobs ADD COLUMN auto_retries INTEGER NOT NULL DEFAULT 0;
+    CREATE UNIQUE INDEX jobs_idempotency_key ON jobs(idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE INDEX jobs_status_finished ON jobs(status, finished_at);
+    """,
+    # 2 -> 3: a failed reconstruction's numbers, the request fingerprint of an Idempotency-Key
+    """
+    ALTER TABLE jobs ADD COLUMN error_details JSONB;
+    ALTER TABLE jobs ADD COLUMN request_fingerprint TEXT;
+    """,
+]

@@ -1,0 +1,448 @@
+"""Job store on one SQLite file (WAL): :class:`SqliteJobStore`, the embedded
+:class:`colmap_pipeline.jobs.JobStore` (opened by ``database.open_store`` when ``DATABASE_URL``
+is not set).
+
+Concurrency (issue 10 items 2 and 12):
+
+- **One writer.** Every write is one whole transaction (``BEGIN IMMEDIATE`` … ``COMMIT``, a
+  ``ROLLBACK`` on any error), run as one call on the store's single writer thread, which owns
+  the writer connection: transactions are serialized and atomic, and no other statement can
+  land between a write's statements and its commit (the old shared aiosqlite connection then
+  answered "cannot commit transaction - SQL statements in progress"). A caller cancelled
+  meanwhile leaves a committed or rolled-back transaction, never an open one.
+- **Concurrent readers.** Reads run on a few reader threads, each with its own read-only
+  connection (WAL: committed snapshots, never blocked by the writer). Each store call is one
+  hop to a thread (query, fetch and decode together), not one per statement.
+
+Rows come back as :class:`~colmap_pipeline.jobs.Job`. Status changes go through
+:meth:`SqliteJobStore.apply`, a compare-and-set (``UPDATE … WHERE job_id = ? AND status IN
+(…)``, after procrastinate and NodeODM) along :data:`~colmap_pipeline.jobs.TRANSITIONS`. No
+``sqlite3`` exception leaves the store: a unique-key collision is ``DuplicateKey``;
+``OperationalError``, ``DatabaseError`` and ``OSError`` are ``StoreUnavailable``; any other
+``sqlite3.Error`` is ``StoreError``. The schema is versioned: :data:`MIGRATIONS` are applied in
+order at :meth:`SqliteJobStore.open` and are append-only.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..jobs import (
+    COLUMNS,
+    JSON_COLUMNS,
+    MAX_PAGE_BOUND,
+    TERMINAL,
+    TRANSITIONS,
+    WITH_FILES,
+    DuplicateKey,
+    Intent,
+    Job,
+    JobStatus,
+    Stamp,
+    StoreError,
+    StoreUnavailable,
+    encode_json,
+    new_job_record,
+    planned_changes,
+    utcnow,
+)
+from .schema import SQLITE_MIGRATIONS
+
+T = TypeVar("T")
+
+#: this store's migrations (:mod:`.schema`, the SQLite list)
+MIGRATIONS = SQLITE_MIGRATIONS
+#: reader threads (and read connections) per store
+DEFAULT_READERS = 4
+#: seconds a connection waits for a lock before SQLITE_BUSY (``busy_timeout``)
+BUSY_TIMEOUT_S = 30.0
+
+_SELECT = f"SELECT {', '.join(COLUMNS)} FROM jobs"
+_TERMINAL = tuple(sorted(s.value for s in TERMINAL))
+_WITH_FILES = tuple(sorted(s.value for s in WITH_FILES))
+
+
+def _marks(values: Iterable[Any]) -> str:
+    return ", ".join("?" for _ in values)
+
+
+def _to_job(row: tuple[Any, ...]) -> Job:
+    """A :class:`Job` from a row selected as :data:`_SELECT` (columns in :data:`COLUMNS`)."""
+    data = dict(zip(COLUMNS, row, strict=True))
+    for col in JSON_COLUMNS:
+        if data[col] is not None:
+            data[col] = json.loads(data[col])
+    data["status"] = JobStatus(data["status"])
+    if data["attempts"] is None:
+        data["attempts"] = []
+    return Job(**data)
+
+
+def _translate(exc: BaseException) -> BaseException:
+    """The store's exception for a backend one (see the module docstring); others unchanged."""
+    if isinstance(exc, sqlite3.IntegrityError):
+        if "UNIQUE" in str(exc) or "PRIMARY KEY" in str(exc):
+            return DuplicateKey(str(exc))
+        return StoreError(f"integrity: {exc}")
+    if isinstance(exc, sqlite3.OperationalError | sqlite3.DatabaseError | OSError):
+        return StoreUnavailable(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, sqlite3.Error):
+        return StoreError(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, OverflowError):
+        return ValueError(f"a value does not fit SQLite's 64-bit integer: {exc}")
+    return exc
+
+
+def _first(c: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> Job | None:
+    """The first job matching ``where`` (SQL written here, never by a client), or None."""
+    rows = c.execute(f"{_SELECT} WHERE {where} LIMIT 1", args).fetchall()
+    return _to_job(rows[0]) if rows else None
+
+
+def _version_row(c: sqlite3.Connection) -> int:
+    """The applied schema version, creating its table (version 0) on a new file."""
+    c.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    rows = c.execute("SELECT version FROM schema_version").fetchall()
+    if not rows:
+        c.execute("INSERT INTO schema_version (version) VALUES (0)")
+    return int(rows[0][0]) if rows else 0
+
+
+def _assignments(changes: Mapping[str, Any], now: str) -> tuple[list[str], list[Any]]:
+    """``SET`` clauses and values for :func:`~colmap_pipeline.jobs.planned_changes`' output.
+    Column names come from :data:`~colmap_pipeline.jobs.SETTABLE` (validated there)."""
+    sets: list[str] = []
+    values: list[Any] = []
+    for col, value in changes.items():
+        if value is Stamp.INCREMENT:
+            sets.append(f"{col} = {col} + 1")
+            continue
+        sets.append(f"{col} = COALESCE({col}, ?)" if value is Stamp.NOW_IF_UNSET
+                    else f"{col} = ?")
+        if value is Stamp.NOW or value is Stamp.NOW_IF_UNSET:
+            values.append(now)
+        else:
+            values.append(encode_json(value) if col in JSON_COLUMNS and value is not None
+                          else value)
+    return sets, values
+
+
+class SqliteJobStore:
+    """The :class:`~colmap_pipeline.jobs.JobStore` on one SQLite file.
+
+    Open with :meth:`open`, close with :meth:`close`. Every public method runs its database
+    work on the store's own threads (never on the event loop) and may raise
+    :class:`~colmap_pipeline.jobs.StoreError`.
+    """
+
+    def __init__(self, path: Path, *, readers: int = DEFAULT_READERS) -> None:
+        self.path = Path(path)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="jobstore-write")
+        self._readers = ThreadPoolExecutor(max(1, readers), thread_name_prefix="jobstore-read")
+        self._wconn: sqlite3.Connection | None = None
+        self._local = threading.local()
+        self._rconns: list[sqlite3.Connection] = []
+        self._rconns_lock = threading.Lock()
+        self._closed = False
+
+    # ---- opening and closing ----------------------------------------------------------------
+    @classmethod
+    async def open(cls, path: Path, *, readers: int = DEFAULT_READERS) -> SqliteJobStore:
+        """Open (creating parent folders and the file), enable WAL, apply pending migrations.
+
+        Raises: StoreUnavailable when the file cannot be opened or migrated.
+        """
+        store = cls(path, readers=readers)
+        try:
+            await store._call(store._writer, store._open_writer)
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                               check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    def _open_writer(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._wconn = self._connect()
+        conn.execute("PRAGMA journal_mode=WAL")
+        version = self._transaction(_version_row)
+        for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            try:
+                conn.executescript(f"BEGIN IMMEDIATE; {script}; "
+                                   f"UPDATE schema_version SET version = {int(target)}; COMMIT;")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    async def close(self) -> None:
+        """Wait for running calls, then close every connection. Later calls raise
+        :class:`~colmap_pipeline.jobs.StoreUnavailable`."""
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.to_thread(self._shutdown)
+
+    def _shutdown(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        if self._wconn is not None:
+            self._wconn.close()
+        with self._rconns_lock:
+            for conn in self._rconns:
+                conn.close()
+            self._rconns.clear()
+
+    # ---- running calls on the store's threads -----------------------------------------------
+    async def _call(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(pool, functools.partial(fn, *args))
+        except RuntimeError as exc:
+            if self._closed:  # "cannot schedule new futures after shutdown"
+                raise StoreUnavailable("the job store is closed") from exc
+            raise
+        except Exception as exc:
+            translated = _translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` as one transaction on the writer thread."""
+        return await self._call(self._writer, self._transaction, fn, *args)
+
+    def _transaction(self, fn: Callable[..., T], *args: Any) -> T:
+        conn = self._wconn
+        if conn is None:
+            raise StoreUnavailable("the job store is not open")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            out = fn(conn, *args)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return out
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` on a reader thread's own connection (each statement reads
+        one committed snapshot; ``fn`` opens a transaction where it needs one across several)."""
+        return await self._call(self._readers, self._snapshot, fn, *args)
+
+    def _snapshot(self, fn: Callable[..., T], *args: Any) -> T:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            conn.execute("PRAGMA query_only=ON")
+            self._local.conn = conn
+            with self._rconns_lock:
+                self._rconns.append(conn)
+        return fn(conn, *args)
+
+    # ---- reads -------------------------------------------------------------------------------
+    async def schema_version(self) -> int:
+        """Applied schema version (``len(MIGRATIONS)`` once open)."""
+        return await self._read(
+            lambda c: int(c.execute("SELECT version FROM schema_version").fetchone()[0]))
+
+    async def ping(self) -> bool:
+        """True when a trivial query answers; never raises."""
+        try:
+            return await self._read(lambda c: c.execute("SELECT 1").fetchone()[0] == 1)
+        except (StoreError, RuntimeError):
+            return False
+
+    async def get_job(self, job_id: str) -> Job | None:
+        """The job, or ``None``."""
+        return await self._read(_first, "job_id = ?", (job_id,))
+
+    async def list_jobs(self, *, project_id: str | None = None, status: str | None = None,
+                        limit: int = 50, offset: int = 0) -> tuple[list[Job], int]:
+        """Jobs newest first, filtered; ``(page, total matching)``, read in one snapshot.
+
+        ``limit`` and ``offset`` are clamped to ``0 .. MAX_PAGE_BOUND`` (issue 10 item 4: an
+        offset of 2**63 used to overflow SQLite's integer; now it is an empty page).
+        """
+        limit = max(0, min(int(limit), MAX_PAGE_BOUND))
+        offset = max(0, min(int(offset), MAX_PAGE_BOUND))
+        where, args = [], []
+        if project_id is not None:
+            where.append("project_id = ?")
+            args.append(project_id)
+        if status is not None:
+            where.append("status = ?")
+            args.append(str(status))
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+
+        def q(c: sqlite3.Connection) -> tuple[list[Job], int]:
+            c.execute("BEGIN")  # the count and the page from one snapshot
+            try:
+                total = int(c.execute(f"SELECT COUNT(*) FROM jobs {clause}", args).fetchone()[0])
+                rows = c.execute(f"{_SELECT} {clause} ORDER BY created_at DESC, rowid DESC "
+                                 "LIMIT ? OFFSET ?", [*args, limit, offset]).fetchall()
+            finally:
+                c.execute("COMMIT")
+            return [_to_job(r) for r in rows], total
+        return await self._read(q)
+
+    async def queue_position(self, job_id: str) -> int | None:
+        """1-based position among pending jobs (oldest first), or ``None`` if not pending."""
+        def q(c: sqlite3.Connection) -> int | None:
+            n = c.execute(
+                """SELECT COUNT(*) FROM jobs p, jobs j
+                   WHERE j.job_id = ? AND j.status = 'pending' AND p.status = 'pending'
+                     AND (p.created_at < j.created_at
+                          OR (p.created_at = j.created_at AND p.rowid <= j.rowid))""",
+                (job_id,)).fetchone()[0]
+            return int(n) or None
+        return await self._read(q)
+
+    async def count_by_status(self) -> dict[str, int]:
+        """``{status: count}`` over all jobs."""
+        return await self._read(lambda c: {s: int(n) for s, n in c.execute(
+            "SELECT status, COUNT(*) FROM jobs GROUP BY status")})
+
+    async def recorded_pgids(self) -> list[tuple[str, int]]:
+        """``[(job_id, pgid)]`` of every row that still names a stage child's process group."""
+        return await self._read(lambda c: [(r[0], int(r[1])) for r in c.execute(
+            "SELECT job_id, pgid FROM jobs WHERE pgid IS NOT NULL ORDER BY rowid")])
+
+    async def find_by_idempotency_key(self, key: str) -> Job | None:
+        """The job not deleted created by an upload with ``Idempotency-Key: key``, or None."""
+        return await self._read(_first, "idempotency_key = ? AND status != 'deleted'", (key,))
+
+    async def finished_before(self, cutoff_iso: str) -> list[str]:
+        """Ids of terminal jobs whose ``finished_at`` is older than ``cutoff_iso`` (ISO-8601
+        UTC, compared as text: every stored time has the same format), oldest first."""
+        return await self._read(lambda c: [r[0] for r in c.execute(
+            f"""SELECT job_id FROM jobs WHERE status IN ({_marks(_TERMINAL)})
+                AND finished_at IS NOT NULL AND finished_at < ?
+                ORDER BY finished_at, rowid""", [*_TERMINAL, cutoff_iso])])
+
+    async def job_ids_with_files(self) -> set[str]:
+        """Ids of every job whose files must stay on disk (any status but expired/deleted)."""
+        return await self._read(lambda c: {r[0] for r in c.execute(
+            f"SELECT job_id FROM jobs WHERE status IN ({_marks(_WITH_FILES)})", _WITH_FILES)})
+
+    # ---- writes ------------------------------------------------------------------------------
+    async def create_job(self, job: Mapping[str, Any]) -> Job:
+        """Insert a new ``pending`` job (:func:`~colmap_pipeline.jobs.new_job_record`).
+
+        Raises: DuplicateKey on a taken ``job_id`` or ``idempotency_key``; ValueError on
+        missing or unknown keys.
+        """
+        row = new_job_record(job, utcnow())
+        for col in JSON_COLUMNS:
+            if row[col] is not None:
+                row[col] = encode_json(row[col])
+        sql = (f"INSERT INTO jobs ({', '.join(row)}) "
+               f"VALUES ({', '.join(f':{c}' for c in row)})")
+
+        def tx(c: sqlite3.Connection) -> Job:
+            c.execute(sql, row)
+            return _to_job(c.execute(f"{_SELECT} WHERE rowid = last_insert_rowid()").fetchall()[0])
+        return await self._write(tx)
+
+    async def apply(self, job_id: str, intent: Intent, *,
+                    attempt_record: Mapping[str, Any] | None = None, **fields: Any) -> bool:
+        """Compare-and-set ``job_id`` along ``intent`` (see the protocol): one ``UPDATE …
+        WHERE job_id = ? AND status IN (sources)`` that also appends ``attempt_record``.
+
+        Raises: ValueError for a column that cannot be set, or for ``attempts`` together with
+        ``attempt_record``; TypeError for a value JSON cannot hold.
+        """
+        changes = planned_changes(intent, fields,
+                                  with_attempt_record=attempt_record is not None)
+        record = encode_json(dict(attempt_record)) if attempt_record is not None else None
+        return await self._write(self._apply_tx, job_id, Intent(intent), changes, record)
+
+    @staticmethod
+    def _apply_tx(c: sqlite3.Connection, job_id: str, intent: Intent,
+                  changes: Mapping[str, Any], record: str | None) -> bool:
+        sets, values = _assignments(changes, utcnow())
+        if record is not None:
+            sets.append("attempts = json_insert(attempts, '$[#]', json(?))")
+            values.append(record)
+        sources = sorted(s.value for s in TRANSITIONS[intent].sources)
+        cur = c.execute(f"UPDATE jobs SET {', '.join(sets)} "
+                        f"WHERE job_id = ? AND status IN ({_marks(sources)})",
+                        [*values, job_id, *sources])
+        return cur.rowcount == 1
+
+    async def claim_next_pending(self) -> Job | None:
+        """Apply ``claim`` to the oldest ``pending`` job in one transaction; it, or None."""
+        changes = planned_changes(Intent.CLAIM, {})
+
+        def tx(c: sqlite3.Connection) -> Job | None:
+            rows = c.execute("SELECT job_id FROM jobs WHERE status = 'pending' "
+                             "ORDER BY created_at, rowid LIMIT 1").fetchall()
+            if not rows or not self._apply_tx(c, rows[0][0], Intent.CLAIM, changes, None):
+                return None
+            return _first(c, "job_id = ?", (rows[0][0],))
+        return await self._write(tx)
+
+    async def update_progress(self, job_id: str, progress: int, current_stage: str,
+                              message: str) -> bool:
+        """Record progress of a ``processing`` job: ``progress`` (0-100, clamped) is stored as
+        ``max(stored, progress)``, so it never goes backwards. Whether it was processing."""
+        value = max(0, min(100, int(progress)))
+        return await self._write(lambda c: c.execute(
+            """UPDATE jobs SET progress = MAX(progress, ?), current_stage = ?, message = ?,
+                      updated_at = ?
+               WHERE job_id = ? AND status = 'processing'""",
+            (value, current_stage, message, utcnow(), job_id)).rowcount == 1)
+
+    async def append_attempt(self, job_id: str, record: Mapping[str, Any]) -> bool:
+        """Append one attempt record (a JSON object) to the job's ``attempts``; False for an
+        unknown job."""
+        text = encode_json(dict(record))
+        return await self._write(lambda c: c.execute(
+            """UPDATE jobs SET attempts = json_insert(attempts, '$[#]', json(?)), updated_at = ?
+               WHERE job_id = ?""", (text, utcnow(), job_id)).rowcount == 1)
+
+    async def requeue_processing(self) -> list[str]:
+        """At boot: jobs left ``processing`` by a dead server go back to ``pending``
+        (``requeue``); their ids, oldest row first."""
+        changes = planned_changes(Intent.REQUEUE, {"message": "Requeued after a server restart"})
+
+        def tx(c: sqlite3.Connection) -> list[str]:
+            ids = [r[0] for r in c.execute(
+                "SELECT job_id FROM jobs WHERE status = 'processing' ORDER BY rowid")]
+            return [i for i in ids if self._apply_tx(c, i, Intent.REQUEUE, changes, None)]
+        return await self._write(tx)
+
+    async def set_pgid(self, job_id: str, pgid: int | None) -> None:
+        """Record (or clear, with ``None``) the process group of the job's running stage child,
+        so that a server restarted after a crash can kill a child that outlived it."""
+        await self._write(lambda c: c.execute(
+            "UPDATE jobs SET pgid = ? WHERE job_id = ?", (pgid, job_id)))
+
+    async def bump_attempt(self, job_id: str, *, auto_retry: bool) -> int:
+        """Start a new attempt of a ``processing`` job in place (automatic retry): increments
+        ``attempt`` (and ``auto_retries`` when ``auto_retry``); returns the new attempt number
+        (0 when the job is no longer processing)."""
+        now = utcnow()
+
+        def tx(c: sqlite3.Connection) -> int:
+            rows = c.execute(  # fetchall: a RETURNING statement must finish before COMMIT
+                """UPDATE jobs SET attempt = attempt + 1, auto_retries = auto_retries + ?,
+                          started_at = ?, updated_at = ?
+                   WHERE job_id = ? AND status = 'processing' RETURNING attempt""",
+                (1 if auto_retry else 0, now, now, job_id)).fetchall()
+            return int(rows[0][0]) if rows else 0
+        return await self._write(tx)

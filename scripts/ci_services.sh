@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Makes sure the services the tests need are up (the README's test command runs this first, and
+# so does .ci/run): PostgreSQL at 127.0.0.1:5432 (the PostgreSQL job store's tests, issue 12;
+# each test creates and drops its own database, tests/pg.py). Started when down, with the
+# command this machine's services are started with; the GCS emulator is started by the tests
+# themselves (tests/gcs_emulator.py).
+# Without PostgreSQL installed (a laptop), it says so and goes on: the PostgreSQL tests then
+# skip locally, and fail in CI (CI set), where PostgreSQL must run.
+set -u
+HOST=127.0.0.1
+PORT=5432
+
+if ! command -v pg_isready >/dev/null 2>&1; then
+    echo "ci_services: PostgreSQL client tools not installed; PostgreSQL tests skip (fail in CI)" >&2
+    exit 0
+fi
+if pg_isready -q -h "$HOST" -p "$PORT"; then
+    echo "ci_services: PostgreSQL is up at $HOST:$PORT"
+    exit 0
+fi
+if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
+    for version in $(ls /etc/postgresql); do
+        echo "ci_services: starting PostgreSQL $version (cluster main)"
+        pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    done
+fi
+for _ in $(seq 1 60); do  # up to 30 s for the server to accept connections
+    if pg_isready -q -h "$HOST" -p "$PORT"; then
+        echo "ci_services: PostgreSQL is up at $HOST:$PORT"
+        exit 0
+    fi
+    sleep 0.5
+done
+echo "ci_services: PostgreSQL did not come up at $HOST:$PORT" >&2
+if [ -n "${CI:-}" ]; then exit 1; fi
+exit 0

@@ -1,0 +1,101 @@
+"""``GET/HEAD /jobs/{id}/artifacts/{name}`` and ``GET /jobs/{id}/frames`` in bucket mode
+(``colmap_pipeline/web/artifacts.py``): the object streamed from the bucket (the emulator's
+credentials cannot sign), a 307 to a V4 signed URL where they can, 404 when the object is gone,
+503 naming ``storage`` when the bucket fails, frame scores from the bucket."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from storage_harness import FlakyStorage
+from web_harness import add_job
+
+from colmap_pipeline.jobs import JobStatus
+from colmap_pipeline.storage import open_storage
+
+pytestmark = pytest.mark.asyncio
+PLY = b"ply\nformat binary_little_endian 1.0\n" + bytes(range(256)) * 8000  # ~2 MB: 2 chunks
+RESULT = {"frames_extracted": 3, "frames_used": 3, "registered_images": 3, "points3d": 10,
+          "mean_reprojection_error_px": 0.5, "mean_track_length": 3.0}
+
+
+async def _completed_with_ply(api):
+    art = {"name": "sparse.ply", "bytes": len(PLY), "media_type": "application/octet-stream",
+           "sha256": hashlib.sha256(PLY).hexdigest()}
+    job = await add_job(api.store, JobStatus.COMPLETED, results={**RESULT, "artifacts": [art]})
+    open_storage(api.settings).write_bytes(f"jobs/{job.job_id}/work/artifacts/sparse.ply", PLY)
+    return job, f"/jobs/{job.job_id}/artifacts/sparse.ply"
+
+
+async def test_artifacts_stream_from_the_bucket_get_and_head(make_api, gcs_bucket):
+    api = await make_api(**gcs_bucket)
+    job, url = await _completed_with_ply(api)
+    assert not (api.data_dir / "jobs").exists()  # nothing on this replica's disk
+    r = await api.client.get(url)
+    assert r.status_code == 200, r.text
+    assert r.content == PLY
+    assert r.headers["content-length"] == str(len(PLY))
+    assert r.headers["content-type"] == "application/octet-stream"
+    assert r.headers["content-disposition"] == 'attachment; filename="sparse.ply"'
+    head = await api.client.head(url)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == str(len(PLY))
+    open_storage(api.settings).delete_prefix(f"jobs/{job.job_id}/")
+    gone = await api.client.get(url)
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "artifact_not_found"
+    other = await api.client.get(f"/jobs/{job.job_id}/artifacts/nope.zip")
+    assert other.status_code == 404 and other.json()["error"]["details"] == {
+        "available": ["sparse.ply"]}
+
+
+class _Signing(FlakyStorage):
+    """The bucket, with credentials that can sign (a service account's, faked)."""
+
+    def signed_url(self, key, ttl_s, *, filename, media_type):
+        return f"https://storage.googleapis.com/b/{key}?X-Goog-Expires={ttl_s}&f={filename}"
+
+
+async def test_signing_credentials_answer_307_to_a_signed_url(make_api, gcs_bucket):
+    api = await make_api(artifact_url_ttl_s=600, **gcs_bucket)
+    job, url = await _completed_with_ply(api)
+    api.app.state.storage = _Signing(open_storage(api.settings), lambda op, key: False)
+    for method in ("GET", "HEAD"):
+        r = await api.client.request(method, url)
+        assert r.status_code == 307, r.text
+        assert r.headers["location"] == (f"https://storage.googleapis.com/b/jobs/{job.job_id}/"
+                                         "work/artifacts/sparse.ply?X-Goog-Expires=600"
+                                         "&f=sparse.ply")
+
+
+async def test_a_failing_bucket_is_503_naming_storage(make_api, gcs_bucket):
+    api = await make_api(**gcs_bucket)
+    _, url = await _completed_with_ply(api)
+    api.app.state.storage = FlakyStorage(open_storage(api.settings), lambda op, key: True)
+    r = await api.client.get(url)
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == "not_ready"
+    assert r.json()["error"]["details"] == {"failing": ["storage"]}
+
+
+async def test_the_embedded_mode_serves_the_workspace_file(api):
+    assert not open_storage(api.settings).remote
+    job, url = await _completed_with_ply(api)  # LocalStorage over DATA_DIR: the same file
+    r = await api.client.get(url)
+    assert r.status_code == 200 and r.content == PLY
+    assert r.headers["content-disposition"] == 'attachment; filename="sparse.ply"'
+
+
+async def test_frame_scores_come_from_the_bucket_when_the_disk_lacks_them(make_api, gcs_bucket):
+    api = await make_api(**gcs_bucket)
+    job = await add_job(api.store, JobStatus.PROCESSING)
+    r = await api.client.get(f"/jobs/{job.job_id}/frames")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "frames_not_ready"
+    score = {"timestamp_s": 0.5, "window": 0, "sharpness": 120.5, "brightness": 110.0,
+             "kept": True, "file": "frame_00000.jpg"}
+    open_storage(api.settings).write_bytes(f"jobs/{job.job_id}/work/frames.json", json.dumps({
+        "frames": [{"file": "frame_00000.jpg"}], "scores": [score], "num_decoded": 40,
+        "selection": {"cap": 30, "dropped": {"blurry": 2}}}).encode())
+    body = (await api.client.get(f"/jobs/{job.job_id}/frames")).json()
+    assert (body["cap"], body["kept"], body["num_decoded"]) == (30, 1, 40)
+    assert body["frames"][0]["sharpness"] == 120.5
