@@ -1,4 +1,5 @@
-"""Every per-quality knob of the pipeline: frame cap and SIFT size/features.
+"""Every per-quality knob of the pipeline: frame cap, SIFT size/features, the first mapper and
+the recovery ladder's time budget (the dense presets live with the dense code, ``core/dense.py``).
 
 The presets follow COLMAP's automatic reconstructor
 (``colmap/src/colmap/controllers/automatic_reconstruction.cc``: low 1000 px / 2048 features,
@@ -17,6 +18,17 @@ Quality = Literal["low", "medium", "high"]
 PRESET_SIFT = {"low": (1000, 2048), "medium": (1600, 4096), "high": (2400, 8192)}
 #: quality -> frame cap (the deployment guide's MAX_FRAMES_LOW/MEDIUM/HIGH defaults)
 DEFAULT_FRAME_CAPS = {"low": 30, "medium": 50, "high": 100}
+#: Wall-clock budget (s) of the ladder after the first attempt, per preset (the job timeout is
+#: 3600 s). Measured on 2 CPU cores shared 5x (BENCHMARKS.md, issue 4): one Karma mapping
+#: attempt at low takes 100-370 s there, so 300 s allowed a single rung.
+LADDER_BUDGET_S = {"low": 600.0, "medium": 900.0, "high": 1800.0}
+#: Mapper of the first attempt per preset, from the incremental-vs-global measurements in
+#: BENCHMARKS.md (issue 4, ``scripts/bench_reconstruction.py --mapper ...``, idle 2-core
+#: machine): global SfM registered every frame of the Karma clip on its first attempt in 6 of 6
+#: runs (mapping 19-53 s) where incremental mapping passed its checks first time in 1 of 6 and
+#: needed the ladder for up to 526 s; on the GoPro walk both register everything in about the
+#: same time.
+MAPPER_BY_QUALITY = {"low": "global", "medium": "global", "high": "global"}
 
 
 @dataclass(frozen=True)

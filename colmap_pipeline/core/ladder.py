@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PipelineError
+from ..presets import LADDER_BUDGET_S, MAPPER_BY_QUALITY
 from ..results import JobWarning, MappingSummary, ModelSummary
 from . import ladder_attempt as la
 from . import sfm_features as sf
@@ -80,10 +81,6 @@ log = logging.getLogger(__name__)
 
 STEPS = ("more_overlap", "exhaustive", "loop_closure", "other_mapper", "init_thresholds",
          "focal_prior", "camera_model", "more_frames")
-#: Wall-clock budget (s) of the ladder after the first attempt, per preset (the job timeout is
-#: 3600 s). Measured on 2 CPU cores shared 5x (BENCHMARKS.md, issue 4): one Karma mapping
-#: attempt at low takes 100-370 s there, so 300 s allowed a single rung.
-LADDER_BUDGET_S = {"low": 600.0, "medium": 900.0, "high": 1800.0}
 #: ``more_overlap``: every image with its next ``MORE_OVERLAP`` images (linear overlap). The
 #: matching stage's sequential pairs use pycolmap 4.2.1's quadratic overlap, which (measured)
 #: gives only the distances 1, 2, 4, 8, 16, ... (119 pairs for 30 frames); this adds 3, 5-7,
@@ -101,13 +98,6 @@ RELAXED_INIT: dict[str, Any] = {"init_min_num_inliers": 50, "init_min_tri_angle"
                                 "init_max_error": 8.0, "abs_pose_min_num_inliers": 15}
 #: Camera models tried by ``camera_model`` (COLMAP ``src/colmap/sensor/models.h``).
 CAMERA_MODELS = ("OPENCV", "OPENCV_FISHEYE")
-#: Mapper of the first attempt per preset, from the incremental-vs-global measurements in
-#: BENCHMARKS.md (issue 4, ``scripts/bench_reconstruction.py --mapper ...``, idle 2-core
-#: machine): global SfM registered every frame of the Karma clip on its first attempt in 6 of 6
-#: runs (mapping 19-53 s) where incremental mapping passed its checks first time in 1 of 6 and
-#: needed the ladder for up to 526 s; on the GoPro walk both register everything in about the
-#: same time.
-MAPPER_BY_QUALITY = {"low": "global", "medium": "global", "high": "global"}
 #: A failed ladder is named ``too_blurry`` when the median sharpness of the selected frames
 #: (variance of the Laplacian on the 480 px analysis image, :mod:`.frame_scores`) is below
 #: this; the frames stage already refuses clips under ``BLUR_ABSOLUTE`` (10). Measured on the
