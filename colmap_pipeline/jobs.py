@@ -280,7 +280,8 @@ class JobStore(Protocol):
     async def list_jobs(self, *, project_id: str | None = None, status: str | None = None,
                         limit: int = 50, offset: int = 0) -> tuple[list[Job], int]:
         """Jobs newest first (``created_at``, then insertion order), filtered;
-        ``(page, total matching)``. ``limit`` and ``offset`` are clamped to
+        ``(page, total matching)``. Deleted jobs (tombstones) are left out and not counted
+        unless ``status="deleted"`` asks for them. ``limit`` and ``offset`` are clamped to
         ``0 .. MAX_PAGE_BOUND`` (an offset past the end gives an empty page, never an error)."""
 
     async def queue_position(self, job_id: str) -> int | None:

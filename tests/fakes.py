@@ -109,13 +109,15 @@ class InMemoryJobStore:
 
     async def list_jobs(self, *, project_id: str | None = None, status: str | None = None,
                         limit: int = 50, offset: int = 0) -> tuple[list[Job], int]:
-        """Jobs newest first, filtered; ``(page, total)``; bounds clamped like SQLite's."""
+        """Jobs newest first, filtered; ``(page, total)``; bounds clamped like SQLite's.
+        Deleted jobs only when ``status="deleted"`` asks for them."""
         await self._enter()
         limit = max(0, min(int(limit), MAX_PAGE_BOUND))
         offset = max(0, min(int(offset), MAX_PAGE_BOUND))
         rows = [j for j in self._jobs.values()
                 if (project_id is None or j.project_id == project_id)
-                and (status is None or j.status == status)]
+                and (j.status == status if status is not None
+                     else j.status != JobStatus.DELETED)]
         rows = self._sorted(rows, newest_first=True)
         return [copy.deepcopy(j) for j in rows[offset:offset + limit]], len(rows)
 

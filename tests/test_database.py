@@ -241,6 +241,21 @@ async def test_list_filters_newest_first_and_paginates(store):
     assert await store.count_by_status() == {"pending": 3, "processing": 1}
 
 
+async def test_deleted_jobs_are_listed_only_on_request(store):
+    """Issue 10 (fresh-user trial): ``list_jobs()`` returned deleted jobs (and counted them)
+    although ``GET /jobs/{id}`` answers 404 for them; tombstones only with status=deleted."""
+    for i in range(3):
+        await store.create_job(_job(i, project="a"))
+    assert await store.apply("job-1", Intent.DELETE)
+    rows, total = await store.list_jobs()
+    assert total == 2 and [r.job_id for r in rows] == ["job-2", "job-0"]
+    rows, total = await store.list_jobs(project_id="a", limit=1, offset=1)
+    assert total == 2 and [r.job_id for r in rows] == ["job-0"]
+    rows, total = await store.list_jobs(status="deleted")
+    assert total == 1 and rows[0].job_id == "job-1" and rows[0].status == JobStatus.DELETED
+    assert await store.count_by_status() == {"pending": 2, "deleted": 1}
+
+
 async def test_huge_offset_and_limit_are_clamped(store):
     """Issue 10 item 4: ``offset=9223372036854775808`` (2**63) overflowed SQLite's integer
     (``OverflowError``, a 500); the store clamps it: an empty page with the true total."""

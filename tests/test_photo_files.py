@@ -77,15 +77,45 @@ def test_install_photo_files_names_by_server_and_checks_content(tmp_path):
         ("img_00000.png", None), ("img_00001.jpg", "IMG_2.JPEG"),
         ("img_00002.jpg", "IMG_10.jpg")]
     assert out[2]["bytes"] == len(jpeg_bytes(seed=10))
-    liar = tmp_path / "liar"
-    liar.write_bytes(jpeg_bytes())
+    fake = tmp_path / "fake"
+    fake.write_bytes(b"MZ\x90\x00 not a photo")
     with pytest.raises(PipelineError) as ei:
-        photo_files.install_photo_files([(liar, "a.png")] * 3, tmp_path / "x")
+        photo_files.install_photo_files([(fake, "a.jpg")] * 3, tmp_path / "x")
     assert ei.value.code == "unsupported_image" and ei.value.http_status == 415
+    assert ei.value.message == ("'a.jpg' is not a JPEG or PNG photo (its content does not "
+                                "start like a JPEG or PNG file).")
     with pytest.raises(PipelineError) as ei:
-        photo_files.install_photo_files([(liar, "a.jpg")] * 2, tmp_path / "x")
+        photo_files.install_photo_files([(fake, "a.jpg")] * 2, tmp_path / "x")
     assert ei.value.code == "too_few_frames" and ei.value.details == {"photos": 2,
                                                                       "min_photos": 3}
+
+
+def test_photos_are_typed_by_content_not_by_name(tmp_path):
+    """Issue 10 (fresh-user trial): a valid PNG named ``.jpg`` got 415 ("does not start like a
+    JPG file"); a photo's magic bytes decide its type and its stored extension."""
+    received: list[tuple[Path, str | None]] = []
+    for i, (name, data) in enumerate([("png_named.jpg", png_bytes()),
+                                      ("jpeg_named.png", jpeg_bytes(seed=1)),
+                                      ("photo.webp", jpeg_bytes(seed=2))]):
+        p = tmp_path / f"upload{i}"
+        p.write_bytes(data)
+        received.append((p, name))
+    out = photo_files.install_photo_files(received, tmp_path / "images")
+    assert [(o["file"], o["client_filename"]) for o in out] == [
+        ("img_00000.jpg", "jpeg_named.png"), ("img_00001.jpg", "photo.webp"),
+        ("img_00002.png", "png_named.jpg")]
+    assert (tmp_path / "images" / "img_00002.png").read_bytes() == png_bytes()
+    assert (tmp_path / "images" / "img_00000.jpg").read_bytes() == jpeg_bytes(seed=1)
+
+
+def test_zip_entries_are_typed_by_content(tmp_path):
+    """The same for a zip: a PNG entry named .jpg is kept, stored as .png."""
+    zpath = tmp_path / "a.zip"
+    zpath.write_bytes(make_zip([("a.jpg", png_bytes()), ("b.png", jpeg_bytes(seed=1)),
+                                ("c.jpg", jpeg_bytes(seed=2))]))
+    out = photo_files.extract_photo_zip(zpath, tmp_path / "images")
+    assert [o["file"] for o in out] == ["img_00000.png", "img_00001.jpg", "img_00002.jpg"]
+    assert (tmp_path / "images" / "img_00000.png").read_bytes() == png_bytes()
 
 
 def _post(c, files, quality="low"):
@@ -110,16 +140,23 @@ def test_upload_images_refuses_bad_zips_with_4xx_and_leaves_nothing(start_server
             assert _leftovers(srv) == [], case
             assert not (srv.data_dir.parent / "escaped.jpg").exists()
             assert not (srv.data_dir / "escaped.jpg").exists()
-        # a text file among photos, too few photos, a photo with a lying extension
+        # a text file among photos, too few photos, a non-image named like a photo (issue
+        # 10: a photo whose extension lies about its type is accepted, see below)
         r = _post(c, [("images", (f"p{i}.jpg", d, "image/jpeg")) for i, (_, d) in
                       enumerate(GOOD)] + [("images", ("readme.txt", b"hi", "text/plain"))])
         assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_image"
         r = _post(c, [("images", ("a.jpg", jpeg_bytes(), "image/jpeg"))])
         assert r.status_code == 422 and r.json()["error"]["code"] == "too_few_frames"
-        r = _post(c, [("images", ("a.png", jpeg_bytes(), "image/png"))] * 3)
+        r = _post(c, [("images", ("a.png", b"MZ\x90\x00 not a photo", "image/png"))] * 3)
         assert r.status_code == 415
         assert _leftovers(srv) == []
         assert c.get("/jobs").json()["total"] == 0
+        r = _post(c, [("images", (f"png_named{i}.jpg", png_bytes(), "image/jpeg"))
+                      for i in range(3)])
+        assert r.status_code == 202, r.text
+    imgs = srv.data_dir / "jobs" / r.json()["job_id"] / "input" / "images"
+    assert sorted(p.name for p in imgs.iterdir()) == ["img_00000.png", "img_00001.png",
+                                                      "img_00002.png"]
 
 
 def test_upload_images_creates_a_pending_job_from_files_and_from_a_zip(start_server):

@@ -8,6 +8,7 @@ every 1 s (production defaults: 5 s, 30 s, 5 s).
 from __future__ import annotations
 
 import io
+import shutil
 import signal
 import time
 import zipfile
@@ -177,7 +178,10 @@ def test_real_job_killed_on_a_during_matching_is_finished_by_b_from_the_bucket(
         replicas, gcs_bucket, tmp_path):
     """Issue 12 "Must show": SIGKILL of A's process group while its job is in Feature
     Matching; B resumes it from the bucket's checkpoints (frames and features do not run
-    again), registered images within ±1 of an undisturbed run, artifacts download from B."""
+    again), registered images within ±1 of an undisturbed run, artifacts download from B.
+    Then a redeploy with ephemeral disks (both stopped, both DATA_DIRs deleted, both started
+    again): the job is still listed, and every artifact still downloads, from A too (the PLY
+    point count matches the job, the model zip reads back with pycolmap)."""
     plyfile = pytest.importorskip("plyfile")
     pycolmap = pytest.importorskip("pycolmap")
     bucket = {"STORAGE_BUCKET": gcs_bucket["storage_bucket"], "GCS_PROJECT_ID": "test",
@@ -208,10 +212,28 @@ def test_real_job_killed_on_a_during_matching_is_finished_by_b_from_the_bucket(
     print(f"B finished {finished_s:.1f} s after the kill")
 
     names = {art["name"]: art for art in res["artifacts"]}
+    assert {"sparse.ply", "model.zip"} <= set(names)
     with b.client(follow_redirects=True) as c:
-        ply_bytes = c.get(f"/jobs/{job_id}/artifacts/sparse.ply").content
-        zip_bytes = c.get(f"/jobs/{job_id}/artifacts/model.zip").content
-    assert len(ply_bytes) == names["sparse.ply"]["bytes"]
+        from_b = {n: c.get(f"/jobs/{job_id}/artifacts/{n}").content for n in names}
+    assert {n: len(x) for n, x in from_b.items()} == {n: a["bytes"] for n, a in names.items()}
+
+    # a redeploy with ephemeral disks: both replicas stopped, their DATA_DIRs deleted, started
+    # again; the job is listed and every artifact downloads from A, which never held them
+    b.stop()
+    for r in (a, b):
+        shutil.rmtree(r.data_dir)
+    a.env.pop("TEST_FAULT")
+    a.start()
+    b.start()
+    for r in (a, b):
+        with r.client() as c:
+            listed = c.get("/jobs", params={"project_id": "replicas"}).json()["jobs"]
+        assert [(j["job_id"], j["status"]) for j in listed] == [(job_id, "completed")]
+    assert a.get_job(job_id)["results"] == res
+    with a.client(follow_redirects=True) as c:
+        from_a = {n: c.get(f"/jobs/{job_id}/artifacts/{n}").content for n in names}
+    assert from_a == from_b
+    ply_bytes, zip_bytes = from_a["sparse.ply"], from_a["model.zip"]
     assert plyfile.PlyData.read(io.BytesIO(ply_bytes))["vertex"].count == res["points3d"]
     with zipfile.ZipFile(io.BytesIO(zip_bytes)) as zf:
         zf.extractall(tmp_path / "model")
@@ -240,3 +262,103 @@ def test_a_draining_replica_keeps_heartbeating_past_the_stall_timeout(replicas):
     assert [r["outcome"] for r in job["attempts"]] == ["interrupted"], job["attempts"]
     assert job["attempts"][0]["stage_wall_s"]  # the stage ran to its end on A
     assert job["status"] in ("pending", "processing")  # B's to take now
+
+
+# --- a lost database mid-job (issue 12 "Must show") -------------------------------------------
+
+#: seconds the database stays unreachable in the outage test (the issue's 10 s)
+OUTAGE_S = 10.0
+
+
+def readiness(replica: Replica) -> tuple[int, list[str]]:
+    """``(status code, failing checks)`` of ``GET /readiness``."""
+    with replica.client(timeout=10) as c:
+        r = c.get("/readiness")
+    return r.status_code, r.json().get("failing", [])
+
+
+def test_a_lost_database_mid_job_readiness_503_then_the_job_ends(replicas, pg_url):
+    """PostgreSQL unreachable for :data:`OUTAGE_S` while A runs a job (every session of the
+    test database terminated, new ones refused: what a stopped server looks like to its
+    clients): both replicas' ``/readiness`` turn 503 naming ``database``, then 200 again; the
+    job then ends ``completed`` (or ``failed`` with ``storage_error``), never left
+    ``processing``. The stall timeout is above the outage (as in production: 30 s), so the
+    sweep has no reason to take the job from A."""
+    import pg
+
+    a, b = replicas(2, fake_stage_s=1.0, QUEUE_STALL_TIMEOUT_S=str(3 * OUTAGE_S))
+    a.start()
+    job_id = upload(a)
+    wait_until(lambda: a.get_job(job_id)["current_stage"] not in ("Queued", "Starting",
+                                                                   STAGES[0]), 30,
+               "A past its first stage")
+    b.start()
+    assert readiness(a) == (200, []) and readiness(b) == (200, [])
+    dbname = pg_url.rsplit("/", 1)[1]
+    pg.allow_connections(dbname, False)
+    cut_at = time.monotonic()
+    try:
+        pg.terminate_sessions(dbname)
+        for r in (a, b):
+            code, failing = wait_until(lambda r=r: (x := readiness(r))[0] == 503 and x, 5,
+                                       f"{r.name}'s readiness to turn 503")
+            assert "database" in failing, failing
+        time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - cut_at)))
+    finally:
+        pg.allow_connections(dbname, True)
+    back_at = time.monotonic()
+    for r in (a, b):
+        wait_until(lambda r=r: readiness(r) == (200, []), 20, f"{r.name}'s readiness back")
+    print(f"readiness back {time.monotonic() - back_at:.1f} s after the database")
+    job = wait_until(lambda: (j := a.get_job(job_id))["status"] in DONE and j, 60,
+                     "the job to end after the outage")
+    outcomes = [(r["outcome"], r.get("error_code")) for r in job["attempts"]]
+    print(f"job {job['status']}: {outcomes}")
+    assert job["status"] in ("completed", "failed"), job
+    if job["status"] == "failed":
+        assert job["error"]["code"] == "storage_error", job["error"]
+    else:
+        assert job["results"]["registered_images"] == 3
+    time.sleep(2)  # nothing moves it afterwards (no late sweep or retry)
+    assert a.get_job(job_id)["status"] == job["status"]
+    assert not stage_children(a, job_id) and not stage_children(b, job_id)
+
+
+# --- a redeploy with an ephemeral disk (issue 12 "Must show") ---------------------------------
+
+def test_a_redeploy_with_an_empty_data_dir_keeps_every_job(replicas, gcs_bucket):
+    """Bucket mode, fake stages: A completes two jobs and has a third cancelled; A stopped,
+    its DATA_DIR deleted, A started again (its start-up sweeps run over an empty disk): every
+    job is still listed on A and B with the same status, results and attempts. (The fake
+    export lists no artifacts; the real test above downloads them after a redeploy.)"""
+    bucket = {"STORAGE_BUCKET": gcs_bucket["storage_bucket"], "GCS_PROJECT_ID": "test",
+              "STORAGE_EMULATOR_HOST": gcs_bucket["storage_emulator_host"]}
+    a, b = replicas(2, fake_stage_s=0.1, **bucket)
+    a.start()
+    done = [upload(a) for _ in range(2)]
+    before = {j: wait_until(lambda j=j: (x := a.get_job(j))["status"] in DONE and x, 60,
+                            "A to finish its job") for j in done}
+    assert {x["status"] for x in before.values()} == {"completed"}
+    a.env["COLMAP_TEST_FAKE_STAGES"] = "30"
+    a.stop()
+    a.start()
+    cancelled = upload(a)
+    wait_until(lambda: stage_children(a, cancelled), 30, "A running the third job")
+    with a.client() as c:
+        assert c.post(f"/jobs/{cancelled}/cancel").status_code == 200
+    before[cancelled] = wait_until(
+        lambda: (x := a.get_job(cancelled))["attempts"] and x, 10, "the cancel recorded")
+    assert before[cancelled]["status"] == "cancelled"
+    b.start()
+    a.stop()
+    shutil.rmtree(a.data_dir)  # the ephemeral disk is gone
+    a.start()
+    for r in (a, b):
+        with r.client() as c:
+            listed = c.get("/jobs", params={"project_id": "replicas"}).json()["jobs"]
+        assert {j["job_id"]: j["status"] for j in listed} == {
+            j: x["status"] for j, x in before.items()}, r.name
+    for job_id, old in before.items():
+        new = a.get_job(job_id)
+        assert (new["status"], new.get("results"), new["attempts"]) == (
+            old["status"], old.get("results"), old["attempts"]), job_id

@@ -42,17 +42,19 @@ async def test_unknown_route_is_404_with_a_hint_about_routes_not_ids(api):
 async def test_405_carries_allow_and_a_hint_about_methods(api):
     r = await api.client.put("/jobs")
     assert r.status_code == 405
-    assert r.headers["allow"] == "GET"
+    assert r.headers["allow"] == "GET, HEAD"  # issue 10: every GET route answers HEAD
     err = r.json()["error"]
     assert err["code"] == "invalid_request"
-    assert err["hint"] == "This path answers GET; see /docs."
+    assert err["hint"] == "This path answers GET, HEAD; see /docs."
     assert "form" not in err["hint"]
-    assert err["details"] == {"allow": ["GET"]}
+    assert err["details"] == {"allow": ["GET", "HEAD"]}
     r = await api.client.get("/upload-video")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    r = await api.client.head("/upload-video")
     assert r.status_code == 405 and r.headers["allow"] == "POST"
     r = await api.client.patch("/jobs/x")
     assert r.status_code == 405
-    assert r.headers["allow"] == "DELETE, GET"
+    assert r.headers["allow"] == "DELETE, GET, HEAD"
 
 
 @pytest.mark.asyncio

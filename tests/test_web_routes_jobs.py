@@ -152,6 +152,23 @@ async def test_cancel_retry_delete(api):
     assert (await api.client.delete(f"/jobs/{job.job_id}")).status_code == 404
 
 
+async def test_deleted_jobs_are_not_listed_and_delete_names_no_artifact(api):
+    """Issue 10 (fresh-user trial): ``GET /jobs`` listed and counted deleted jobs, with
+    artifact URLs that 404; the DELETE answer listed them too. Tombstones only on request."""
+    keep = await add_job(api.store)
+    art = _artifact(api.data_dir, "job-0001", "sparse.ply", b"ply\n", "application/x-ply")
+    done = await add_job(api.store, JobStatus.COMPLETED, results={**RESULT, "artifacts": [art]})
+    r = await api.client.delete(f"/jobs/{done.job_id}")
+    assert r.status_code == 200 and r.json()["status"] == "deleted"
+    assert r.json()["artifacts"] == [] and r.json()["results"]["artifacts"] == []
+    assert r.json()["results"]["points3d"] == 4321
+    listing = (await api.client.get("/jobs")).json()
+    assert listing["total"] == 1 and [j["job_id"] for j in listing["jobs"]] == [keep.job_id]
+    tomb = (await api.client.get("/jobs", params={"status": "deleted"})).json()
+    assert tomb["total"] == 1 and tomb["jobs"][0]["job_id"] == done.job_id
+    assert tomb["jobs"][0]["artifacts"] == []
+
+
 async def test_retry_while_draining_is_503_with_retry_after(api):
     job = await add_job(api.store, JobStatus.FAILED)
     api.app.state.draining = True
@@ -179,3 +196,35 @@ async def test_frames_scores(api):
     assert body["frames"][0]["sharpness"] == 120.5 and body["frames"][0]["kept"] is True
     assert body["warnings"][0]["code"] == "video_truncated"
     assert body["warnings"][0]["decoded_until_s"] == 0.4
+
+
+async def test_frames_of_a_photo_job(api):
+    """Issue 10 (fresh-user trial): a photo job's ``frames.json`` has no ``scores``, so
+    ``GET /jobs/{id}/frames`` answered 409 frames_not_ready forever; now it serves the photos."""
+    job = await add_job(api.store, JobStatus.PROCESSING)
+    r = await api.client.get(f"/jobs/{job.job_id}/frames")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "frames_not_ready"
+    frames = [{"file": f"frame_{i:05d}.jpg", "source": f"{i:04d}.jpg", "width": 640,
+               "height": 480, "exif_focal_px": 512.5 if i else None} for i in range(3)]
+    write_json_atomic(DataDir(api.data_dir).job(job.job_id).work.frames_json, {
+        "frames": frames, "num_decoded": 3, "input_kind": "images",
+        "video": {"kind": "images", "images": 3, "width": 640, "height": 480},
+        "focal_prior": None, "focal_prior_px": 512.5, "warnings": []})
+    r = await api.client.get(f"/jobs/{job.job_id}/frames")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["input_kind"], body["cap"], body["kept"], body["num_decoded"]) == (
+        "images", 0, 3, 3)
+    assert body["frames"] == [] and body["dropped"] == {} and body["warnings"] == []
+    assert body["photos"] == frames and body["focal_prior_px"] == 512.5
+    assert body["video"]["images"] == 3 and body["video"]["width"] == 640
+
+
+async def test_an_expired_job_names_no_artifact_url(api):
+    """Retention removed its files: the numbers stay, no link that would answer 409."""
+    art = _artifact(api.data_dir, "job-0001", "sparse.ply", b"ply\n", "application/x-ply")
+    job = await add_job(api.store, JobStatus.EXPIRED, results={**RESULT, "artifacts": [art]})
+    body = (await api.client.get(f"/jobs/{job.job_id}")).json()
+    assert body["status"] == "expired"
+    assert body["artifacts"] == [] and body["results"]["artifacts"] == []
+    assert body["results"]["registered_images"] == RESULT["registered_images"]

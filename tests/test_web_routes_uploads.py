@@ -338,3 +338,55 @@ async def test_openapi_states_the_form_limits(api):
     assert "description" in job["progress"]
     assert job["results"]["anyOf"][0]["$ref"].endswith("/JobResult")
     assert "attempts_total" in job
+
+
+async def test_openapi_declares_the_idempotency_key_photo_count_and_headers(api):
+    """Issue 10 (fresh-user trial): ``Idempotency-Key`` was not a declared parameter (Swagger
+    "Try it out" and schemathesis could not send it), ``images`` said minItems 1 against the
+    3-photo minimum, and no response header was declared."""
+    spec = (await api.client.get("/openapi.json")).json()
+    for path in ("/upload-video", "/upload-images"):
+        op = spec["paths"][path]["post"]
+        key = [p for p in op["parameters"] if p["name"] == "Idempotency-Key"]
+        assert len(key) == 1 and key[0]["in"] == "header" and key[0]["required"] is False
+        assert (key[0]["schema"]["minLength"], key[0]["schema"]["maxLength"]) == (1, 200)
+        assert {"Idempotent-Replayed", "X-RateLimit-Limit", "X-RateLimit-Remaining",
+                "X-RateLimit-Reset"} <= set(op["responses"]["202"]["headers"])
+        assert op["responses"]["202"]["content"]["application/json"]["schema"][
+            "$ref"].endswith("/UploadResponse")
+        assert "Retry-After" in op["responses"]["429"]["headers"]
+        assert "X-RateLimit-Remaining" in op["responses"]["429"]["headers"]
+        assert "Retry-After" in op["responses"]["503"]["headers"]
+    images = spec["paths"]["/upload-images"]["post"]["requestBody"]["content"][
+        "multipart/form-data"]["schema"]["properties"]["images"]
+    assert (images["minItems"], images["maxItems"]) == (3, 300)
+
+
+async def test_an_empty_photo_gets_a_hint_about_photos(api):
+    """Issue 10 (fresh-user trial): an empty photo was told "Upload a non-empty video file."."""
+    r = await upload_photos(api, [jpeg(1), b"", jpeg(2)])
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "empty_file" and err["details"] == {"field": "images", "file_index": 1}
+    assert err["hint"] == "Upload non-empty JPEG or PNG photos."
+    assert "video" not in err["hint"]
+    r = await upload(api, b"")
+    assert r.json()["error"]["hint"] == "Upload a non-empty video file."
+    nothing_left(api)
+
+
+@pytest.mark.parametrize("field", ["project_id", "scan_name"])
+async def test_a_control_character_in_a_name_is_422_naming_the_field(api, field):
+    """Issue 10 (fresh-user trial): ``a\\x01b`` was accepted and stored."""
+    r = await upload(api, VIDEO, **{field: "a\x01b"})
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_request"
+    assert err["details"]["fields"] == [
+        {"field": field, "problem": "Value error, contains the control character U+0001"}]
+    r = await api.client.post(
+        "/upload-images", files=[("images", (f"{i}.jpg", jpeg(i), "image/jpeg")) for i in range(3)],
+        data={"project_id": "p", "scan_name": "s", field: "tab\there"})
+    assert r.status_code == 422 and r.json()["error"]["details"]["fields"][0]["field"] == field
+    assert (await api.client.get("/jobs")).json()["total"] == 0
+    nothing_left(api)

@@ -100,7 +100,7 @@ async def add_job(store: JobStore, status: JobStatus = JobStatus.PENDING, *,
     """A job created in ``store`` and moved to ``status`` along the transition table; ``fields``
     are set by the last transition (e.g. ``results=…`` for completed, ``error_code=…`` for
     failed)."""
-    n = len((await store.list_jobs(limit=10**6))[0])
+    n = sum((await store.count_by_status()).values())  # deleted ones too: ids stay unique
     job = await store.create_job({
         "job_id": f"job-{n:04d}", "scan_id": f"scan-{n:04d}", "project_id": project_id,
         "scan_name": "Scan", "quality": "low", "input_path": "/nonexistent/video.mp4",

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import unicodedata
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -63,6 +64,16 @@ class UploadForm(BaseModel):
     user_email: str | None = Field(None, max_length=MAX_EMAIL_LEN,
                                    description="owner's e-mail (optional)",
                                    json_schema_extra={"format": "email"})
+
+    @field_validator("project_id", "scan_name")
+    @classmethod
+    def _printable(cls, v: str) -> str:
+        """Refuse control characters (Unicode category Cc: C0, DEL, C1; tab and newline too):
+        they would end up in logs, file listings and the frontend's display."""
+        bad = next((c for c in v if unicodedata.category(c) == "Cc"), None)
+        if bad is not None:
+            raise ValueError(f"contains the control character U+{ord(bad):04X}")
+        return v
 
     @field_validator("user_email")
     @classmethod

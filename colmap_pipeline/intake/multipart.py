@@ -49,6 +49,8 @@ DEFAULT_READ_TIMEOUT_S = 60.0
 
 _HINT_MULTIPART = ("Send the form as multipart/form-data (e.g. curl -F 'video=@clip.mp4' "
                    "-F 'project_id=…'); see /docs.")
+#: ``empty_file`` hint by file field (other fields: the catalog's, which names a video)
+_EMPTY_HINTS = {"images": "Upload non-empty JPEG or PNG photos.", "zip": "Upload a non-empty zip."}
 
 
 @dataclass(frozen=True)
@@ -419,7 +421,8 @@ def _check_complete(form: _FormReceiver, file_fields: AbstractSet[str]) -> None:
         details: dict[str, object] = {"field": form.parts[empty[0]].field}
         if form.max_files > 1:
             details["file_index"] = empty[0]
-        raise PipelineError("empty_file", details=details)
+        raise PipelineError("empty_file", hint=_EMPTY_HINTS.get(form.parts[empty[0]].field, ""),
+                            details=details)
 
 
 async def receive_files(body: UploadBody, dest_dir: Path, *, max_bytes: int,

@@ -79,10 +79,16 @@ def image_ext(name: str) -> str | None:
     return ext if ext in IMAGE_EXTENSIONS else None
 
 
-def check_magic(head: bytes, ext: str, name: str) -> None:
-    """Raise ``unsupported_image`` unless ``head`` starts with the magic bytes of ``ext``."""
-    if not head.startswith(MAGIC[ext]):
-        raise _not_image(name, "its content does not start like a " + ext[1:].upper() + " file")
+def sniff_ext(head: bytes, name: str) -> str:
+    """The extension of the real type of a file whose first bytes are ``head``: ``".jpg"`` or
+    ``".png"`` by :data:`MAGIC`, whatever ``name`` says (a PNG named ``.jpg`` is a PNG).
+
+    Raises: PipelineError("unsupported_image") (415) when ``head`` is neither.
+    """
+    for ext in (".jpg", ".png"):
+        if head.startswith(MAGIC[ext]):
+            return ext
+    raise _not_image(name, "its content does not start like a JPEG or PNG file")
 
 
 def install_photo_files(files: list[tuple[Path, str | None]],
@@ -97,25 +103,21 @@ def install_photo_files(files: list[tuple[Path, str | None]],
         ``[{"file": server name, "client_filename": str | None, "bytes": int}]`` in the order
         used (natural order of client names, then upload order).
 
+    Each file is stored with the extension of its real type by its magic bytes
+    (:func:`sniff_ext`), whatever its client name says.
+
     Raises:
-        PipelineError: ``unsupported_image`` (415) for a name without .jpg/.jpeg/.png or content
-            without the type's magic bytes; ``too_few_frames`` / ``invalid_request`` (422) for
+        PipelineError: ``unsupported_image`` (415) for content that is neither JPEG nor PNG
+            by its magic bytes; ``too_few_frames`` / ``invalid_request`` (422) for
             fewer than ``MIN_PHOTOS`` or more than ``MAX_PHOTOS`` photos.
     """
     check_count(len(files))
     checked = []
     for i, (path, client) in enumerate(files):
-        label = client or f"file #{i + 1}"
-        ext = image_ext(client or "") or ""
         with open(path, "rb") as fh:
             head = fh.read(16)
-        if not ext:  # no usable name: decide by content
-            ext = next((e for e in (".jpg", ".png") if head.startswith(MAGIC[e])), "")
-            if not ext:
-                raise _not_image(label, "its name does not end in .jpg, .jpeg or .png")
-        check_magic(head, ext, label)
-        checked.append((natural_key(client or ""), i, path, client, ".jpg" if ext == ".jpeg"
-                        else ext))
+        ext = sniff_ext(head, client or f"file #{i + 1}")  # the content decides, not the name
+        checked.append((natural_key(client or ""), i, path, client, ext))
     checked.sort(key=lambda t: (t[0], t[1]))
     dest_dir.mkdir(parents=True, exist_ok=True)
     out: list[InstalledPhoto] = []
@@ -148,7 +150,6 @@ def _safe_member_name(info: zipfile.ZipInfo) -> str:
 class _Member:
     name: str
     info: zipfile.ZipInfo
-    ext: str
 
 
 def _photo_members(zf: zipfile.ZipFile, caps: ZipCaps) -> list[_Member]:
@@ -164,8 +165,7 @@ def _photo_members(zf: zipfile.ZipFile, caps: ZipCaps) -> list[_Member]:
         name = _safe_member_name(info)
         if info.is_dir() or _IGNORED.search(name):
             continue
-        ext = image_ext(name)
-        if ext is None:
+        if image_ext(name) is None:
             raise _not_image(name, "only .jpg, .jpeg and .png files may be in the zip")
         if info.flag_bits & 0x1:
             raise _unsafe(f"The zip entry {name[:200]!r} is encrypted.", entry=name[:200])
@@ -175,7 +175,7 @@ def _photo_members(zf: zipfile.ZipFile, caps: ZipCaps) -> list[_Member]:
             raise _unsafe(f"The zip entry {name[:200]!r} expands {ratio:.0f}x; at most "
                           f"{caps.max_ratio:.0f}x is accepted (zip bomb?).", entry=name[:200],
                           ratio=round(ratio, 1), max_ratio=caps.max_ratio)
-        members.append(_Member(name, info, ext))
+        members.append(_Member(name, info))
     if declared > caps.max_total_bytes:
         raise _unsafe(f"The zip would expand to {declared} bytes; at most "
                       f"{caps.max_total_bytes} are accepted.", uncompressed_bytes=declared,
@@ -185,23 +185,25 @@ def _photo_members(zf: zipfile.ZipFile, caps: ZipCaps) -> list[_Member]:
     return members
 
 
-def _copy_member(zf: zipfile.ZipFile, m: _Member, target: Path, total: int,
-                 caps: ZipCaps) -> int:
-    """Stream one entry to ``target`` (which must not exist), checking its magic bytes and
-    counting the real bytes against its declared size and the caps; returns bytes written."""
-    with zf.open(m.info) as src, open(target, "xb") as dst:
+def _copy_member(zf: zipfile.ZipFile, m: _Member, stem: Path, total: int,
+                 caps: ZipCaps) -> tuple[Path, int]:
+    """Stream one entry to ``stem`` + the extension of its real type (:func:`sniff_ext`; the
+    file must not exist), counting the real bytes against its declared size and the caps;
+    returns ``(path written, bytes written)``."""
+    with zf.open(m.info) as src:
         head = src.read(16)
-        check_magic(head, m.ext, m.name)
-        dst.write(head)
-        written = len(head)
-        while block := src.read(_COPY_BLOCK):
-            written += len(block)
-            if (written > m.info.file_size or total + written > caps.max_total_bytes
-                    or written > caps.max_ratio * max(1, m.info.compress_size)):
-                raise _unsafe(f"The zip entry {m.name[:200]!r} expands beyond its "
-                              "declared size or the caps (zip bomb?).", entry=m.name[:200])
-            dst.write(block)
-    return written
+        target = stem.with_suffix(sniff_ext(head, m.name))
+        with open(target, "xb") as dst:
+            dst.write(head)
+            written = len(head)
+            while block := src.read(_COPY_BLOCK):
+                written += len(block)
+                if (written > m.info.file_size or total + written > caps.max_total_bytes
+                        or written > caps.max_ratio * max(1, m.info.compress_size)):
+                    raise _unsafe(f"The zip entry {m.name[:200]!r} expands beyond its "
+                                  "declared size or the caps (zip bomb?).", entry=m.name[:200])
+                dst.write(block)
+    return target, written
 
 
 def extract_photo_zip(zip_path: Path, dest_dir: Path,
@@ -217,7 +219,7 @@ def extract_photo_zip(zip_path: Path, dest_dir: Path,
     is named .jpg/.jpeg/.png; the declared uncompressed total is at most ``max_total_bytes``
     and no entry's declared ratio exceeds ``max_ratio``. During extraction the real bytes are
     counted against the same caps and the declared size, and each entry's first bytes must be
-    the magic bytes of its type.
+    JPEG or PNG magic bytes; it is stored with the extension of that real type.
 
     Returns:
         as :func:`install_photo_files` (``client_filename`` = the entry name).
@@ -239,8 +241,7 @@ def extract_photo_zip(zip_path: Path, dest_dir: Path,
         total = 0
         out: list[InstalledPhoto] = []
         for n, m in enumerate(members):
-            target = dest_dir / f"img_{n:05d}{'.jpg' if m.ext == '.jpeg' else m.ext}"
-            written = _copy_member(zf, m, target, total, caps)
+            target, written = _copy_member(zf, m, dest_dir / f"img_{n:05d}", total, caps)
             total += written
             out.append({"file": target.name, "client_filename": m.name, "bytes": written})
         return out

@@ -302,7 +302,8 @@ class PostgresJobStore:
     async def list_jobs(self, *, project_id: str | None = None, status: str | None = None,
                         limit: int = 50, offset: int = 0) -> tuple[list[Job], int]:
         """Jobs newest first (``created_at``, then ``seq``), filtered; ``(page, total
-        matching)`` from one snapshot (``REPEATABLE READ``). ``limit`` and ``offset`` are
+        matching)`` from one snapshot (``REPEATABLE READ``). Deleted jobs are left out (and
+        not counted) unless ``status="deleted"`` asks for them. ``limit`` and ``offset`` are
         clamped to ``0 .. MAX_PAGE_BOUND``."""
         limit = max(0, min(int(limit), MAX_PAGE_BOUND))
         offset = max(0, min(int(offset), MAX_PAGE_BOUND))
@@ -313,6 +314,8 @@ class PostgresJobStore:
         if status is not None:
             where.append("status = %s")
             args.append(str(status))
+        else:  # tombstones only on an explicit status=deleted (issue 10)
+            where.append("status <> 'deleted'")
         clause = f"WHERE {' AND '.join(where)}" if where else ""
 
         async def q(c: Conn) -> tuple[list[Job], int]:

@@ -274,6 +274,7 @@ class SqliteJobStore:
     async def list_jobs(self, *, project_id: str | None = None, status: str | None = None,
                         limit: int = 50, offset: int = 0) -> tuple[list[Job], int]:
         """Jobs newest first, filtered; ``(page, total matching)``, read in one snapshot.
+        Deleted jobs are left out (and not counted) unless ``status="deleted"`` asks for them.
 
         ``limit`` and ``offset`` are clamped to ``0 .. MAX_PAGE_BOUND`` (issue 10 item 4: an
         offset of 2**63 used to overflow SQLite's integer; now it is an empty page).
@@ -287,6 +288,8 @@ class SqliteJobStore:
         if status is not None:
             where.append("status = ?")
             args.append(str(status))
+        else:  # tombstones only on an explicit status=deleted (issue 10)
+            where.append("status != 'deleted'")
         clause = f"WHERE {' AND '.join(where)}" if where else ""
 
         def q(c: sqlite3.Connection) -> tuple[list[Job], int]:

@@ -17,6 +17,7 @@ from ..config import Settings
 from . import routes_jobs, routes_service, routes_uploads
 from .docs import install_docs
 from .errors import install_error_handlers, method_table
+from .head import HeadAsGet
 from .rate_limit import UploadRateLimiter
 
 
@@ -33,6 +34,7 @@ def build_app(settings: Settings, lifespan: Lifespan[FastAPI] | None = None) -> 
     install_error_handlers(app)  # before CORS, so that CORS wraps every error answer too
     app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
                        allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(HeadAsGet)  # HEAD on every GET route (FastAPI adds none)
     routers = [m.router for m in (routes_service, routes_uploads, routes_jobs)]
     for router in routers:
         app.include_router(router)

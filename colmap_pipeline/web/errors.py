@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import PipelineError
 from ..jobs import StoreUnavailable
+from .head import with_head
 
 log = logging.getLogger("colmap_worker.api")
 
@@ -84,8 +85,9 @@ async def _validation(_: Request, exc: Exception) -> JSONResponse:
 
 def method_table(routers: Iterable[APIRouter]) -> list[tuple[re.Pattern[str], frozenset[str]]]:
     """``[(path regex, methods)]`` of every route of ``routers`` (for :func:`_allowed_methods`;
-    ``build_app`` keeps it in ``app.state.route_methods``)."""
-    return [(r.path_regex, frozenset(r.methods or ())) for router in routers for r in router.routes
+    ``build_app`` keeps it in ``app.state.route_methods``); a ``GET`` route also answers
+    ``HEAD`` (:mod:`.head`)."""
+    return [(r.path_regex, with_head(r.methods or ())) for router in routers for r in router.routes
             if isinstance(r, APIRoute)]
 
 

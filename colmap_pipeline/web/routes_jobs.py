@@ -15,7 +15,7 @@ from ..layout import DataDir, ObjectKeys, read_json
 from .artifacts import bucket_artifact, bucket_json, request_storage
 from .deps import NotDraining, RunnerDep, SettingsDep, StoreDep
 from .errors import ApiError
-from .schemas import ErrorResponse, FramesResponse, JobList, JobPublic
+from .schemas import ErrorResponse, FramesResponse, JobList, JobPublic, PhotoFrame
 
 router = APIRouter(tags=["jobs"])
 
@@ -161,18 +161,30 @@ def _read_frames_json(path: Path) -> dict[str, Any] | None:
 async def get_frames(job_id: str, request: Request, store: StoreDep,
                      settings: SettingsDep) -> FramesResponse:
     """Every decoded frame's timestamp, sharpness, brightness, motion and whether it was
-    kept (or why not). Available once the frames stage has run, also for failed jobs."""
+    kept (or why not); for a photo job the kept photos (``photos``; ``frames`` empty).
+    Available once the frames stage has run, also for failed jobs; 409 before."""
     await live_job(store, job_id)
     doc = await asyncio.to_thread(_read_frames_json,
                                   DataDir(settings.data_dir).job(job_id).work.frames_json)
     if doc is None:  # bucket mode: the stage may have run on another replica
         doc = await bucket_json(request_storage(request, settings),
                                 ObjectKeys(job_id).frames_json)
+    if doc is not None and doc.get("input_kind") == "images":
+        return _photo_frames(job_id, doc)
     if doc is None or "scores" not in doc:
         raise PipelineError("frames_not_ready")
     sel = doc.get("selection") or {}
-    return FramesResponse(job_id=job_id, cap=sel.get("cap", 0), kept=len(doc.get("frames", [])),
-                          num_decoded=doc.get("num_decoded", 0),
+    return FramesResponse(job_id=job_id, input_kind="video", cap=sel.get("cap", 0),
+                          kept=len(doc.get("frames", [])), num_decoded=doc.get("num_decoded", 0),
                           dropped=sel.get("dropped", {}), warnings=doc.get("warnings", []),
                           diagnosis=doc.get("diagnosis"), video=doc.get("video"),
                           frames=doc["scores"])
+
+
+def _photo_frames(job_id: str, doc: dict[str, Any]) -> FramesResponse:
+    """A photo job's ``frames.json`` (no scores: every photo is kept) as the frames answer."""
+    photos = [PhotoFrame.model_validate(f) for f in doc.get("frames", [])]
+    return FramesResponse(job_id=job_id, input_kind="images", cap=0, kept=len(photos),
+                          num_decoded=doc.get("num_decoded", len(photos)), dropped={},
+                          warnings=doc.get("warnings", []), video=doc.get("video"),
+                          frames=[], photos=photos, focal_prior_px=doc.get("focal_prior_px"))

@@ -14,7 +14,13 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 
 from ..config import Settings
-from ..intake.intake import Accepted, UploadForm, accept_photos, accept_video
+from ..intake.intake import (
+    MAX_IDEMPOTENCY_KEY_LEN,
+    Accepted,
+    UploadForm,
+    accept_photos,
+    accept_video,
+)
 from ..intake.multipart import UploadBody
 from ..intake.photo_intake import MAX_PHOTOS, MIN_PHOTOS
 from ..jobs import JobStore
@@ -24,16 +30,43 @@ from .schemas import ErrorResponse, UploadResponse
 
 router = APIRouter(tags=["uploads"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    s: {"model": ErrorResponse} for s in (400, 408, 413, 415, 422, 429, 503, 507)}
 _MESSAGES = {"video": "Video uploaded successfully", "images": "Photos uploaded successfully"}
 _BINARY = {"type": "string", "format": "binary"}
+
+
+def _header(description: str, schema_type: str = "integer") -> dict[str, Any]:
+    return {"description": description, "schema": {"type": schema_type}}
+
+
+#: response headers of the upload routes (OpenAPI): the rate limiter's on every counted
+#: answer (:mod:`.rate_limit`), ``Retry-After`` on 429/503, ``Idempotent-Replayed`` on a replay
+_RATE_HEADERS = {
+    "X-RateLimit-Limit": _header("uploads allowed per minute from this client"),
+    "X-RateLimit-Remaining": _header("uploads left in the current minute"),
+    "X-RateLimit-Reset": _header("when the current minute ends (epoch seconds)")}
+_RETRY_AFTER = {"Retry-After": _header("seconds to wait before trying again")}
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorResponse} for s in (400, 408, 413, 415, 422, 429, 503, 507)}
+_RESPONSES[202] = {"headers": {
+    "Idempotent-Replayed": _header("true when this answers a repeated Idempotency-Key",
+                                   "string"), **_RATE_HEADERS}}
+_RESPONSES[429]["headers"] = {**_RETRY_AFTER, **_RATE_HEADERS}
+_RESPONSES[503]["headers"] = dict(_RETRY_AFTER)
+#: the ``Idempotency-Key`` request header (read from the raw request, so declared by hand;
+#: the intake checks its length: :func:`..intake.intake.check_idempotency_key`)
+IDEMPOTENCY_KEY_PARAM: dict[str, Any] = {
+    "name": "Idempotency-Key", "in": "header", "required": False,
+    "description": "any 1-200 character key: repeating an upload with the same key, file and "
+                   "fields returns the first job (Idempotent-Replayed: true) instead of a new "
+                   "one; with another file or fields, 422 idempotency_key_reused",
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY_LEN}}
 
 
 def form_schema(files: dict[str, Any], required: list[str],
                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """OpenAPI ``requestBody`` of an upload route: the file field(s) plus the fields of
-    :class:`UploadForm` with their limits (lengths, e-mail format, quality values)."""
+    :class:`UploadForm` with their limits (lengths, e-mail format, quality values); and the
+    ``Idempotency-Key`` header parameter."""
     props: dict[str, Any] = dict(files)
     for name, prop in UploadForm.model_json_schema()["properties"].items():
         prop = {k: v for k, v in prop.items() if k != "title"}
@@ -44,7 +77,8 @@ def form_schema(files: dict[str, Any], required: list[str],
             del prop["default"]
         props[name] = prop
     schema = {"type": "object", "required": required, "properties": props, **(extra or {})}
-    return {"requestBody": {"required": True,
+    return {"parameters": [IDEMPOTENCY_KEY_PARAM],
+            "requestBody": {"required": True,
                             "content": {"multipart/form-data": {"schema": schema}}}}
 
 
@@ -52,9 +86,10 @@ VIDEO_FORM = form_schema(
     {"video": {**_BINARY, "description": "the video file (MP4/MOV/MKV…)"}},
     ["video", "project_id"])
 PHOTOS_FORM = form_schema(
-    {"images": {"type": "array", "items": _BINARY, "minItems": 1, "maxItems": MAX_PHOTOS,
-                "description": f"{MIN_PHOTOS}-{MAX_PHOTOS} JPEG/PNG photos (repeat the field), "
-                               "or one zip of them"},
+    {"images": {"type": "array", "items": _BINARY, "minItems": MIN_PHOTOS,
+                "maxItems": MAX_PHOTOS,
+                "description": f"{MIN_PHOTOS}-{MAX_PHOTOS} JPEG/PNG photos (repeat the field; "
+                               "typed by content, not by name); a zip of them goes in zip"},
      "zip": {**_BINARY, "description": f"one zip of {MIN_PHOTOS}-{MAX_PHOTOS} JPEG/PNG photos "
                                        "(instead of images)"}},
     ["project_id"], {"anyOf": [{"required": ["images"]}, {"required": ["zip"]}]})
@@ -89,7 +124,7 @@ _GUARDS = [Depends(upload_rate_limit), NotDraining]
 
 
 @router.post("/upload-video", status_code=202, response_model=UploadResponse,
-             responses=_ERRORS, dependencies=_GUARDS, openapi_extra=VIDEO_FORM,
+             responses=_RESPONSES, dependencies=_GUARDS, openapi_extra=VIDEO_FORM,
              summary="Upload a video and queue a job")
 async def upload_video(request: Request, response: Response, store: StoreDep,
                        runner: RunnerDep, settings: SettingsDep) -> UploadResponse:
@@ -101,7 +136,7 @@ async def upload_video(request: Request, response: Response, store: StoreDep,
 
 
 @router.post("/upload-images", status_code=202, response_model=UploadResponse,
-             responses=_ERRORS, dependencies=_GUARDS, openapi_extra=PHOTOS_FORM,
+             responses=_RESPONSES, dependencies=_GUARDS, openapi_extra=PHOTOS_FORM,
              summary="Upload photos (or one zip) and queue a job")
 async def upload_images(request: Request, response: Response, store: StoreDep,
                         runner: RunnerDep, settings: SettingsDep) -> UploadResponse:

@@ -117,7 +117,8 @@ class JobPublic(BaseModel):
     quality: Literal["low", "medium", "high"]
     status: JobStatus = Field(description="pending|processing|completed|failed|cancelled|"
                               "expired|deleted")
-    progress: int = Field(description="0-100, never goes backwards within an attempt")
+    progress: int = Field(description="0-100, never goes backwards within an attempt (a "
+                          "retry starts again from 0)")
     current_stage: str | None = Field(description="Frame Extraction, Feature Detection, Feature "
                                       "Matching, Sparse Reconstruction, Exporting …")
     message: str | None = Field(description="what is happening now")
@@ -132,7 +133,9 @@ class JobPublic(BaseModel):
     video: VideoProbe | None = Field(None, description="probe of the input")
     error: JobError | None = Field(None, description="set when status is failed")
     results: JobResult | None = Field(None, description="set when status is completed")
-    artifacts: list[ArtifactPublic] = Field(default_factory=list)
+    artifacts: list[ArtifactPublic] = Field(
+        default_factory=list, description="downloadable files of a completed job (empty for a "
+        "deleted one: its files are gone)")
     attempts: list[AttemptRecord] = Field(
         default_factory=list, description=f"the newest {MAX_ATTEMPT_RECORDS} runs of the job, "
         "oldest first (attempts_total counts them all)")
@@ -147,6 +150,9 @@ class JobPublic(BaseModel):
             error = JobError(code=job.error_code, message=job.error_message or "",
                              hint=job.error_hint or "", details=job.error_details or None)
         results = _parse(JobResult, job.results, job.job_id)
+        if results is not None and job.status in (JobStatus.DELETED, JobStatus.EXPIRED):
+            # its files are gone: no artifact (nor URL) that would answer 404 or 409
+            results = results.model_copy(update={"artifacts": []})
         artifacts = [ArtifactPublic(**{**a.model_dump(), "url":
                                        f"/jobs/{job.job_id}/artifacts/{a.name}"})
                      for a in (results.artifacts if results else [])]
@@ -183,17 +189,40 @@ class JobList(BaseModel):
     offset: int
 
 
+class PhotoFrame(BaseModel):
+    """One kept photo of a photo job, as the frames stage wrote it (upright, scaled)."""
+
+    file: str = Field(description="frame file handed to SfM, e.g. frame_00000.jpg")
+    source: str = Field(description="the stored photo's name (the upload's index, not the "
+                        "client's file name)")
+    width: int = Field(description="width (px) after EXIF orientation and scaling")
+    height: int = Field(description="height (px) after EXIF orientation and scaling")
+    exif_focal_px: float | None = Field(None, description="focal length (px, at this size) "
+                                        "from the photo's EXIF; null when absent")
+
+
 class FramesResponse(BaseModel):
-    """``GET /jobs/{job_id}/frames``: the frame selection of the job's last frames stage."""
+    """``GET /jobs/{job_id}/frames``: the frame selection of the job's last frames stage.
+
+    A video job lists every decoded frame's scores in ``frames``. A photo job has no frame
+    selection (every photo is kept): ``frames`` is empty, ``photos`` lists the kept photos,
+    ``cap`` is 0 and ``kept`` = ``num_decoded`` = number of photos."""
 
     job_id: str
-    cap: int = Field(description="the preset's frame cap (number of time windows)")
-    kept: int = Field(description="frames handed to SfM")
-    num_decoded: int = Field(description="frames decoded from the video")
+    input_kind: Literal["video", "images"] = Field("video", description="video or images")
+    cap: int = Field(description="the preset's frame cap (number of time windows); 0 for a "
+                     "photo job")
+    kept: int = Field(description="frames (photos) handed to SfM")
+    num_decoded: int = Field(description="frames decoded from the video (photos decoded)")
     dropped: dict[str, int] = Field(description="dropped frame count by reason")
     warnings: list[JobWarning] = Field(default_factory=list,
                                        description="e.g. video_truncated")
     diagnosis: dict[str, Any] | None = Field(
         None, description="the degenerate-clip error found before SfM: {code, details}")
     video: VideoProbe | None = Field(None, description="probe of the input video")
-    frames: list[FrameScore] = Field(description="every decoded frame, in decode order")
+    frames: list[FrameScore] = Field(description="every decoded frame, in decode order; "
+                                     "empty for a photo job")
+    photos: list[PhotoFrame] = Field(default_factory=list,
+                                     description="photo job: the kept photos, in name order")
+    focal_prior_px: float | None = Field(None, description="photo job: the focal length (px) "
+                                         "shared by the photos' EXIF, if any")
