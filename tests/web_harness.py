@@ -75,7 +75,7 @@ def settings_for(tmp: Path, **overrides: Any) -> Settings:
     """Settings with DATA_DIR under ``tmp`` and nothing from the environment or ``.env``."""
     data = tmp / "data"
     data.mkdir(parents=True, exist_ok=True)
-    return Settings(_env_file=None, data_dir=data, **overrides)  # type: ignore[call-arg]
+    return Settings(_env_file=None, data_dir=data, **overrides)
 
 
 def make_app(settings: Settings, store: JobStore | None = None,

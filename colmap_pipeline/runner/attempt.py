@@ -4,17 +4,16 @@ records, and the mapping of a stage child's exit to an error code.
 A *run* of a job starts when the scheduler claims it and ends ``completed``, ``failed``, back
 to ``pending`` (shutdown) or stopped by a client. Within a run, automatic retries happen in
 place, each one a new *attempt* (``attempt`` + 1) with its own record in the job's
-``attempts`` (:class:`~..results.AttemptRecord`):
+``attempts`` (:class:`~..results.AttemptRecord`), resuming at the first stage without a
+checkpoint (:func:`..layout.next_stage`):
 
 - a stage child ended by SIGKILL/SIGTERM/SIGINT/SIGHUP/SIGQUIT that this runner did not send
   (OOM killer, operator) is retried once per run (:data:`OUTSIDE_SIGNAL_RETRIES`);
 - storage trouble (a database error, ``OSError``, ``workspace_busy``, too little free disk
   before a stage) is retried :data:`STORAGE_RETRIES` times with exponential backoff and full
-  jitter (:func:`backoff_delay`);
+  jitter (:func:`backoff_delay`); the failure that follows is written once the store answers;
 - nothing else: timeouts, invalid input, failed reconstructions, SIGABRT/SIGSEGV (a pycolmap
   crash would crash again).
-
-Every attempt resumes at the first stage without a checkpoint (:func:`..layout.next_stage`).
 """
 from __future__ import annotations
 
@@ -112,12 +111,11 @@ def backoff_delay(failures: int, base_s: float = BACKOFF_BASE_S,
 def transient(outcome: StageOutcome) -> RetryKind | None:
     """The automatic retry a failed stage gets, or ``None`` (never retried).
 
-    A stage child is never signalled by this runner without the job task being cancelled or
-    timed out, so a child ended by one of :data:`OUTSIDE_SIGNALS` was killed from outside.
-    SIGABRT/SIGSEGV come from the child itself (a pycolmap crash): retrying would crash again.
-    Timeouts and pipeline error codes (invalid input, failed reconstruction) are never retried;
-    ``workspace_busy`` and a storage exception in the child (:data:`STORAGE_EXCEPTIONS`) are
-    storage errors.
+    A stage child is never signalled by this runner without the job task being cancelled or timed
+    out, so a child ended by one of :data:`OUTSIDE_SIGNALS` was killed from outside. SIGABRT/SIGSEGV
+    come from the child itself (a pycolmap crash): retrying would crash again. Timeouts and pipeline
+    error codes (invalid input, failed reconstruction) are never retried; ``workspace_busy`` and a
+    storage exception in the child (:data:`STORAGE_EXCEPTIONS`) are storage errors.
     """
     if outcome.timed_out:
         return None
@@ -216,7 +214,6 @@ class AttemptState:
 
 #: the record outcome of an attempt whose job left ``processing`` under it (else "stopped")
 GONE_OUTCOMES = {JobStatus.CANCELLED: "cancelled", JobStatus.DELETED: "deleted"}
-
 
 #: runs one stage child: :func:`.executor.run_stage`'s signature (tests pass a fake)
 StageRunner = Callable[..., Awaitable[StageOutcome]]
@@ -398,8 +395,10 @@ class JobRun:
         if self.storage_failures > STORAGE_RETRIES or loop.time() >= self.deadline:
             log.error("job %s: giving up after %d storage error(s): %s", self.job_id,
                       self.storage_failures, exc)
-            await self._guarded(self._fail(Failure.of(code, str(exc))))
-            return False
+            while True:  # written once the store answers: a job is never left `processing`
+                if await self._guarded(self._fail(Failure.of(code, str(exc)))):
+                    return False
+                await asyncio.sleep(backoff_delay(self.storage_failures))
         delay = backoff_delay(self.storage_failures)
         log.warning("job %s: storage error (%s); retry %d/%d in %.1f s", self.job_id, exc,
                     self.storage_failures, STORAGE_RETRIES, delay)
@@ -418,12 +417,14 @@ class JobRun:
         n = await store.bump_attempt(self.job_id, auto_retry=True)
         self.state = AttemptState(n or self.state.number + 1, utcnow())
 
-    async def _guarded(self, coro: Awaitable[Any]) -> None:
-        """Await ``coro``, logging (not raising) a store or disk error."""
+    async def _guarded(self, coro: Awaitable[Any]) -> bool:
+        """Await ``coro``, logging (not raising) a store or disk error; False after one."""
         try:
             await coro
         except (StoreError, OSError) as exc:
             log.error("job %s: bookkeeping failed: %s", self.job_id, exc)
+            return False
+        return True
 
     async def _check_disk(self) -> None:
         settings = self.ctx.settings
@@ -433,8 +434,7 @@ class JobRun:
                            f"{settings.min_free_disk_bytes}")
 
     async def _fail(self, failure: Failure, stage: str | None = None) -> None:
-        """``failed`` with the error (and its details) and this attempt's record, in one
-        write."""
+        """``failed`` with the error (and its details) and this attempt's record, in one write."""
         stage = stage or self.state.stage
         where = {"current_stage": STAGE_NAMES[stage]} if stage else {}
         rec = self.state.record("failed", error_code=failure.code, failed_stage=stage)
