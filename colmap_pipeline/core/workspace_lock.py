@@ -19,7 +19,7 @@ from ..layout import Workspace
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # no flock on Windows: the lock is skipped
 
 #: seconds a stage child waits for the lock before failing with ``workspace_busy``; long enough
 #: for a killed predecessor to be reaped, short enough to surface a real conflict
