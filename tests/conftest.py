@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -26,6 +27,18 @@ def shared_file(rel: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (../shared/data is not beside this checkout)")
     return path
+
+
+def wait_until(pred: Any, timeout_s: float, what: str) -> Any:
+    """Poll ``pred()`` every 50 ms until it is truthy and return its value; fail the test
+    (AssertionError naming ``what``) after ``timeout_s`` seconds."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = pred()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        time.sleep(0.05)
 
 
 def free_port() -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import runner_harness
-from conftest import REPO, SAMPLE_VIDEO, free_port
+from conftest import REPO, SAMPLE_VIDEO, free_port, wait_until  # noqa: F401 - re-exported
 
 from colmap_pipeline.layout import DataDir
 
@@ -101,17 +101,6 @@ def upload(replica: Replica, **fields: str) -> str:
                    data={"project_id": "replicas", "quality": "low", **fields})
     assert r.status_code == 202, r.text
     return str(r.json()["job_id"])
-
-
-def wait_until(pred: Any, timeout_s: float, what: str) -> Any:
-    """Poll ``pred()`` every 50 ms until truthy; its value. Fails after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = pred()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        time.sleep(0.05)
 
 
 def stage_children(replica: Replica, job_id: str) -> dict[int, str]:

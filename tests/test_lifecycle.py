@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import SAMPLE_VIDEO, ServerProcess
+from conftest import SAMPLE_VIDEO, ServerProcess, wait_until
 from runner_harness import checkpoint_mtimes, stage_children, still_alive
 
 from colmap_pipeline.layout import DataDir, Workspace
@@ -74,16 +74,6 @@ def upload(c: httpx.Client, data: bytes | None = None, key: str | None = None,
     headers = {"Idempotency-Key": key} if key else {}
     return c.post("/upload-video", files={"video": ("clip.mp4", body, "video/mp4")},
                   data={"project_id": "life", "quality": "low", **fields}, headers=headers)
-
-
-def wait_until(pred, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = pred()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def workspace(srv: ServerProcess, job_id: str) -> Path:

@@ -8,23 +8,12 @@ from __future__ import annotations
 
 import io
 import shutil
-import time
 import zipfile
 
 import pytest
-from conftest import SAMPLE_VIDEO
+from conftest import SAMPLE_VIDEO, wait_until
 
 pytestmark = pytest.mark.e2e
-
-
-def _wait(pred, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = pred()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def test_a_redeploy_with_an_empty_disk_resumes_from_the_bucket(start_server, tmp_path,
@@ -49,7 +38,7 @@ def test_a_redeploy_with_an_empty_disk_resumes_from_the_bucket(start_server, tmp
 
     assert keys() == ["input/video.mp4"]  # in the bucket once the 202 came
     paused = a.data_dir / "jobs" / job_id / "work" / "test_fault_paused.mapping"
-    _wait(paused.exists, 300, "the job to wait before mapping")
+    wait_until(paused.exists, 300, "the job to wait before mapping")
     assert [k for k in keys() if k.startswith("work/checkpoints/")] == [
         "work/checkpoints/features.json", "work/checkpoints/frames.json",
         "work/checkpoints/matching.json"]
