@@ -202,10 +202,15 @@ def encode_json(value: Any) -> str:
     return json.dumps(value, default=default, separators=(",", ":"))
 
 
+def utc_iso(moment: datetime) -> str:
+    """``moment`` (timezone-aware) as the one stored time format: ISO-8601 UTC with
+    microseconds, so stored times compare correctly as text."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
 def utcnow() -> str:
-    """Current UTC time as ISO-8601 with microseconds (sortable as text: every stored time has
-    this one format)."""
-    return datetime.now(UTC).isoformat(timespec="microseconds")
+    """Current UTC time in the stored format (:func:`utc_iso`)."""
+    return utc_iso(datetime.now(UTC))
 
 
 def new_job_record(job: Mapping[str, Any], now: str) -> dict[str, Any]:

@@ -22,6 +22,14 @@ def natural_key(name: str) -> list[int | str]:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
 
 
+def not_image_error(name: str, why: str) -> PipelineError:
+    """``unsupported_image`` (HTTP 415) for the photo ``name`` (the client's name, cut to 200
+    characters in details), saying ``why`` in the message."""
+    return PipelineError("unsupported_image",
+                         message=f"{name!r} is not a JPEG or PNG photo ({why}).",
+                         details={"file": name[:200]})
+
+
 def check_count(n: int) -> None:
     """Refuse a set of ``n`` photos of the wrong size.
 

@@ -52,9 +52,6 @@ class Preset:
         return asdict(self)
 
 
-PRESET_SIFT = {"low": (1000, 2048), "medium": (1600, 4096), "high": (2400, 8192)}
-
-
 def default_preset(quality: str) -> Preset:
     """Preset with the default frame caps (for the CLI, which has no Settings)."""
     size, feats = PRESET_SIFT[quality]

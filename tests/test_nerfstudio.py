@@ -77,6 +77,8 @@ def test_points_are_in_the_nerfstudio_world_frame(tmp_path):
     scene = nerfstudio.nerfstudio_scene(model_dir)
     rec = pycolmap.Reconstruction(str(model_dir))
     a = np.asarray(scene.transforms["applied_transform"])
+    # nerfstudio's own COLMAP -> nerfstudio world change (colmap_utils: swap y/z, flip z)
+    assert a.tolist() == [[1, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0]]
     assert scene.xyz.shape == (300, 3) and scene.rgb.dtype == np.uint8
     colmap = np.array(sorted(tuple(p.xyz @ a[:, :3].T + a[:, 3]) for p in rec.points3D.values()))
     assert np.allclose(np.array(sorted(map(tuple, scene.xyz))), colmap)

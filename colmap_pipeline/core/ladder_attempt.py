@@ -162,6 +162,8 @@ def reporter(cfg: LadderConfig, st: LadderState, lo: float, hi: float, title: st
 
 def skip(st: LadderState, step: str, reason: str, settings: dict[str, Any] | None = None,
           elapsed_s: float = 0.0) -> None:
+    """Record rung ``step`` as not run: appends a ``MappingAttempt(outcome="skipped")`` with
+    ``reason``, its ``settings`` and ``elapsed_s`` (s spent deciding) to ``st.attempts``."""
     st.attempts.append(MappingAttempt(step=step, outcome="skipped", reason=reason,
                                       settings=settings or {}, elapsed_s=elapsed_s))
 

@@ -26,6 +26,7 @@ from ..photo_rules import (  # noqa: F401 - MIN/MAX_PHOTOS re-exported for calle
     MIN_PHOTOS,
     check_count,
     natural_key,
+    not_image_error,
 )
 
 #: EXIF tags (CIPA DC-008 / JEITA CP-3451): the Exif sub-IFD pointer, FocalLength (mm),
@@ -82,12 +83,6 @@ class PhotoFrames(TypedDict):
     focal_prior: SharedFocalPrior | None
     focal_prior_px: float | None
     warnings: list[dict[str, Any]]
-
-
-def _not_image(name: str, why: str) -> PipelineError:
-    return PipelineError("unsupported_image",
-                         message=f"{name!r} is not a JPEG or PNG photo ({why}).",
-                         details={"file": name[:200]})
 
 
 def _exif_number(ifd: Any, tag: int) -> float | None:
@@ -163,7 +158,7 @@ def _write_frame(src: Path, out: Path, max_image_size: int | None,
 
     img = cv2.imread(str(src), cv2.IMREAD_COLOR)  # applies EXIF orientation
     if img is None:
-        raise _not_image(src.name, "it cannot be decoded")
+        raise not_image_error(src.name, "it cannot be decoded")
     h, w = img.shape[:2]
     if max_image_size and max(h, w) > max_image_size:
         s = max_image_size / max(h, w)

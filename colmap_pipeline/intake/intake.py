@@ -28,6 +28,7 @@ from ..config import Settings
 from ..errors import ERROR_CATALOG, PipelineError
 from ..jobs import DuplicateKey, Job, JobStore
 from ..layout import DataDir, JobDir
+from ..presets import Quality
 from ..runner.executor import run_json_command
 from ..storage import job_sync, store_input
 from . import photo_intake
@@ -60,7 +61,7 @@ class UploadForm(BaseModel):
                             description="the frontend's project id")
     scan_name: str = Field("Untitled scan", min_length=1, max_length=MAX_NAME_LEN,
                            description="display name of the scan")
-    quality: Literal["low", "medium", "high"] = Field("medium", description=_QUALITY_HELP)
+    quality: Quality = Field("medium", description=_QUALITY_HELP)
     user_email: str | None = Field(None, max_length=MAX_EMAIL_LEN,
                                    description="owner's e-mail (optional)",
                                    json_schema_extra={"format": "email"})

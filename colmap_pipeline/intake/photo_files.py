@@ -29,6 +29,7 @@ from ..photo_rules import (  # noqa: F401 - MIN/MAX_PHOTOS re-exported to the in
     MIN_PHOTOS,
     check_count,
     natural_key,
+    not_image_error,
 )
 
 #: Accepted photo types by magic bytes (JPEG: FF D8 FF, ITU T.81 / JFIF; PNG: the 8-byte
@@ -67,12 +68,6 @@ def _unsafe(message: str, **details: object) -> PipelineError:
     return PipelineError("unsafe_archive", message=message, details=details or None)
 
 
-def _not_image(name: str, why: str) -> PipelineError:
-    return PipelineError("unsupported_image",
-                         message=f"{name!r} is not a JPEG or PNG photo ({why}).",
-                         details={"file": name[:200]})
-
-
 def image_ext(name: str) -> str | None:
     """Lower-case extension of ``name`` if it is a photo type (``.jpg``/``.jpeg``/``.png``)."""
     ext = os.path.splitext(name)[1].lower()
@@ -88,7 +83,7 @@ def sniff_ext(head: bytes, name: str) -> str:
     for ext in (".jpg", ".png"):
         if head.startswith(MAGIC[ext]):
             return ext
-    raise _not_image(name, "its content does not start like a JPEG or PNG file")
+    raise not_image_error(name, "its content does not start like a JPEG or PNG file")
 
 
 def install_photo_files(files: list[tuple[Path, str | None]],
@@ -166,7 +161,7 @@ def _photo_members(zf: zipfile.ZipFile, caps: ZipCaps) -> list[_Member]:
         if info.is_dir() or _IGNORED.search(name):
             continue
         if image_ext(name) is None:
-            raise _not_image(name, "only .jpg, .jpeg and .png files may be in the zip")
+            raise not_image_error(name, "only .jpg, .jpeg and .png files may be in the zip")
         if info.flag_bits & 0x1:
             raise _unsafe(f"The zip entry {name[:200]!r} is encrypted.", entry=name[:200])
         declared += info.file_size

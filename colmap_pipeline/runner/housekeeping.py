@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from ..config import Settings
-from ..jobs import Intent, JobStore
+from ..jobs import Intent, JobStore, utc_iso
 from ..layout import DataDir
 from ..storage import StorageError, open_storage, remove_job_files
 from ..storage.sync import sweep_orphan_objects
@@ -139,8 +139,7 @@ class Housekeeper:
     async def _expire(self) -> int:
         """Expire jobs finished before the retention cutoff: the row turns ``expired`` first
         (so no retry can race the removal), then the folder goes."""
-        cutoff = (datetime.now(UTC) - timedelta(hours=self.settings.retention_hours)).isoformat(
-            timespec="microseconds")
+        cutoff = utc_iso(datetime.now(UTC) - timedelta(hours=self.settings.retention_hours))
         busy = self.busy()
         n = 0
         for job_id in await self.store.finished_before(cutoff):

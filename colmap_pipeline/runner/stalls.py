@@ -16,9 +16,8 @@ from enum import StrEnum
 from typing import Any
 
 from ..errors import ERROR_CATALOG
-from ..jobs import Intent, Job, JobStatus, JobStore, utcnow
-from ..results import AttemptRecord
-from .attempt import OUTSIDE_SIGNAL_RETRIES, RetryKind
+from ..jobs import Intent, Job, JobStatus, JobStore
+from .attempt import OUTSIDE_SIGNAL_RETRIES, AttemptState, RetryKind
 
 log = logging.getLogger("colmap_worker.queue")
 
@@ -49,17 +48,17 @@ def losses_in_run(attempts: Sequence[Mapping[str, Any]]) -> int:
 
 
 def _record(job: Job, outcome: str, retry: RetryKind | None) -> dict[str, Any]:
-    rec = AttemptRecord(attempt=job.attempt or 1, outcome=outcome, error_code="pipeline_crashed",
-                        started_at=job.started_at, finished_at=utcnow(), retry=retry,
-                        detail=LOST_DETAIL)
-    return rec.model_dump(mode="json", exclude_none=True)
+    """The lost run's record, in the same shape as every other run's (:class:`AttemptState`)."""
+    return AttemptState(job.attempt or 1, job.started_at).record(
+        outcome, error_code="pipeline_crashed", retry=retry, detail=LOST_DETAIL)
 
 
 async def requeue_stalled(store: JobStore, job_id: str, stall_timeout_s: float) -> StallAction:
     """Apply the lost-replica policy to ``job_id`` (module docstring): ``REQUEUE`` with a
     ``retrying`` record (``auto_retries`` + 1) or ``FAIL`` with ``pipeline_crashed``.
 
-    The store's ``on_pending`` hook queues the job's new ticket in the requeue's transaction.
+    The queued store queues the job's new ticket right after the requeue commits; a ticket
+    lost in between is queued by the next sweep (pending rows without a ticket).
     Raises: StoreError when the store fails (the next sweep tries again).
     """
     job = await store.get_job(job_id)

@@ -75,7 +75,7 @@ class QueueRunner(JobRunner):
     """Runs this replica's share of the queue (module docstring).
 
     Args:
-        store: the PostgreSQL job store (its ``on_pending`` hook queues tickets).
+        store: the queued PostgreSQL job store (it queues a ticket with every pending job).
         settings: service settings (``MAX_CONCURRENT_JOBS``, ``QUEUE_*``).
         gpu_enabled: GPU stages run on CUDA (probed at start-up).
         queue: the opened :class:`.queue.JobQueue`.

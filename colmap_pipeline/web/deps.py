@@ -2,7 +2,8 @@
 ``SettingsDep``, ``GpuDep``) over ``app.state``, the interfaces the routes need of the runner
 and of the GPU probe, and the draining guard.
 
-``main.create_app`` fills ``app.state`` in its lifespan (the SQLite store, the real
+``main.create_app`` fills ``app.state`` in its lifespan (the job store of
+``database.open_store``, the real
 ``JobRunner``, the GPU probe); tests fill it with fakes (``tests/fakes.py``), so the routes
 never know which.
 """

@@ -60,6 +60,9 @@ async def list_jobs(
         limit: Annotated[int, Query(ge=1, le=200, description="page size")] = 50,
         offset: Annotated[int, Query(ge=0, le=MAX_LIST_OFFSET,
                                      description="jobs to skip")] = 0) -> JobList:
+    """Jobs newest first, filtered by project and status (deleted jobs only with
+    ``status=deleted``); ``total`` counts every match. 422 ``invalid_request`` for a bad filter
+    or a ``limit``/``offset`` out of range."""
     jobs, total = await store.list_jobs(project_id=project_id,
                                         status=status.value if status else None,
                                         limit=limit, offset=offset)
@@ -70,6 +73,9 @@ async def list_jobs(
 @router.get("/jobs/{job_id}", response_model=JobPublic, response_model_exclude_unset=True,
             responses={404: {"model": ErrorResponse}}, summary="Job status, progress, results")
 async def get_job(job_id: str, store: StoreDep) -> JobPublic:
+    """Status, progress (0-100), stage and message; results and artifact links when
+    completed; ``error`` {code, message, hint, details} when failed. 404 ``not_found`` for an
+    unknown or deleted job."""
     return await _view(store, await live_job(store, job_id))
 
 

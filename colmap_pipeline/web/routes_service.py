@@ -36,6 +36,7 @@ def writable(path: Path) -> bool:
 
 @router.get("/", response_model=RootResponse, summary="Service identity")
 async def root(gpu: GpuDep) -> RootResponse:
+    """Identity of the service: name, status, version and whether a GPU is used."""
     return RootResponse(version=__version__, gpu_enabled=gpu.enabled,
                         pycolmap_version=gpu.pycolmap_version,
                         gpu=await asyncio.to_thread(gpu.public))
@@ -43,6 +44,7 @@ async def root(gpu: GpuDep) -> RootResponse:
 
 @router.get("/health", response_model=HealthResponse, summary="Liveness probe")
 async def health(gpu: GpuDep, runner: RunnerDep, settings: SettingsDep) -> HealthResponse:
+    """Liveness: cheap, no I/O, never rate-limited; GPU slots in use and jobs running."""
     return HealthResponse(gpu_status=gpu.enabled, active_gpu_jobs=runner.active_gpu_jobs,
                           max_gpu_jobs=runner.max_gpu_jobs, active_jobs=runner.active_jobs,
                           max_concurrent_jobs=settings.max_concurrent_jobs,

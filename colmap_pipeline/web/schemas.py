@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, Field, ValidationError
 
 from ..jobs import Job, JobStatus
+from ..presets import Quality
 from ..results import Artifact, AttemptRecord, FrameScore, JobResult, JobWarning, VideoProbe
 
 log = logging.getLogger("colmap_worker.api")
@@ -114,7 +115,7 @@ class JobPublic(BaseModel):
     scan_id: str
     project_id: str
     scan_name: str
-    quality: Literal["low", "medium", "high"]
+    quality: Quality
     status: JobStatus = Field(description="pending|processing|completed|failed|cancelled|"
                               "expired|deleted")
     progress: int = Field(description="0-100, never goes backwards within an attempt (a "
