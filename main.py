@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import FrameType
 from typing import Any
+from urllib.parse import unquote_plus
 
 import uvicorn
 from fastapi import FastAPI
@@ -112,22 +115,63 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return build_app(settings, lifespan)
 
 
+#: a query parameter whose value never goes to the access log (signed links' HMAC token)
+_SECRET_QUERY_PARAM = "token"
+_QUERY_PAIR = re.compile(r"([?&;])([^=&;#\s]*)=([^&;#\s\"]*)")
+
+
+def redact_query_tokens(text: str) -> str:
+    """``text`` with the value of every ``token=`` query parameter replaced by ``***``
+    (the name compared case-insensitively after percent-decoding, as a server would read it):
+    ``/a?x=1&token=abc`` -> ``/a?x=1&token=***``."""
+    def repl(m: re.Match[str]) -> str:
+        if unquote_plus(m[2]).lower() != _SECRET_QUERY_PARAM:
+            return m[0]
+        return f"{m[1]}{m[2]}=***"
+    return _QUERY_PAIR.sub(repl, text) if "=" in text else text
+
+
+def redact_access_log(record: logging.LogRecord) -> bool:
+    """``logging`` filter of ``uvicorn.access``: signed links' tokens become ``***`` in the
+    request line (the record's string arguments and message); never drops a record."""
+    if isinstance(record.args, tuple):
+        record.args = tuple(redact_query_tokens(a) if isinstance(a, str) else a
+                            for a in record.args)
+    if isinstance(record.msg, str):
+        record.msg = redact_query_tokens(record.msg)
+    return True
+
+
 def server_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn.Config:
-    """uvicorn's config for ``app``: ``HOST:PORT``, the log level, and the h11 protocol that
-    answers unparsable requests with the JSON error shape (:mod:`colmap_pipeline.web.http11`).
+    """uvicorn's config for ``app``: ``HOST:PORT``, the log level, the h11 protocol that
+    answers unparsable requests with the JSON error shape (:mod:`colmap_pipeline.web.http11`),
+    and the proxy headers: ``X-Forwarded-For``/``-Proto`` are believed only from the
+    addresses/networks of ``FORWARDED_ALLOW_IPS`` (the client address the upload limiter
+    counts). Installs :func:`redact_access_log` on the ``uvicorn.access`` logger (once).
     """
     options: dict[str, Any] = {"host": settings.host, "port": settings.port,
                                "log_level": settings.log_level.lower(),
-                               "http": JsonErrorH11Protocol, **overrides}
-    return uvicorn.Config(app, **options)
+                               "http": JsonErrorH11Protocol, "proxy_headers": True,
+                               "forwarded_allow_ips": settings.forwarded_allow_ips, **overrides}
+    config = uvicorn.Config(app, **options)  # configures uvicorn's loggers
+    access = logging.getLogger("uvicorn.access")
+    if redact_access_log not in access.filters:
+        access.addFilter(redact_access_log)
+    return config
 
 
 def main() -> None:
-    """Serve on ``HOST:PORT`` with uvicorn."""
+    """Serve on ``HOST:PORT`` with uvicorn. A malformed setting (``API_KEYS``, CORS ``*`` with
+    credentials while keys are set, ``RATE_LIMIT_STORAGE_URI``) stops the start with one log
+    line saying what to change, and exit status 2."""
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ValueError as exc:  # ConfigError and the limiter's URI check; never holds a key
+        log.error("refusing to start: %s", exc)
+        sys.exit(2)
     DrainingServer(server_config(app, settings), app).run()
 
 

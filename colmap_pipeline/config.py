@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .layout import DATABASE_FILE
@@ -34,9 +34,34 @@ class Settings(BaseSettings):
         None, description="PostgreSQL URL (postgresql://user:pass@host:5432/db): the job store "
         "shared by several replicas; wins over DATABASE_PATH")
     colmap_cpu_only: bool = Field(False, description="force every stage onto the CPU")
-    max_concurrent_jobs: int = Field(1, ge=1, description="jobs processed at once")
+    max_concurrent_jobs: int = Field(
+        1, ge=0, description="jobs processed at once; 0: this replica serves the API only and "
+        "runs no job (another replica, or a later start, runs them)")
     max_gpu_jobs: int = Field(4, ge=1, description="jobs in GPU stages at once")
-    max_requests_per_minute: int = Field(20, ge=1, description="uploads per client per minute")
+    max_requests_per_minute: int = Field(
+        20, ge=1, description="uploads per API key (else per client address) per minute")
+    rate_limit_storage_uri: str = Field(
+        "memory://", description="where the upload limiter counts (the limits library's "
+        "storage URI): memory:// per process; redis://HOST:6379 shares the counts between "
+        "replicas")
+    forwarded_allow_ips: str = Field(
+        "127.0.0.1", description="comma-separated addresses or networks of proxies whose "
+        "X-Forwarded-For / X-Forwarded-Proto are trusted (uvicorn's proxy headers); * trusts any")
+    api_keys: SecretStr = Field(
+        SecretStr(""), description="comma-separated name:key pairs; empty: no authentication "
+        "(a laptop). Each job belongs to the key that created it")
+    admin_api_keys: SecretStr = Field(
+        SecretStr(""), description="name:key pairs (same format) whose holders see and act on "
+        "every job")
+    docs_public: bool = Field(True, description="/docs and /openapi.json answer without a key")
+    url_signing_secret: SecretStr = Field(
+        SecretStr(""), description="HMAC secret of the signed links (artifacts); empty: a random "
+        "secret per start, so links die on restart and differ between replicas")
+    signed_url_ttl_s: int = Field(
+        900, ge=1, le=7 * 24 * 3600, description="lifetime of a signed link (s)")
+    max_pending_jobs_per_key: int = Field(
+        20, ge=0, description="pending jobs one API key may have; beyond it uploads get 429 "
+        "quota_exceeded; 0: no limit (also the case with authentication off)")
     max_frames_low: int = Field(30, ge=3)
     max_frames_medium: int = Field(50, ge=3)
     max_frames_high: int = Field(100, ge=3)
@@ -46,6 +71,9 @@ class Settings(BaseSettings):
                                      description="readiness fails below this free disk (bytes)")
     job_timeout_s: float = Field(3600.0, gt=0, description="wall-clock limit per job (s)")
     cors_origins: str = Field("*", description="comma-separated allowed origins, or *")
+    cors_allow_credentials: bool = Field(
+        False, description="CORS: let browsers send cookies/authorization; refused at start "
+        "together with CORS_ORIGINS=* while API keys are set")
     child_nice: int = Field(10, ge=0, le=19, description="nice increment for pipeline children")
     storage_bucket: str = Field("", description="GCS bucket holding every job's input, stage "
                                 "checkpoints and artifacts; empty: local disk only")

@@ -44,6 +44,13 @@ ERROR_CATALOG: dict[str, tuple[int, str, str]] = {
     "rate_limited": (429, "Too many uploads from this client.",
                      "Wait for the number of seconds in Retry-After and try again."),
     "not_found": (404, "Not found.", "Check the id: GET /jobs lists existing jobs."),
+    "unauthorized": (401, "A valid API key is required.",
+                     "Send your key as 'X-API-Key: KEY' or 'Authorization: Bearer KEY'."),
+    "link_expired": (401, "This link has expired or was altered.",
+                     "Fetch the job again (GET /jobs/{job_id}) for fresh download links."),
+    "quota_exceeded": (429, "This API key has too many jobs waiting.",
+                       "Wait until some of your pending jobs start or cancel some; waiting "
+                       "alone does not help while they stay pending."),
     "artifact_not_found": (404, "This job has no artifact with that name.",
                            "GET /jobs/{job_id} lists the job's artifacts."),
     "job_not_completed": (409, "The job has no results yet.",

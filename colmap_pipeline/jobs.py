@@ -85,7 +85,8 @@ def _sets(**values: Any) -> Mapping[str, Any]:
 
 #: The transition table: the only place that says which status may follow which, and what
 #: else a transition changes (a retry clears the previous attempt's error and results, a claim
-#: starts a new attempt, a delete frees the ``Idempotency-Key`` for a new upload).
+#: starts a new attempt, an expiry removes the e-mail address with the files, a delete frees the
+#: ``Idempotency-Key`` for a new upload).
 TRANSITIONS: Mapping[Intent, Transition] = MappingProxyType({
     Intent.CLAIM: Transition(
         frozenset({JobStatus.PENDING}), JobStatus.PROCESSING,
@@ -108,7 +109,8 @@ TRANSITIONS: Mapping[Intent, Transition] = MappingProxyType({
     Intent.FAIL: Transition(
         frozenset({JobStatus.PROCESSING}), JobStatus.FAILED, _sets(finished_at=Stamp.NOW)),
     Intent.EXPIRE: Transition(
-        frozenset(TERMINAL), JobStatus.EXPIRED, _sets(message="Files removed by retention")),
+        frozenset(TERMINAL), JobStatus.EXPIRED,
+        _sets(user_email=None, message="Files removed by retention")),
     Intent.DELETE: Transition(
         frozenset(set(JobStatus) - {JobStatus.DELETED}), JobStatus.DELETED,
         _sets(finished_at=Stamp.NOW_IF_UNSET, idempotency_key=None,
@@ -131,7 +133,8 @@ class StoreUnavailable(StoreError):
 
 
 class DuplicateKey(StoreError):
-    """An insert collided with a unique key (a job id, or a live ``Idempotency-Key``)."""
+    """An insert collided with a unique key (a job id, or a live ``Idempotency-Key`` of the same
+    owner)."""
 
 
 @dataclass
@@ -139,7 +142,8 @@ class Job:
     """One job row. JSON columns (``video_info``, ``results``, ``attempts``) are decoded.
 
     Times are ISO-8601 UTC strings. ``input_path`` is the absolute path of the input video or
-    photo folder (:class:`..layout.JobDir`).
+    photo folder (:class:`..layout.JobDir`). ``owner`` is the name of the API key that created
+    the job (``None`` when authentication is off); its ``idempotency_key`` is scoped to it.
     """
 
     job_id: str
@@ -172,21 +176,25 @@ class Job:
     idempotency_key: str | None = None
     request_fingerprint: str | None = None
     auto_retries: int = 0
+    owner: str | None = None
 
 
 #: every column of the job table, in :class:`Job`'s field order (the schema matches it)
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Job))
 #: columns stored as JSON text
 JSON_COLUMNS: frozenset[str] = frozenset({"video_info", "results", "attempts", "error_details"})
-#: columns a transition may set (the rest belong to the store: id, status, timestamps of record)
-SETTABLE: frozenset[str] = frozenset(COLUMNS) - {"job_id", "status", "created_at", "updated_at"}
+#: columns a transition may set (the rest belong to the store: id, status, timestamps of record;
+#: and the owner, fixed at creation: no write ever hands a job to another key)
+SETTABLE: frozenset[str] = frozenset(COLUMNS) - {
+    "job_id", "status", "created_at", "updated_at", "owner"}
 #: what ``create_job`` needs from its caller
 CREATE_REQUIRED: frozenset[str] = frozenset(
     {"job_id", "scan_id", "project_id", "scan_name", "quality", "input_path", "input_bytes",
      "input_sha256"})
 #: what ``create_job`` may take from its caller (the rest starts at the defaults below)
 CREATE_ALLOWED: frozenset[str] = CREATE_REQUIRED | {
-    "user_email", "input_filename", "video_info", "idempotency_key", "request_fingerprint"}
+    "user_email", "input_filename", "video_info", "idempotency_key", "request_fingerprint",
+    "owner"}
 
 
 def encode_json(value: Any) -> str:
@@ -276,18 +284,21 @@ class JobStore(Protocol):
         """Insert a new ``pending`` job (:func:`new_job_record`).
 
         Raises: :class:`DuplicateKey` on a taken ``job_id``, or an ``idempotency_key`` held by
-        a job not deleted; ValueError on missing/unknown keys.
+        a job not deleted of the same ``owner`` (``None`` counts as one owner); ValueError on
+        missing/unknown keys.
         """
 
     async def get_job(self, job_id: str) -> Job | None:
         """The job, or ``None``."""
 
     async def list_jobs(self, *, project_id: str | None = None, status: str | None = None,
-                        limit: int = 50, offset: int = 0) -> tuple[list[Job], int]:
-        """Jobs newest first (``created_at``, then insertion order), filtered;
-        ``(page, total matching)``. Deleted jobs (tombstones) are left out and not counted
-        unless ``status="deleted"`` asks for them. ``limit`` and ``offset`` are clamped to
-        ``0 .. MAX_PAGE_BOUND`` (an offset past the end gives an empty page, never an error)."""
+                        owner: str | None = None, limit: int = 50,
+                        offset: int = 0) -> tuple[list[Job], int]:
+        """Jobs newest first (``created_at``, then insertion order), filtered (``owner=None``:
+        every owner; a name: only that owner's jobs); ``(page, total matching)``. Deleted jobs
+        (tombstones) are left out and not counted unless ``status="deleted"`` asks for them.
+        ``limit`` and ``offset`` are clamped to ``0 .. MAX_PAGE_BOUND`` (an offset past the end
+        gives an empty page, never an error)."""
 
     async def queue_position(self, job_id: str) -> int | None:
         """1-based position among pending jobs (oldest first), or ``None`` when not pending."""
@@ -329,8 +340,9 @@ class JobStore(Protocol):
     async def recorded_pgids(self) -> list[tuple[str, int]]:
         """``[(job_id, pgid)]`` still recorded, in insertion order."""
 
-    async def find_by_idempotency_key(self, key: str) -> Job | None:
-        """The job not deleted that was created with ``Idempotency-Key: key``, or ``None``."""
+    async def find_by_idempotency_key(self, key: str, owner: str | None = None) -> Job | None:
+        """The job not deleted that ``owner`` created with ``Idempotency-Key: key`` (owners
+        compared NULL-safe: ``None`` finds only jobs without an owner), or ``None``."""
 
     async def bump_attempt(self, job_id: str, *, auto_retry: bool) -> int:
         """Start another attempt of a processing job in place (``attempt`` + 1, and

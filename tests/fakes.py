@@ -4,9 +4,9 @@
 Same semantics as ``database.SqliteJobStore`` (both pass ``tests/test_database.py``): every
 status change is a compare-and-set along :data:`~colmap_pipeline.jobs.TRANSITIONS`, an attempt
 record is appended in the same write as its transition, progress only grows while processing,
-the oldest pending job is claimed first, an ``Idempotency-Key`` is unique among jobs not
-deleted, lists are newest first. Jobs come back as deep copies, so a caller cannot change the
-store by mutating one.
+the oldest pending job is claimed first, an ``Idempotency-Key`` is unique among one owner's
+jobs not deleted, lists are newest first. Jobs come back as deep copies, so a caller cannot
+change the store by mutating one.
 
 Knobs for tests: ``unavailable = True`` makes every call raise
 :class:`~colmap_pipeline.jobs.StoreUnavailable` (and :meth:`ping` answer False), as a database
@@ -85,13 +85,15 @@ class InMemoryJobStore:
         return not self.unavailable
 
     async def create_job(self, job: Mapping[str, Any]) -> Job:
-        """Insert a new ``pending`` job; :class:`DuplicateKey` on a taken id or live key."""
+        """Insert a new ``pending`` job; :class:`DuplicateKey` on a taken id, or a key the same
+        owner holds (a delete clears the key, as in the databases' unique index)."""
         await self._enter()
         row = new_job_record(job, self._clock())
         if row["job_id"] in self._jobs:
             raise DuplicateKey(f"job_id {row['job_id']!r} exists")
-        key = row["idempotency_key"]
-        if key is not None and any(j.idempotency_key == key for j in self._jobs.values()):
+        key, owner = row["idempotency_key"], row["owner"]
+        if key is not None and any(j.idempotency_key == key and (j.owner or "") == (owner or "")
+                                   for j in self._jobs.values()):  # COALESCE(owner, '')
             raise DuplicateKey(f"idempotency_key {key!r} is held by another job")
         row["status"] = JobStatus(row["status"])
         for col in JSON_COLUMNS:
@@ -108,14 +110,16 @@ class InMemoryJobStore:
         return self._copy(self._jobs.get(job_id))
 
     async def list_jobs(self, *, project_id: str | None = None, status: str | None = None,
-                        limit: int = 50, offset: int = 0) -> tuple[list[Job], int]:
-        """Jobs newest first, filtered; ``(page, total)``; bounds clamped like SQLite's.
-        Deleted jobs only when ``status="deleted"`` asks for them."""
+                        owner: str | None = None, limit: int = 50,
+                        offset: int = 0) -> tuple[list[Job], int]:
+        """Jobs newest first, filtered (``owner=None``: every owner); ``(page, total)``; bounds
+        clamped like SQLite's. Deleted jobs only when ``status="deleted"`` asks for them."""
         await self._enter()
         limit = max(0, min(int(limit), MAX_PAGE_BOUND))
         offset = max(0, min(int(offset), MAX_PAGE_BOUND))
         rows = [j for j in self._jobs.values()
                 if (project_id is None or j.project_id == project_id)
+                and (owner is None or j.owner == owner)
                 and (j.status == status if status is not None
                      else j.status != JobStatus.DELETED)]
         rows = self._sorted(rows, newest_first=True)
@@ -227,16 +231,17 @@ class InMemoryJobStore:
                 self._sorted(list(self._jobs.values()), newest_first=False)
                 if j.pgid is not None]
 
-    def _live_by_key(self, key: str) -> Job | None:
+    def _live_by_key(self, key: str, owner: str | None) -> Job | None:
         for j in self._jobs.values():
-            if j.idempotency_key == key and j.status != JobStatus.DELETED:
+            if j.idempotency_key == key and j.owner == owner and j.status != JobStatus.DELETED:
                 return j
         return None
 
-    async def find_by_idempotency_key(self, key: str) -> Job | None:
-        """The job not deleted created with this key, or ``None``."""
+    async def find_by_idempotency_key(self, key: str, owner: str | None = None) -> Job | None:
+        """The job not deleted that ``owner`` created with this key (``None`` is an owner of
+        its own), or ``None``."""
         await self._enter()
-        return self._copy(self._live_by_key(key))
+        return self._copy(self._live_by_key(key, owner))
 
     async def bump_attempt(self, job_id: str, *, auto_retry: bool) -> int:
         """Another attempt of a processing job in place; the new number, 0 if not processing."""

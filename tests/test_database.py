@@ -30,6 +30,7 @@ from colmap_pipeline.jobs import (
 )
 from colmap_pipeline.stores import sqlite as sqlite_store
 from colmap_pipeline.stores.postgres import PostgresJobStore
+from colmap_pipeline.stores.schema import list_filter
 from database import SqliteJobStore
 
 pytestmark = pytest.mark.asyncio
@@ -344,6 +345,71 @@ async def test_store_lifecycle_queries(store):
     assert (await store.find_by_idempotency_key("k1")).job_id == "job-3"
 
 
+async def test_owner_is_stored_and_filters_and_counts_the_list(store):
+    """Issue 13: each job belongs to the API key that created it; ``list_jobs(owner=…)`` pages
+    and counts only that owner's jobs (``owner=None``: everyone's), which also gives the
+    per-key pending count."""
+    await store.create_job(_job(1, owner="alice"))
+    await store.create_job(_job(2, owner="bob"))
+    await store.create_job(_job(3, project="p2", owner="alice"))
+    await store.create_job(_job(4))  # authentication off: no owner
+    assert [(await store.get_job(f"job-{i}")).owner for i in range(1, 5)] == [
+        "alice", "bob", "alice", None]
+    rows, total = await store.list_jobs(owner="alice")
+    assert total == 2 and [(r.job_id, r.owner) for r in rows] == [
+        ("job-3", "alice"), ("job-1", "alice")]
+    rows, total = await store.list_jobs(owner="alice", limit=1, offset=1)
+    assert total == 2 and [r.job_id for r in rows] == ["job-1"]
+    rows, total = await store.list_jobs(owner="alice", project_id="p1")
+    assert total == 1 and [r.job_id for r in rows] == ["job-1"]
+    rows, total = await store.list_jobs()
+    assert total == 4 and [r.job_id for r in rows] == ["job-4", "job-3", "job-2", "job-1"]
+    assert await store.list_jobs(owner="carol") == ([], 0)
+    assert (await store.claim_next_pending()).job_id == "job-1"
+    assert await store.list_jobs(owner="alice", status="pending", limit=0) == ([], 1)
+    assert await store.apply("job-3", Intent.DELETE)
+    assert await store.list_jobs(owner="alice", status="pending", limit=0) == ([], 0)
+    rows, total = await store.list_jobs(owner="alice")
+    assert total == 1 and [r.job_id for r in rows] == ["job-1"]
+    rows, total = await store.list_jobs(owner="alice", status="deleted")
+    assert total == 1 and [r.job_id for r in rows] == ["job-3"]
+
+
+async def test_idempotency_key_is_scoped_to_its_owner(store):
+    """Issue 13: two API keys may send the same ``Idempotency-Key`` (two jobs); the same key
+    from the same owner is a duplicate. No owner (authentication off) is an owner of its own."""
+    await store.create_job(_job(1, owner="alice", idempotency_key="K"))
+    await store.create_job(_job(2, owner="bob", idempotency_key="K"))
+    await store.create_job(_job(3, idempotency_key="K"))
+    for dup in (_job(4, owner="alice", idempotency_key="K"), _job(5, idempotency_key="K")):
+        with pytest.raises(DuplicateKey):
+            await store.create_job(dup)
+    assert (await store.find_by_idempotency_key("K", "alice")).job_id == "job-1"
+    assert (await store.find_by_idempotency_key("K", "bob")).job_id == "job-2"
+    assert (await store.find_by_idempotency_key("K")).job_id == "job-3"
+    assert (await store.find_by_idempotency_key("K", None)).job_id == "job-3"
+    assert await store.find_by_idempotency_key("K", "carol") is None
+    assert await store.get_job("job-4") is None and await store.get_job("job-5") is None
+    assert await store.apply("job-1", Intent.DELETE)  # frees alice's key, not bob's
+    assert await store.find_by_idempotency_key("K", "alice") is None
+    assert (await store.find_by_idempotency_key("K", "bob")).job_id == "job-2"
+    assert (await store.create_job(_job(6, owner="alice", idempotency_key="K"))).owner == "alice"
+    assert (await store.find_by_idempotency_key("K", "alice")).job_id == "job-6"
+
+
+async def test_expire_removes_the_email_with_the_files(store):
+    """Issue 13: retention removes the owner's e-mail address together with the files; the
+    rest of the row (owner included) stays."""
+    await store.create_job(_job(1, user_email="a@b.co", owner="alice"))
+    await store.claim_next_pending()
+    assert await store.apply("job-1", Intent.COMPLETE)
+    assert (await store.get_job("job-1")).user_email == "a@b.co"
+    assert await store.apply("job-1", Intent.EXPIRE)
+    row = await store.get_job("job-1")
+    assert (row.status, row.user_email, row.owner, row.input_bytes) == (
+        "expired", None, "alice", 101)
+
+
 async def test_finished_before_is_terminal_only_oldest_first(store):
     for i in range(4):
         await store.create_job(_job(i))
@@ -428,7 +494,7 @@ async def test_schema_version_wal_and_columns(tmp_path):
     path = tmp_path / "jobs.db"
     for _ in range(2):  # reopening applies nothing twice
         s = await SqliteJobStore.open(path)
-        assert await s.schema_version() == len(database.MIGRATIONS) == 3
+        assert await s.schema_version() == len(database.MIGRATIONS) == 4
         await s.close()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -436,31 +502,64 @@ async def test_schema_version_wal_and_columns(tmp_path):
     for col in ("status", "progress", "current_stage", "message", "created_at", "started_at",
                 "finished_at", "error_code", "error_message", "error_hint", "quality",
                 "input_bytes", "input_sha256", "results", "error_details",
-                "request_fingerprint"):
+                "request_fingerprint", "owner"):
         assert col in cols
     assert cols == set(COLUMNS)  # the Job record and the table name the same columns
 
 
-async def test_migration_from_version_2_keeps_rows(tmp_path):
+@pytest.mark.parametrize("version", [2, 3])
+async def test_migration_keeps_rows_and_scopes_their_keys(tmp_path, version):
+    """A database at version 2 or 3 migrates to 4 keeping its rows (no owner); the old key
+    stays unique for jobs without an owner, and an owner may now use the same text."""
     path = tmp_path / "jobs.db"
     with sqlite3.connect(path) as conn:
         conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-        conn.execute("INSERT INTO schema_version VALUES (2)")
-        for script in database.MIGRATIONS[:2]:
+        conn.execute("INSERT INTO schema_version VALUES (?)", (version,))
+        for script in database.MIGRATIONS[:version]:
             conn.executescript(script)
         conn.execute(
             "INSERT INTO jobs (job_id, scan_id, project_id, scan_name, quality, status, "
-            "created_at, updated_at, input_path, input_bytes, input_sha256, results) VALUES "
-            "('old', 's', 'p', 'n', 'low', 'completed', 't', 't', '/x', 1, 'h', '{\"n\": 1}')")
+            "created_at, updated_at, input_path, input_bytes, input_sha256, results, "
+            "idempotency_key) VALUES ('old', 's', 'p', 'n', 'low', 'completed', 't', 't', "
+            "'/x', 1, 'h', '{\"n\": 1}', 'K')")
     s = await SqliteJobStore.open(path)
     try:
-        assert await s.schema_version() == 3
+        assert await s.schema_version() == 4
         row = await s.get_job("old")
         assert row is not None
-        assert (row.status, row.results, row.error_details, row.request_fingerprint) == (
-            "completed", {"n": 1}, None, None)
+        assert (row.status, row.results, row.error_details, row.request_fingerprint,
+                row.owner) == ("completed", {"n": 1}, None, None, None)
+        assert (await s.find_by_idempotency_key("K")).job_id == "old"
+        assert await s.find_by_idempotency_key("K", "alice") is None
+        with pytest.raises(DuplicateKey):
+            await s.create_job(_job(1, idempotency_key="K"))
+        assert (await s.create_job(_job(2, owner="alice", idempotency_key="K"))).owner == "alice"
     finally:
         await s.close()
+    with sqlite3.connect(path) as conn:
+        indexes = {r[1] for r in conn.execute("PRAGMA index_list(jobs)")}
+    assert {"jobs_owner_idempotency_key", "jobs_owner_status_created"} <= indexes
+    assert "jobs_idempotency_key" not in indexes
+
+
+async def test_per_owner_queries_use_their_indexes(tmp_path):
+    """The per-owner pending count and list (``list_jobs``' own ``WHERE``) are served by the
+    index ``jobs_owner_status_created``, the key lookup by ``jobs_owner_idempotency_key``
+    (with or without an owner), not by a scan of every job."""
+    path = tmp_path / "jobs.db"
+    await (await SqliteJobStore.open(path)).close()
+
+    def plan(conn: sqlite3.Connection, where: str, args: list) -> str:
+        return " ".join(r[3] for r in conn.execute(
+            f"EXPLAIN QUERY PLAN SELECT COUNT(*) FROM jobs WHERE {where}", args))
+    with sqlite3.connect(path) as conn:
+        for status in ("pending", None):
+            clause, args = list_filter("?", project_id=None, status=status, owner="alice")
+            found = plan(conn, clause.removeprefix("WHERE "), args)
+            assert "INDEX jobs_owner_status_created" in found, found
+        for owner in ("alice", None):
+            found = plan(conn, sqlite_store.BY_IDEMPOTENCY_KEY, ["K", owner])
+            assert "INDEX jobs_owner_idempotency_key (idempotency_key=?)" in found, found
 
 
 async def test_sqlite_errors_never_leave_the_store(tmp_path, monkeypatch):

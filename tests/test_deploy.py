@@ -40,7 +40,8 @@ PROBE_FIELDS = {"protocol", "type", "path", "port", "initialDelaySeconds", "peri
 PLATFORM_VARS = {"CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES",
                  "GOOGLE_APPLICATION_CREDENTIALS"}
 #: Names that must never carry a literal value in the file.
-SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|CREDENTIALS|DATABASE_URL)")
+SECRET_NAME = re.compile(r"((?<!_PER)_KEYS?$|_KEY_|TOKEN|SECRET|PASSWORD|(?<!ALLOW_)CREDENTIALS|"
+                         r"DATABASE_URL|STORAGE_URI)")
 ARG_REF = re.compile(r"^\$\{args\.([A-Z0-9_]+)\}$")
 
 
@@ -173,10 +174,15 @@ def test_northflank_json_matches_the_app(facts):
     assert check_northflank(doc, *facts) == []
     # scaled out: a PostgreSQL addon feeds DATABASE_URL (a secret argument), and the bucket
     addons = doc["x-colmap-worker"]["addons"]
-    assert [(a["kind"], a["spec"]["type"]) for a in addons] == [("Addon", "postgresql")]
+    assert [(a["kind"], a["spec"]["type"]) for a in addons] == [("Addon", "postgresql"),
+                                                                ("Addon", "redis")]
     env = doc["spec"]["runtimeEnvironment"]
     assert env["DATABASE_URL"] == "${args.DATABASE_URL}"
     assert env["STORAGE_BUCKET"] == "${args.STORAGE_BUCKET}"
+    # issue 13: keys and the link secret from secrets, the limiter shared, the proxy trusted
+    for name in ("API_KEYS", "ADMIN_API_KEYS", "URL_SIGNING_SECRET", "RATE_LIMIT_STORAGE_URI"):
+        assert env[name] == f"${{args.{name}}}" and name in doc["x-colmap-worker"]["secrets"]
+    assert env["FORWARDED_ALLOW_IPS"] == "*" and env["CORS_ALLOW_CREDENTIALS"] == "false"
 
 
 def _mutated(change) -> dict:

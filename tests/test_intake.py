@@ -11,7 +11,7 @@ from fakes import InMemoryJobStore
 from web_harness import BOUNDARY, CTYPE, TAIL, files_under, settings_for
 
 from colmap_pipeline.errors import PipelineError
-from colmap_pipeline.intake import intake
+from colmap_pipeline.intake import intake, multipart, upload_body
 from colmap_pipeline.intake.intake import (
     UploadForm,
     accept_video,
@@ -21,7 +21,8 @@ from colmap_pipeline.intake.intake import (
     parse_form,
     request_fingerprint,
 )
-from colmap_pipeline.intake.multipart import ReceivedFile, ReceivedFiles, UploadBody
+from colmap_pipeline.intake.multipart import ReceivedFile, ReceivedFiles
+from colmap_pipeline.intake.upload_body import UploadBody
 from colmap_pipeline.jobs import DuplicateKey
 
 
@@ -116,12 +117,12 @@ def test_probe_refusals_map_to_client_errors(monkeypatch, tmp_path, rc, doc, cod
         assert ei.value.message == doc["error"]["message"]
 
 
-def _body(chunks: list[bytes], key: str | None = None) -> UploadBody:
+def _body(chunks: list[bytes], key: str | None = None, owner: str | None = None) -> UploadBody:
     async def stream():
         for c in chunks:
             yield c
 
-    return UploadBody(CTYPE, None, stream(), key)
+    return UploadBody(CTYPE, None, stream(), key, owner)
 
 
 def _form_body(content: bytes, **fields: str) -> list[bytes]:
@@ -139,8 +140,8 @@ class LosingStore(InMemoryJobStore):
         super().__init__()
         self.winner_key = winner_key
 
-    async def find_by_idempotency_key(self, key):
-        job = await super().find_by_idempotency_key(key)
+    async def find_by_idempotency_key(self, key, owner=None):
+        job = await super().find_by_idempotency_key(key, owner)
         self.looked_up = getattr(self, "looked_up", 0) + 1
         return job if self.looked_up > 1 else None  # not there yet at the first look
 
@@ -181,3 +182,55 @@ def test_accept_video_stores_the_fingerprint_and_key(monkeypatch, tmp_path):
         "video", hashlib.sha256(b"video bytes").hexdigest(), parse_form({"project_id": "p"}))
     assert Path(job.input_path).read_bytes() == b"video bytes"
     assert files_under(Path(settings.data_dir)) == [f"jobs/{job.job_id}/input/video.mp4"]
+
+
+def _fake_probe(monkeypatch) -> None:
+    async def fake_run(args, *, timeout_s):
+        return 0, {"container": "mov,mp4", "duration_s": 10.0, "width": 8, "height": 8}, ""
+
+    monkeypatch.setattr(intake, "run_json_command", fake_run)
+
+
+def test_the_idempotency_key_is_scoped_to_the_api_key_that_sent_it(monkeypatch, tmp_path):
+    """Issue 13: "alice" and "bob" sending the same Idempotency-Key get two jobs, each owned
+    by its sender; "alice" sending it again replays hers; with another file it is refused."""
+    _fake_probe(monkeypatch)
+    settings = settings_for(tmp_path)
+    store = InMemoryJobStore()
+
+    def upload(owner: str | None, content: bytes = b"video bytes"):
+        return asyncio.run(accept_video(_body(_form_body(content), "K", owner), store=store,
+                                        settings=settings))
+    alice, bob = upload("alice"), upload("bob")
+    assert not alice.replayed and not bob.replayed
+    assert alice.job.job_id != bob.job.job_id
+    assert (alice.job.owner, bob.job.owner) == ("alice", "bob")
+    assert (alice.job.idempotency_key, bob.job.idempotency_key) == ("K", "K")
+    again = upload("alice")
+    assert again.replayed and again.job.job_id == alice.job.job_id
+    anonymous = upload(None)  # authentication off: an owner of its own
+    assert not anonymous.replayed and anonymous.job.owner is None
+    assert len({alice.job.job_id, bob.job.job_id, anonymous.job.job_id}) == 3
+    with pytest.raises(PipelineError) as ei:
+        upload("bob", b"another video")
+    assert (ei.value.code, ei.value.details) == ("idempotency_key_reused",
+                                                 {"job_id": bob.job.job_id})
+    assert asyncio.run(store.list_jobs(owner="alice"))[1] == 1
+    assert sorted(files_under(Path(settings.data_dir))) == sorted(
+        f"jobs/{j.job_id}/input/video.mp4" for j in (alice.job, bob.job, anonymous.job))
+
+
+def test_a_lost_insert_race_replays_the_same_owners_job(monkeypatch, tmp_path):
+    """The replay after a DuplicateKey looks the key up among the sender's jobs."""
+    _fake_probe(monkeypatch)
+    store = LosingStore("K")
+    accepted = asyncio.run(accept_video(_body(_form_body(b"v"), "K", "alice"), store=store,
+                                        settings=settings_for(tmp_path)))
+    assert accepted.replayed and accepted.job.job_id == "winner-job"
+
+
+def test_upload_body_lives_in_its_own_module():
+    """``UploadBody`` moved out of multipart.py (500-line limit); the old import still works,
+    and the owner defaults to none (authentication off)."""
+    assert multipart.UploadBody is upload_body.UploadBody is UploadBody
+    assert _body([]).owner is None and _body([], owner="alice").owner == "alice"

@@ -86,6 +86,14 @@ def test_stamps_of_the_table():
         TRANSITIONS[Intent.CANCEL].sets["message"] = "x"  # type: ignore[index]  # read-only
 
 
+def test_expire_removes_the_email_address_with_the_files():
+    """Issue 13: retention's expiry clears ``user_email`` (personal data) and nothing else of
+    the caller's: the owner stays, so the expired job is still listed for its key."""
+    sets = TRANSITIONS[Intent.EXPIRE].sets
+    assert sets == {"user_email": None, "message": "Files removed by retention"}
+    assert planned_changes(Intent.EXPIRE, {})["user_email"] is None
+
+
 def test_planned_changes_merges_defaults_and_caller_fields():
     ch = planned_changes(Intent.CANCEL, {"message": "by the operator"})
     assert ch == {"finished_at": Stamp.NOW, "message": "by the operator",
@@ -94,7 +102,7 @@ def test_planned_changes_merges_defaults_and_caller_fields():
     assert (ch["status"], ch["error_code"], ch["finished_at"]) == ("failed", "too_blurry", "t")
     assert planned_changes("retry", {})["status"] == "pending"  # type: ignore[arg-type]
     for bad in ({"status": "completed"}, {"job_id": "x"}, {"created_at": "t"},
-                {"updated_at": "t"}, {"nope": 1}):
+                {"updated_at": "t"}, {"owner": "mallory"}, {"nope": 1}):
         with pytest.raises(ValueError, match="cannot set"):
             planned_changes(Intent.CANCEL, bad)
     with pytest.raises(ValueError):
@@ -105,8 +113,11 @@ def test_planned_changes_merges_defaults_and_caller_fields():
 
 def test_columns_match_the_job_record():
     assert jobs.COLUMNS == tuple(f.name for f in dataclasses.fields(Job))
+    assert jobs.COLUMNS[-1] == "owner"  # the last column added (schema version 4)
+    assert "owner" in jobs.CREATE_ALLOWED
     assert jobs.JSON_COLUMNS == {"video_info", "results", "attempts", "error_details"}
-    assert jobs.SETTABLE == set(jobs.COLUMNS) - {"job_id", "status", "created_at", "updated_at"}
+    assert jobs.SETTABLE == set(jobs.COLUMNS) - {"job_id", "status", "created_at", "updated_at",
+                                                 "owner"}
 
 
 def test_new_job_record():
@@ -119,6 +130,8 @@ def test_new_job_record():
         "pending", 0, "Queued", "Waiting for a free worker")
     assert row["created_at"] == row["updated_at"] == "2026-01-01T00:00:00.000000+00:00"
     assert (row["attempt"], row["attempts"], row["request_fingerprint"]) == (0, [], "f")
+    assert row["owner"] is None  # authentication off
+    assert new_job_record({**job, "owner": "alice"}, "t")["owner"] == "alice"
     with pytest.raises(ValueError, match="input_sha256"):
         new_job_record({k: v for k, v in job.items() if k != "input_sha256"}, "t")
     with pytest.raises(ValueError, match="progress"):

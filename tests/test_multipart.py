@@ -33,9 +33,9 @@ from colmap_pipeline.intake.multipart import (
     MULTIPART_OVERHEAD_BYTES,
     PARTIAL_SUFFIX,
     UPLOAD_SUFFIX,
-    UploadBody,
     receive_files,
 )
+from colmap_pipeline.intake.upload_body import UploadBody
 
 KIB = 1024
 MIB = 1024 * KIB

@@ -20,6 +20,7 @@ import database
 from colmap_pipeline.jobs import COLUMNS, DuplicateKey, Intent, StoreError, StoreUnavailable
 from colmap_pipeline.stores import postgres
 from colmap_pipeline.stores.postgres import MIGRATIONS, PostgresJobStore
+from colmap_pipeline.stores.schema import list_filter
 from database import SqliteJobStore, open_store
 
 pytestmark = pytest.mark.asyncio
@@ -46,7 +47,7 @@ async def _columns(url: str) -> dict[str, str]:
 async def test_schema_version_columns_and_jsonb(pg_url):
     for _ in range(2):  # reopening applies nothing twice
         s = await PostgresJobStore.open(pg_url)
-        assert await s.schema_version() == len(MIGRATIONS) == len(database.MIGRATIONS) == 3
+        assert await s.schema_version() == len(MIGRATIONS) == len(database.MIGRATIONS) == 4
         await s.close()
     cols = await _columns(pg_url)
     assert set(cols) == set(COLUMNS) | {"seq"}  # seq: SQLite's rowid (insertion order)
@@ -62,23 +63,56 @@ async def test_schema_version_columns_and_jsonb(pg_url):
         await s.close()
 
 
-async def test_migration_from_version_2_keeps_rows(pg_url):
+@pytest.mark.parametrize("version", [2, 3])
+async def test_migration_keeps_rows_and_scopes_their_keys(pg_url, version):
+    """A database at version 2 or 3 migrates to 4 keeping its rows (no owner); the old key
+    stays unique for jobs without an owner, and an owner may now use the same text."""
     async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
         await conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-        await conn.execute("INSERT INTO schema_version VALUES (2)")
-        for script in MIGRATIONS[:2]:
+        await conn.execute("INSERT INTO schema_version VALUES (%s)", [version])
+        for script in MIGRATIONS[:version]:
             await conn.execute(script)
         await conn.execute(
             "INSERT INTO jobs (job_id, scan_id, project_id, scan_name, quality, status, "
-            "created_at, updated_at, input_path, input_bytes, input_sha256, results) VALUES "
-            "('old', 's', 'p', 'n', 'low', 'completed', 't', 't', '/x', 1, 'h', '{\"n\": 1}')")
+            "created_at, updated_at, input_path, input_bytes, input_sha256, results, "
+            "idempotency_key) VALUES ('old', 's', 'p', 'n', 'low', 'completed', 't', 't', "
+            "'/x', 1, 'h', '{\"n\": 1}', 'K')")
     s = await PostgresJobStore.open(pg_url)
     try:
-        assert await s.schema_version() == 3
+        assert await s.schema_version() == 4
         row = await s.get_job("old")
         assert row is not None
-        assert (row.status, row.results, row.error_details, row.request_fingerprint) == (
-            "completed", {"n": 1}, None, None)
+        assert (row.status, row.results, row.error_details, row.request_fingerprint,
+                row.owner) == ("completed", {"n": 1}, None, None, None)
+        assert (await s.find_by_idempotency_key("K")).job_id == "old"
+        assert await s.find_by_idempotency_key("K", "alice") is None
+        with pytest.raises(DuplicateKey):
+            await s.create_job(_job(1, idempotency_key="K"))
+        assert (await s.create_job(_job(2, owner="alice", idempotency_key="K"))).owner == "alice"
+    finally:
+        await s.close()
+
+
+async def test_owner_queries_can_use_their_indexes(pg_url):
+    """With sequential scans priced out (an empty table would otherwise be scanned), the key
+    lookup uses ``jobs_owner_idempotency_key`` and the per-owner pending count
+    ``jobs_owner_status_created``: the indexes fit the queries the store sends."""
+    s = await PostgresJobStore.open(pg_url)
+    try:
+        clause, args = list_filter("%s", project_id=None, status="pending", owner="alice")
+        async with s.transaction() as conn:
+            await conn.execute("SET LOCAL enable_seqscan = off")
+            plans = {}
+            for name, where, values in (
+                    ("key", postgres.BY_IDEMPOTENCY_KEY, ["K", None]),
+                    ("key+owner", postgres.BY_IDEMPOTENCY_KEY, ["K", "alice"]),
+                    ("pending", clause.removeprefix("WHERE "), args)):
+                cur = await conn.execute(
+                    f"EXPLAIN SELECT job_id FROM jobs WHERE {where}", values)
+                plans[name] = " ".join(r[0] for r in await cur.fetchall())
+        assert "jobs_owner_idempotency_key" in plans["key"], plans
+        assert "jobs_owner_idempotency_key" in plans["key+owner"], plans
+        assert "jobs_owner_status_created" in plans["pending"], plans
     finally:
         await s.close()
 
@@ -88,7 +122,7 @@ async def test_replicas_starting_together_migrate_once(pg_url):
     migrations, so neither fails on a table the other just created."""
     stores = await asyncio.gather(*(PostgresJobStore.open(pg_url) for _ in range(3)))
     try:
-        assert [await s.schema_version() for s in stores] == [3, 3, 3]
+        assert [await s.schema_version() for s in stores] == [4, 4, 4]
     finally:
         for s in stores:
             await s.close()

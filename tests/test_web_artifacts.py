@@ -99,3 +99,45 @@ async def test_frame_scores_come_from_the_bucket_when_the_disk_lacks_them(make_a
     body = (await api.client.get(f"/jobs/{job.job_id}/frames")).json()
     assert (body["cap"], body["kept"], body["num_decoded"]) == (30, 1, 40)
     assert body["frames"][0]["sharpness"] == 120.5
+
+
+async def test_signed_link_downloads_without_a_header_until_altered_or_expired(make_api):
+    """With API keys on, the job's artifact URL carries a token: a client with no header
+    downloads it; one changed byte, another job's path, or the expiry gives 401 link_expired."""
+    from colmap_pipeline.layout import DataDir
+    from colmap_pipeline.web.signing import LinkSigner
+
+    now = [1_800_000_000.0]
+    api = await make_api(api_keys="alice:alice-key-0123456789,bob:bob-key-9876543210",
+                         signed_url_ttl_s=60)
+    api.app.state.signer = LinkSigner("test-secret", 60, clock=lambda: now[0])
+    art = {"name": "sparse.ply", "bytes": len(PLY), "media_type": "application/octet-stream",
+           "sha256": hashlib.sha256(PLY).hexdigest()}
+    job = await add_job(api.store, JobStatus.COMPLETED, owner="alice",
+                        results={**RESULT, "artifacts": [art]})
+    path = DataDir(api.data_dir).job(job.job_id).work.artifact("sparse.ply")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(PLY)
+    body = (await api.client.get(f"/jobs/{job.job_id}",
+                                 headers={"X-API-Key": "alice-key-0123456789"})).json()
+    url = body["artifacts"][0]["url"]
+    assert url.startswith(f"/jobs/{job.job_id}/artifacts/sparse.ply?token=1800000060.")
+    r = await api.client.get(url)  # no header at all
+    assert r.status_code == 200 and r.content == PLY
+    assert r.headers["content-disposition"] == 'attachment; filename="sparse.ply"'
+    head = await api.client.head(url)
+    assert head.status_code == 200 and head.headers["content-length"] == str(len(PLY))
+    token = url.split("token=")[1]
+    flipped = token[:-3] + ("A" if token[-3] != "A" else "B") + token[-2:]
+    other = await add_job(api.store, JobStatus.COMPLETED, owner="bob",
+                          results={**RESULT, "artifacts": [art]})
+    for bad in (url.replace(token, flipped),
+                f"/jobs/{other.job_id}/artifacts/sparse.ply?token={token}"):
+        r = await api.client.get(bad)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "link_expired"
+        assert "GET /jobs/" in r.json()["error"]["hint"] and "www-authenticate" in r.headers
+    now[0] += 60
+    r = await api.client.get(url)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "link_expired"
+    r = await api.client.get(url.split("?")[0])  # no token, no key
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"

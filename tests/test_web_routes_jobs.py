@@ -135,7 +135,7 @@ async def test_cancel_retry_delete(api):
     r = await api.client.post(f"/jobs/{job.job_id}/retry")
     assert r.status_code == 409
     assert r.json()["error"] == {
-        "code": "job_not_retryable", "message": f"Job {job.job_id} is pending.",
+        "code": "job_not_retryable", "message": "The job is pending.",
         "hint": "GET /jobs/{job_id} shows the job's status; an expired job's files are gone, "
                 "upload the video again.", "details": {"status": "pending"}}
     r = await api.client.post(f"/jobs/{job.job_id}/cancel")

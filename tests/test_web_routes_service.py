@@ -15,7 +15,7 @@ async def test_identity_and_health(api):
     assert gpu["enabled"] is False and gpu["cpu_only_forced"] is True and gpu["devices"] == []
     assert health == {"status": "healthy", "service": "colmap-worker", "gpu_status": False,
                       "active_gpu_jobs": 0, "max_gpu_jobs": 4, "active_jobs": 0,
-                      "max_concurrent_jobs": 1}
+                      "max_concurrent_jobs": 1, "auth": "off"}
 
 
 async def test_readiness_ready_then_naming_each_failing_check(make_api):

@@ -96,15 +96,16 @@ def async_client(app: FastAPI) -> httpx.AsyncClient:
 
 
 async def add_job(store: JobStore, status: JobStatus = JobStatus.PENDING, *,
-                  project_id: str = "p", **fields: Any) -> Job:
-    """A job created in ``store`` and moved to ``status`` along the transition table; ``fields``
-    are set by the last transition (e.g. ``results=…`` for completed, ``error_code=…`` for
-    failed)."""
+                  project_id: str = "p", owner: str | None = None,
+                  user_email: str | None = None, **fields: Any) -> Job:
+    """A job created in ``store`` (by the API key named ``owner``) and moved to ``status``
+    along the transition table; ``fields`` are set by the last transition (e.g. ``results=…``
+    for completed, ``error_code=…`` for failed)."""
     n = sum((await store.count_by_status()).values())  # deleted ones too: ids stay unique
     job = await store.create_job({
         "job_id": f"job-{n:04d}", "scan_id": f"scan-{n:04d}", "project_id": project_id,
         "scan_name": "Scan", "quality": "low", "input_path": "/nonexistent/video.mp4",
-        "input_bytes": 1234, "input_sha256": "ab" * 32,
+        "input_bytes": 1234, "input_sha256": "ab" * 32, "owner": owner, "user_email": user_email,
         "video_info": {"kind": "video", "width": 848, "height": 480}})
     path = {JobStatus.PENDING: [], JobStatus.PROCESSING: [Intent.CLAIM],
             JobStatus.COMPLETED: [Intent.CLAIM, Intent.COMPLETE],

@@ -3,7 +3,8 @@
 streaming receipt, the form, the replay check, the probe (video) or the photo install, the
 move into the job's folder and the insert of the ``pending`` job.
 
-No web framework here: the body arrives as a :class:`.multipart.UploadBody`, and every refusal
+No web framework here: the body arrives as an :class:`.upload_body.UploadBody` (with its owner,
+the API key's name, which scopes the ``Idempotency-Key`` and owns the job), and every refusal
 is a :class:`PipelineError` that the web layer turns into the JSON error shape. The probe runs
 in a child process (``python -m colmap_pipeline probe``), so this process never loads PyAV.
 """
@@ -32,7 +33,8 @@ from ..presets import Quality
 from ..runner.executor import run_json_command
 from ..storage import job_sync, store_input
 from . import photo_intake
-from .multipart import ReceivedFiles, UploadBody, receive_files
+from .multipart import ReceivedFiles, receive_files
+from .upload_body import UploadBody
 
 #: seconds the probe child may take for one upload
 PROBE_TIMEOUT_S = 60.0
@@ -286,6 +288,7 @@ class _Request:
     input_sha256: str
     key: str | None
     fingerprint: str
+    owner: str | None
 
 
 async def _insert(store: JobStore, settings: Settings, req: _Request, kind: _Kind) -> Accepted:
@@ -303,10 +306,11 @@ async def _insert(store: JobStore, settings: Settings, req: _Request, kind: _Kin
             "input_filename": installed.input_filename,
             "input_bytes": req.received.total_bytes, "input_sha256": req.input_sha256,
             "video_info": installed.video_info, "idempotency_key": req.key,
-            "request_fingerprint": req.fingerprint})
+            "request_fingerprint": req.fingerprint, "owner": req.owner})
     except DuplicateKey:
         await asyncio.to_thread(job_sync(settings, job_id).discard)  # folder + objects
-        existing = await store.find_by_idempotency_key(req.key) if req.key else None
+        existing = (await store.find_by_idempotency_key(req.key, req.owner) if req.key
+                    else None)
         if existing is None:
             raise
         return _replay(existing, req.fingerprint, kind)  # a concurrent upload won
@@ -334,11 +338,12 @@ async def _accept(body: UploadBody, store: JobStore, settings: Settings,
         digest = input_digest(received)
         fingerprint = request_fingerprint(kind.name, digest, form)
         if key is not None:
-            existing = await store.find_by_idempotency_key(key)
+            existing = await store.find_by_idempotency_key(key, body.owner)
             if existing is not None:
                 return _replay(existing, fingerprint, kind)
         return await _insert(store, settings,
-                             _Request(received, form, digest, key, fingerprint), kind)
+                             _Request(received, form, digest, key, fingerprint, body.owner),
+                             kind)
     finally:
         await asyncio.to_thread(_remove, received)
 
@@ -347,9 +352,10 @@ async def accept_video(body: UploadBody, *, store: JobStore, settings: Settings)
     """``POST /upload-video``: one file in the field ``video`` plus :class:`UploadForm`.
 
     The file is stored as ``DATA_DIR/jobs/JOB_ID/input/video.<container>`` (a name the server
-    makes from the probe). The same ``Idempotency-Key`` with the same request (file digest and
-    fields, :func:`request_fingerprint`) replays the earlier job; with another request it is
-    refused.
+    makes from the probe); the job's ``owner`` is ``body.owner``. The same ``Idempotency-Key``
+    from the same owner with the same request (file digest and fields,
+    :func:`request_fingerprint`) replays the earlier job; with another request it is refused.
+    Another owner's key of the same text is another key (a new job).
 
     Returns: the new ``pending`` job, or the replayed one.
     Raises: PipelineError: ``invalid_request`` (bad key, form or body), ``insufficient_storage``,

@@ -15,8 +15,8 @@ module instead:
 5. removes every partial file on every failure, client disconnects and timeouts included.
 
 The client's file name is kept as metadata only and never touches the file system. No web
-framework here: the body comes in as an :class:`UploadBody` (headers plus an async byte
-stream), so the web layer's request type stays in ``web/``.
+framework here: the body comes in as an :class:`.upload_body.UploadBody` (headers plus an
+async byte stream), so the web layer's request type stays in ``web/``.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from python_multipart.multipart import parse_options_header
 
 from ..errors import PipelineError
 from ..layout import PARTIAL_SUFFIX, UPLOAD_SUFFIX
+from .upload_body import UploadBody  # its home; imported from here too
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -51,25 +52,6 @@ _HINT_MULTIPART = ("Send the form as multipart/form-data (e.g. curl -F 'video=@c
                    "-F 'project_id=…'); see /docs.")
 #: ``empty_file`` hint by file field (other fields: the catalog's, which names a video)
 _EMPTY_HINTS = {"images": "Upload non-empty JPEG or PNG photos.", "zip": "Upload a non-empty zip."}
-
-
-@dataclass(frozen=True)
-class UploadBody:
-    """A request body as the intake sees it: the headers it needs and the byte stream.
-
-    Attributes:
-        content_type: the ``Content-Type`` header (``multipart/form-data; boundary=…``), or
-            ``None`` when absent.
-        content_length: the raw ``Content-Length`` header, or ``None`` (e.g. chunked).
-        chunks: the body, chunk by chunk, not yet read (e.g. Starlette's ``request.stream()``);
-            closed (``aclose``) by :func:`receive_files` when it has one.
-        idempotency_key: the ``Idempotency-Key`` header as sent, or ``None``.
-    """
-
-    content_type: str | None
-    content_length: str | None
-    chunks: AsyncIterator[bytes]
-    idempotency_key: str | None = None
 
 
 @dataclass

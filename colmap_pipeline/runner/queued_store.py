@@ -96,10 +96,11 @@ class QueuedStore:
         return await self.inner.get_job(job_id)
 
     async def list_jobs(self, *, project_id: str | None = None, status: str | None = None,
-                        limit: int = 50, offset: int = 0) -> tuple[list[Job], int]:
+                        owner: str | None = None, limit: int = 50,
+                        offset: int = 0) -> tuple[list[Job], int]:
         """The store's page of jobs."""
-        return await self.inner.list_jobs(project_id=project_id, status=status, limit=limit,
-                                          offset=offset)
+        return await self.inner.list_jobs(project_id=project_id, status=status, owner=owner,
+                                          limit=limit, offset=offset)
 
     async def queue_position(self, job_id: str) -> int | None:
         """The store's queue position."""
@@ -130,9 +131,9 @@ class QueuedStore:
         """The store's recorded process groups."""
         return await self.inner.recorded_pgids()
 
-    async def find_by_idempotency_key(self, key: str) -> Job | None:
-        """The store's idempotency lookup."""
-        return await self.inner.find_by_idempotency_key(key)
+    async def find_by_idempotency_key(self, key: str, owner: str | None = None) -> Job | None:
+        """The store's idempotency lookup (the key as ``owner`` sent it)."""
+        return await self.inner.find_by_idempotency_key(key, owner)
 
     async def bump_attempt(self, job_id: str, *, auto_retry: bool) -> int:
         """The store's in-place attempt."""

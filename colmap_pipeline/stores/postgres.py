@@ -12,8 +12,8 @@ append-only :data:`MIGRATIONS` and every write mirror the SQLite store
 - **Claim.** The oldest pending job, picked with ``FOR UPDATE SKIP LOCKED`` (two replicas never
   wait on, nor take, the same row), moved by the same compare-and-set.
 - **Progress** is ``GREATEST(progress, new)``, written only while ``processing``.
-- **Idempotency-Key** is unique among live jobs: a partial unique index on the non-null keys
-  (a delete clears the key).
+- **Idempotency-Key** is unique among one owner's live jobs: a partial unique index on
+  ``(key, COALESCE(owner, ''))`` for the non-null keys (a delete clears the key).
 
 Types: JSON columns are ``JSONB`` (a :class:`~colmap_pipeline.jobs.Job` reads back equal: JSONB
 keeps values, numbers and list order, not an object's key order); times stay ISO-8601 text as
@@ -59,7 +59,7 @@ from ..jobs import (
     planned_changes,
     utcnow,
 )
-from .schema import POSTGRES_MIGRATIONS
+from .schema import POSTGRES_MIGRATIONS, list_filter
 
 T = TypeVar("T")
 Conn = psycopg.AsyncConnection[Any]
@@ -87,6 +87,10 @@ CONNECTION_OPTIONS: dict[str, Any] = {
 #: the next call starts a fresh attempt: bounds how long after PostgreSQL is back the store
 #: still answers StoreUnavailable (psycopg_pool's backoff has no ceiling of its own)
 RECONNECT_TIMEOUT_S = 5.0
+
+#: ``find_by_idempotency_key``'s condition (served by the index ``jobs_owner_idempotency_key``)
+BY_IDEMPOTENCY_KEY = ("idempotency_key = %s AND owner IS NOT DISTINCT FROM %s "
+                      "AND status <> 'deleted'")
 
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM jobs"
 _RETURNING = f"RETURNING {', '.join(COLUMNS)}"
@@ -300,23 +304,16 @@ class PostgresJobStore:
         return await self._tx(lambda c: _first(c, "job_id = %s", [job_id]))
 
     async def list_jobs(self, *, project_id: str | None = None, status: str | None = None,
-                        limit: int = 50, offset: int = 0) -> tuple[list[Job], int]:
-        """Jobs newest first (``created_at``, then ``seq``), filtered; ``(page, total
-        matching)`` from one snapshot (``REPEATABLE READ``). Deleted jobs are left out (and
-        not counted) unless ``status="deleted"`` asks for them. ``limit`` and ``offset`` are
-        clamped to ``0 .. MAX_PAGE_BOUND``."""
+                        owner: str | None = None, limit: int = 50,
+                        offset: int = 0) -> tuple[list[Job], int]:
+        """Jobs newest first (``created_at``, then ``seq``), filtered
+        (:func:`.schema.list_filter`; ``owner=None``: every owner); ``(page, total matching)``
+        from one snapshot (``REPEATABLE READ``). Deleted jobs are left out (and not counted)
+        unless ``status="deleted"`` asks for them. ``limit`` and ``offset`` are clamped to
+        ``0 .. MAX_PAGE_BOUND``."""
         limit = max(0, min(int(limit), MAX_PAGE_BOUND))
         offset = max(0, min(int(offset), MAX_PAGE_BOUND))
-        where, args = [], []
-        if project_id is not None:
-            where.append("project_id = %s")
-            args.append(project_id)
-        if status is not None:
-            where.append("status = %s")
-            args.append(str(status))
-        else:  # tombstones only on an explicit status=deleted (issue 10)
-            where.append("status <> 'deleted'")
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        clause, args = list_filter("%s", project_id=project_id, status=status, owner=owner)
 
         async def q(c: Conn) -> tuple[list[Job], int]:
             await c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
@@ -353,10 +350,10 @@ class PostgresJobStore:
             return [(r[0], int(r[1])) for r in await cur.fetchall()]
         return await self._tx(q)
 
-    async def find_by_idempotency_key(self, key: str) -> Job | None:
-        """The job not deleted created by an upload with ``Idempotency-Key: key``, or None."""
-        return await self._tx(lambda c: _first(
-            c, "idempotency_key = %s AND status <> 'deleted'", [key]))
+    async def find_by_idempotency_key(self, key: str, owner: str | None = None) -> Job | None:
+        """The job not deleted that ``owner`` created with ``Idempotency-Key: key`` (owners
+        compared NULL-safe: ``IS NOT DISTINCT FROM``), or None."""
+        return await self._tx(lambda c: _first(c, BY_IDEMPOTENCY_KEY, [key, owner]))
 
     async def finished_before(self, cutoff_iso: str) -> list[str]:
         """Ids of terminal jobs whose ``finished_at`` is older than ``cutoff_iso`` (ISO-8601
@@ -384,8 +381,9 @@ class PostgresJobStore:
         ``in_transaction``, ``await in_transaction(conn, inserted)`` runs in the same
         transaction before the commit (the queue's defer; see the class docstring).
 
-        Raises: DuplicateKey on a taken ``job_id`` or live ``idempotency_key``; ValueError on
-        missing or unknown keys; whatever ``in_transaction`` raises (the insert rolled back).
+        Raises: DuplicateKey on a taken ``job_id`` or an ``idempotency_key`` live for the same
+        ``owner``; ValueError on missing or unknown keys; whatever ``in_transaction`` raises
+        (the insert rolled back).
         """
         row = new_job_record(job, utcnow())
         values = [_jsonb(v) if c in JSON_COLUMNS else v for c, v in row.items()]

@@ -4,9 +4,12 @@ kind at version N has the same columns (:data:`colmap_pipeline.jobs.COLUMNS`).
 
 Migration i moves the schema from version i to i+1; each store records the applied version in a
 one-row table ``schema_version`` and applies the missing steps when it opens. A new column is a
-new entry in BOTH lists, never an edit of a shipped one.
+new entry in BOTH lists, never an edit of a shipped one. :func:`list_filter` is the one
+``WHERE`` clause of both stores' ``list_jobs``.
 """
 from __future__ import annotations
+
+from typing import Any
 
 #: SQLite: each migration moves the schema from version i to i+1. Append only; never edit a
 #: shipped one.
@@ -58,6 +61,16 @@ SQLITE_MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN error_details TEXT;
     ALTER TABLE jobs ADD COLUMN request_fingerprint TEXT;
+    """,
+    # 3 -> 4 (issue 13): the API key that created the job; an Idempotency-Key is unique per
+    # owner (NULL, authentication off, is one owner of its own): key first, so the lookup by key
+    # uses it; the per-owner list and pending count
+    """
+    ALTER TABLE jobs ADD COLUMN owner TEXT;
+    DROP INDEX jobs_idempotency_key;
+    CREATE UNIQUE INDEX jobs_owner_idempotency_key
+        ON jobs(idempotency_key, COALESCE(owner, '')) WHERE idempotency_key IS NOT NULL;
+    CREATE INDEX jobs_owner_status_created ON jobs(owner, status, created_at);
     """,
 ]
 
@@ -112,4 +125,34 @@ POSTGRES_MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN error_details JSONB;
     ALTER TABLE jobs ADD COLUMN request_fingerprint TEXT;
     """,
+    # 3 -> 4: the creating API key; the Idempotency-Key unique per owner; the per-owner index
+    """
+    ALTER TABLE jobs ADD COLUMN owner TEXT;
+    DROP INDEX jobs_idempotency_key;
+    CREATE UNIQUE INDEX jobs_owner_idempotency_key
+        ON jobs(idempotency_key, (COALESCE(owner, ''))) WHERE idempotency_key IS NOT NULL;
+    CREATE INDEX jobs_owner_status_created ON jobs(owner, status, created_at, seq);
+    """,
 ]
+
+
+def list_filter(mark: str, *, project_id: str | None, status: str | None,
+                owner: str | None) -> tuple[str, list[Any]]:
+    """The ``WHERE`` clause of ``list_jobs`` and its arguments, in order.
+
+    Args:
+        mark: the driver's placeholder (``"?"`` for sqlite3, ``"%s"`` for psycopg).
+        project_id, owner: exact matches when given (``None``: any).
+        status: an exact match when given; ``None`` leaves out deleted jobs (tombstones are
+            listed only on an explicit ``status="deleted"``, issue 10).
+    Returns: ``("WHERE …", [values])``; column names are this function's, never a client's.
+    """
+    where: list[str] = []
+    args: list[Any] = []
+    for col, value in (("project_id", project_id), ("status", status), ("owner", owner)):
+        if value is not None:
+            where.append(f"{col} = {mark}")
+            args.append(str(value))
+    if status is None:
+        where.append("status <> 'deleted'")
+    return f"WHERE {' AND '.join(where)}", args

@@ -53,7 +53,7 @@ from ..jobs import (
     planned_changes,
     utcnow,
 )
-from .schema import SQLITE_MIGRATIONS
+from .schema import SQLITE_MIGRATIONS, list_filter
 
 T = TypeVar("T")
 
@@ -63,6 +63,9 @@ MIGRATIONS = SQLITE_MIGRATIONS
 DEFAULT_READERS = 4
 #: seconds a connection waits for a lock before SQLITE_BUSY (``busy_timeout``)
 BUSY_TIMEOUT_S = 30.0
+
+#: ``find_by_idempotency_key``'s condition (served by the index ``jobs_owner_idempotency_key``)
+BY_IDEMPOTENCY_KEY = "idempotency_key = ? AND owner IS ? AND status != 'deleted'"
 
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM jobs"
 _TERMINAL = tuple(sorted(s.value for s in TERMINAL))
@@ -272,25 +275,18 @@ class SqliteJobStore:
         return await self._read(_first, "job_id = ?", (job_id,))
 
     async def list_jobs(self, *, project_id: str | None = None, status: str | None = None,
-                        limit: int = 50, offset: int = 0) -> tuple[list[Job], int]:
-        """Jobs newest first, filtered; ``(page, total matching)``, read in one snapshot.
-        Deleted jobs are left out (and not counted) unless ``status="deleted"`` asks for them.
+                        owner: str | None = None, limit: int = 50,
+                        offset: int = 0) -> tuple[list[Job], int]:
+        """Jobs newest first, filtered (:func:`.schema.list_filter`; ``owner=None``: every
+        owner); ``(page, total matching)``, read in one snapshot. Deleted jobs are left out
+        (and not counted) unless ``status="deleted"`` asks for them.
 
         ``limit`` and ``offset`` are clamped to ``0 .. MAX_PAGE_BOUND`` (issue 10 item 4: an
         offset of 2**63 used to overflow SQLite's integer; now it is an empty page).
         """
         limit = max(0, min(int(limit), MAX_PAGE_BOUND))
         offset = max(0, min(int(offset), MAX_PAGE_BOUND))
-        where, args = [], []
-        if project_id is not None:
-            where.append("project_id = ?")
-            args.append(project_id)
-        if status is not None:
-            where.append("status = ?")
-            args.append(str(status))
-        else:  # tombstones only on an explicit status=deleted (issue 10)
-            where.append("status != 'deleted'")
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        clause, args = list_filter("?", project_id=project_id, status=status, owner=owner)
 
         def q(c: sqlite3.Connection) -> tuple[list[Job], int]:
             c.execute("BEGIN")  # the count and the page from one snapshot
@@ -325,9 +321,10 @@ class SqliteJobStore:
         return await self._read(lambda c: [(r[0], int(r[1])) for r in c.execute(
             "SELECT job_id, pgid FROM jobs WHERE pgid IS NOT NULL ORDER BY rowid")])
 
-    async def find_by_idempotency_key(self, key: str) -> Job | None:
-        """The job not deleted created by an upload with ``Idempotency-Key: key``, or None."""
-        return await self._read(_first, "idempotency_key = ? AND status != 'deleted'", (key,))
+    async def find_by_idempotency_key(self, key: str, owner: str | None = None) -> Job | None:
+        """The job not deleted that ``owner`` created with ``Idempotency-Key: key`` (``owner IS
+        ?``: NULL-safe), or None."""
+        return await self._read(_first, BY_IDEMPOTENCY_KEY, (key, owner))
 
     async def finished_before(self, cutoff_iso: str) -> list[str]:
         """Ids of terminal jobs whose ``finished_at`` is older than ``cutoff_iso`` (ISO-8601
@@ -346,8 +343,8 @@ class SqliteJobStore:
     async def create_job(self, job: Mapping[str, Any]) -> Job:
         """Insert a new ``pending`` job (:func:`~colmap_pipeline.jobs.new_job_record`).
 
-        Raises: DuplicateKey on a taken ``job_id`` or ``idempotency_key``; ValueError on
-        missing or unknown keys.
+        Raises: DuplicateKey on a taken ``job_id``, or an ``idempotency_key`` the same ``owner``
+        holds; ValueError on missing or unknown keys.
         """
         row = new_job_record(job, utcnow())
         for col in JSON_COLUMNS:

@@ -102,16 +102,14 @@ def _allowed_methods(request: Request) -> list[str]:
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     """Starlette's own 404 (no such route) and 405 (route without that method)."""
     assert isinstance(exc, StarletteHTTPException)
-    where = f"{request.method} {request.url.path}"
-    if exc.status_code == 404:
-        return error_response("not_found", f"No route {where}.",
+    if exc.status_code == 404:  # neither method nor path is echoed (no request bytes back)
+        return error_response("not_found", "No route answers this path.",
                               "GET /docs lists the routes of this API.")
     headers = dict(exc.headers or {})
     if exc.status_code == 405:
         allow = ", ".join(_allowed_methods(request)) or headers.get("Allow", "")
         headers["Allow"] = allow
-        return error_response("invalid_request", f"{request.method} is not allowed on "
-                              f"{request.url.path}.",
+        return error_response("invalid_request", "This method is not allowed on this path.",
                               f"This path answers {allow or 'other methods'}; see /docs.",
                               details={"allow": [m.strip() for m in allow.split(",") if m]},
                               status=405, headers=headers)

@@ -43,11 +43,14 @@ async def root(gpu: GpuDep) -> RootResponse:
 
 
 @router.get("/health", response_model=HealthResponse, summary="Liveness probe")
-async def health(gpu: GpuDep, runner: RunnerDep, settings: SettingsDep) -> HealthResponse:
-    """Liveness: cheap, no I/O, never rate-limited; GPU slots in use and jobs running."""
+async def health(request: Request, gpu: GpuDep, runner: RunnerDep,
+                 settings: SettingsDep) -> HealthResponse:
+    """Liveness: cheap, no I/O, never rate-limited, no key needed; GPU slots in use, jobs
+    running, and whether API keys are required (``auth``)."""
     return HealthResponse(gpu_status=gpu.enabled, active_gpu_jobs=runner.active_gpu_jobs,
                           max_gpu_jobs=runner.max_gpu_jobs, active_jobs=runner.active_jobs,
                           max_concurrent_jobs=settings.max_concurrent_jobs,
+                          auth="on" if request.app.state.keyring.enabled else "off",
                           gpu=await asyncio.to_thread(gpu.public))
 
 

@@ -24,11 +24,13 @@ from ..intake.intake import (
 from ..intake.multipart import UploadBody
 from ..intake.photo_intake import MAX_PHOTOS, MIN_PHOTOS
 from ..jobs import JobStore
+from .auth import AUTH_RESPONSES, CallerDep, Principal
 from .deps import NotDraining, RunnerControl, RunnerDep, SettingsDep, StoreDep
+from .quota import pending_quota
 from .rate_limit import upload_rate_limit
 from .schemas import ErrorResponse, UploadResponse
 
-router = APIRouter(tags=["uploads"])
+router = APIRouter(tags=["uploads"], responses=AUTH_RESPONSES)
 
 _MESSAGES = {"video": "Video uploaded successfully", "images": "Photos uploaded successfully"}
 _BINARY = {"type": "string", "format": "binary"}
@@ -41,7 +43,8 @@ def _header(description: str, schema_type: str = "integer") -> dict[str, Any]:
 #: response headers of the upload routes (OpenAPI): the rate limiter's on every counted
 #: answer (:mod:`.rate_limit`), ``Retry-After`` on 429/503, ``Idempotent-Replayed`` on a replay
 _RATE_HEADERS = {
-    "X-RateLimit-Limit": _header("uploads allowed per minute from this client"),
+    "X-RateLimit-Limit": _header("uploads allowed per minute for this API key (else "
+                                 "client address)"),
     "X-RateLimit-Remaining": _header("uploads left in the current minute"),
     "X-RateLimit-Reset": _header("when the current minute ends (epoch seconds)")}
 _RETRY_AFTER = {"Retry-After": _header("seconds to wait before trying again")}
@@ -97,16 +100,18 @@ PHOTOS_FORM = form_schema(
 Accept = Callable[..., Awaitable[Accepted]]
 
 
-def upload_body(request: Request) -> UploadBody:
-    """The request as the intake takes it: headers plus the unread body stream."""
+def upload_body(request: Request, caller: Principal) -> UploadBody:
+    """The request as the intake takes it: headers plus the unread body stream, and the
+    caller's key name (the new job's ``owner``; it scopes the ``Idempotency-Key``)."""
     h = request.headers
     return UploadBody(content_type=h.get("content-type"), content_length=h.get("content-length"),
-                      chunks=request.stream(), idempotency_key=h.get("idempotency-key"))
+                      chunks=request.stream(), idempotency_key=h.get("idempotency-key"),
+                      owner=caller.name)
 
 
 async def _upload(accept: Accept, request: Request, response: Response, store: JobStore,
-                  runner: RunnerControl, settings: Settings) -> UploadResponse:
-    accepted = await accept(upload_body(request), store=store, settings=settings)
+                  runner: RunnerControl, settings: Settings, caller: Principal) -> UploadResponse:
+    accepted = await accept(upload_body(request, caller), store=store, settings=settings)
     job = accepted.job
     if accepted.replayed:
         response.headers["Idempotent-Replayed"] = "true"
@@ -120,27 +125,31 @@ async def _upload(accept: Accept, request: Request, response: Response, store: J
                           replayed=accepted.replayed)
 
 
-_GUARDS = [Depends(upload_rate_limit), NotDraining]
+#: in this order: the key (401), the rate limit (429), the pending quota (429), draining (503)
+_GUARDS = [Depends(upload_rate_limit), Depends(pending_quota), NotDraining]
 
 
 @router.post("/upload-video", status_code=202, response_model=UploadResponse,
              responses=_RESPONSES, dependencies=_GUARDS, openapi_extra=VIDEO_FORM,
              summary="Upload a video and queue a job")
 async def upload_video(request: Request, response: Response, store: StoreDep,
-                       runner: RunnerDep, settings: SettingsDep) -> UploadResponse:
+                       runner: RunnerDep, settings: SettingsDep,
+                       caller: CallerDep) -> UploadResponse:
     """Stream the body to disk (size limit enforced while it arrives), validate the fields,
     probe the file in a child, then create a pending job. ``Idempotency-Key`` (1-200
     characters): the same key with the same file and fields returns the first job (header
     ``Idempotent-Replayed: true``); with another file or fields, 422."""
-    return await _upload(accept_video, request, response, store, runner, settings)
+    return await _upload(accept_video, request, response, store, runner, settings, caller)
 
 
 @router.post("/upload-images", status_code=202, response_model=UploadResponse,
              responses=_RESPONSES, dependencies=_GUARDS, openapi_extra=PHOTOS_FORM,
              summary="Upload photos (or one zip) and queue a job")
 async def upload_images(request: Request, response: Response, store: StoreDep,
-                        runner: RunnerDep, settings: SettingsDep) -> UploadResponse:
+                        runner: RunnerDep, settings: SettingsDep,
+                        caller: CallerDep) -> UploadResponse:
     """Photo-set input: same flow, limits, errors and ``Idempotency-Key`` as
     ``/upload-video``; zips are checked (zip-slip, links, entry count, size and ratio caps)
     before extraction."""
-    return await _upload(accept_photos, request, response, store, runner, settings)
+    return await _upload(accept_photos, request, response, store, runner, settings,
+                         caller)

@@ -8,6 +8,7 @@ its ``video`` probe, its run records and the per-frame scores are the typed mode
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
@@ -62,6 +63,8 @@ class HealthResponse(BaseModel):
     max_gpu_jobs: int = Field(description="GPU slots (MAX_GPU_JOBS)")
     active_jobs: int = Field(description="jobs now processing")
     max_concurrent_jobs: int = Field(description="MAX_CONCURRENT_JOBS")
+    auth: Literal["on", "off"] = Field(description="on: API keys are required (API_KEYS); "
+                                       "off: the service is open to anyone who reaches it")
     gpu: dict[str, Any] | None = Field(None, description="as in GET /")
 
 
@@ -92,7 +95,9 @@ class ArtifactPublic(Artifact):
     """A downloadable result file."""
 
     #: required here (optional in a stored result: the web layer makes it)
-    url: str = Field(description="download path, relative to the API root")
+    url: str = Field(description="download path, relative to the API root; while API keys "
+                     "are on it carries a short-lived signed token (SIGNED_URL_TTL_S) so a "
+                     "browser can follow it without a header")
 
 
 class JobError(BaseModel):
@@ -124,6 +129,10 @@ class JobPublic(BaseModel):
                                       "Matching, Sparse Reconstruction, Exporting …")
     message: str | None = Field(description="what is happening now")
     queue_position: int | None = Field(None, description="1-based position while pending")
+    owner: str | None = Field(None, description="name of the API key that created the job "
+                              "(null with authentication off)")
+    user_email: str | None = Field(None, description="the upload's user_email: shown to the "
+                                   "job's owner only, removed when retention removes the files")
     created_at: str = Field(description="ISO-8601 UTC")
     started_at: str | None = None
     finished_at: str | None = None
@@ -143,9 +152,15 @@ class JobPublic(BaseModel):
     attempts_total: int = Field(0, description="number of run records the job has")
 
     @classmethod
-    def from_job(cls, job: Job, queue_position: int | None = None) -> JobPublic:
+    def from_job(cls, job: Job, queue_position: int | None = None, *,
+                 link: Callable[[str], str] | None = None,
+                 show_email: bool = True) -> JobPublic:
         """The public view of a stored job. A stored result or run record that no longer
-        fits its model (written by an older child) is left out and logged, never a 500."""
+        fits its model (written by an older child) is left out and logged, never a 500.
+
+        ``link`` turns an artifact's path into its URL (a signed link while keys are on;
+        default: the path itself); ``show_email`` includes ``user_email`` (its owner only)."""
+        link = link or (lambda path: path)
         error = None
         if job.error_code:
             error = JobError(code=job.error_code, message=job.error_message or "",
@@ -155,7 +170,7 @@ class JobPublic(BaseModel):
             # its files are gone: no artifact (nor URL) that would answer 404 or 409
             results = results.model_copy(update={"artifacts": []})
         artifacts = [ArtifactPublic(**{**a.model_dump(), "url":
-                                       f"/jobs/{job.job_id}/artifacts/{a.name}"})
+                                       link(f"/jobs/{job.job_id}/artifacts/{a.name}")})
                      for a in (results.artifacts if results else [])]
         records = [r for r in (_parse(AttemptRecord, a, job.job_id)
                                for a in job.attempts[-MAX_ATTEMPT_RECORDS:]) if r is not None]
@@ -163,7 +178,8 @@ class JobPublic(BaseModel):
             job_id=job.job_id, scan_id=job.scan_id, project_id=job.project_id,
             scan_name=job.scan_name, quality=job.quality,
             status=job.status, progress=job.progress, current_stage=job.current_stage,
-            message=job.message, queue_position=queue_position, created_at=job.created_at,
+            message=job.message, queue_position=queue_position, owner=job.owner,
+            user_email=job.user_email if show_email else None, created_at=job.created_at,
             started_at=job.started_at, finished_at=job.finished_at, attempt=job.attempt,
             input_bytes=job.input_bytes, input_sha256=job.input_sha256,
             video=_parse(VideoProbe, job.video_info, job.job_id), error=error, results=results,
