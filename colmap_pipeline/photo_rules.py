@@ -22,12 +22,22 @@ def natural_key(name: str) -> list[int | str]:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
 
 
+def unsupported_image(what: str, why: str, **details: object) -> PipelineError:
+    """``unsupported_image`` (HTTP 415): "``what`` is not a JPEG or PNG photo (``why``)."
+
+    ``what`` and ``details`` are the server's words for the item, never a client's file or
+    entry name (an answer echoes no request bytes): e.g. "File 2 of the 3 sent" with
+    ``details={"file_index": 1, "files": 3}``.
+    """
+    return PipelineError("unsupported_image", message=f"{what} is not a JPEG or PNG photo "
+                         f"({why}).", details=details or None)
+
+
 def not_image_error(name: str, why: str) -> PipelineError:
-    """``unsupported_image`` (HTTP 415) for the photo ``name`` (the client's name, cut to 200
-    characters in details), saying ``why`` in the message."""
-    return PipelineError("unsupported_image",
-                         message=f"{name!r} is not a JPEG or PNG photo ({why}).",
-                         details={"file": name[:200]})
+    """:func:`unsupported_image` for the photo ``name`` of a workspace (a name the server made,
+    e.g. ``img_00003.jpg``; cut to 200 characters in ``details.file``). Never pass a client's
+    file name: an upload names its photos by position (:func:`unsupported_image`)."""
+    return unsupported_image(repr(name), why, file=name[:200])
 
 
 def check_count(n: int) -> None:

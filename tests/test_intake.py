@@ -38,6 +38,21 @@ def test_parse_form_defaults_and_errors():
         "project_id", "quality", "scan_name", "user_email"]
 
 
+def test_form_errors_give_the_rule_never_the_value():
+    """Issue 13: no error echoes request bytes; a field unknown to the form is ignored."""
+    with pytest.raises(PipelineError) as ei:
+        parse_form({"project_id": "MARK" * 60, "quality": "MARK", "user_email": "MARK@x",
+                    "scan_name": "MARK\x07", "MARK": "MARK"})
+    assert ei.value.message == ("Invalid or missing form field(s): project_id, scan_name, "
+                                "quality, user_email")
+    assert ei.value.details == {"fields": [
+        {"field": "project_id", "problem": "String should have at most 200 characters"},
+        {"field": "scan_name", "problem": "Value error, contains the control character U+0007"},
+        {"field": "quality", "problem": "Input should be 'low', 'medium' or 'high'"},
+        {"field": "user_email", "problem": "Value error, not an e-mail address"}]}
+    assert "MARK" not in str(ei.value.to_dict())
+
+
 def test_idempotency_key_is_kept_as_given_within_1_to_200_characters():
     assert check_idempotency_key(None) is None
     assert check_idempotency_key(" Scan-42 ") == " Scan-42 "
@@ -100,6 +115,12 @@ def test_container_ext_comes_from_the_probe_not_the_client():
     (2, {"error": {"code": "pipeline_error", "message": "bug"}}, "no_video_stream", 415,
      {"probe_exit": 2}),
     (-9, None, "no_video_stream", 415, {"probe_exit": -9}),
+    # the upload's own bytes (box types, text) never come back; numbers and known boxes do
+    (2, {"error": {"code": "video_incomplete", "message": "No moov.",
+                   "details": {"boxes": ["ftyp", "MARK", "mdat"], "bytes": 99,
+                               "brand": "MARK", "media_bytes_present": 50}}},
+     "video_incomplete", 422, {"boxes": ["ftyp", "(other)", "mdat"], "bytes": 99,
+                               "media_bytes_present": 50}),
 ])
 def test_probe_refusals_map_to_client_errors(monkeypatch, tmp_path, rc, doc, code, status,
                                              details):
@@ -227,6 +248,34 @@ def test_a_lost_insert_race_replays_the_same_owners_job(monkeypatch, tmp_path):
     accepted = asyncio.run(accept_video(_body(_form_body(b"v"), "K", "alice"), store=store,
                                         settings=settings_for(tmp_path)))
     assert accepted.replayed and accepted.job.job_id == "winner-job"
+
+
+def test_a_part_is_named_only_when_the_form_defines_its_name(monkeypatch, tmp_path):
+    """The receiver knows the form's text fields: 'scan_name' sent twice is named; a field
+    the form does not define (the client's word) is named by its position."""
+    _fake_probe(monkeypatch)
+    store, settings = InMemoryJobStore(), settings_for(tmp_path)
+    for name, message, details in (
+            ("scan_name", "Form field 'scan_name' repeats", {"field": "scan_name"}),
+            ("MARK", "Part 2 of the form repeats", {"part_index": 1})):
+        twice = "".join(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"'
+                        f"\r\n\r\nv\r\n" for _ in range(2)).encode()
+        with pytest.raises(PipelineError) as ei:
+            asyncio.run(accept_video(_body([twice] + _form_body(b"v")), store=store,
+                                     settings=settings))
+        assert ei.value.message.startswith(message) and ei.value.details == details
+    assert files_under(Path(settings.data_dir)) == []
+
+
+def test_no_disk_answer_gives_the_free_bytes_not_the_clients_content_length(monkeypatch,
+                                                                           tmp_path):
+    settings = settings_for(tmp_path, min_free_disk_bytes=10**15)
+    with pytest.raises(PipelineError) as ei:
+        asyncio.run(intake.require_disk(settings, "123456789"))
+    free = ei.value.details["free_disk_bytes"]
+    assert ei.value.code == "insufficient_storage" and ei.value.http_status == 507
+    assert ei.value.details == {"free_disk_bytes": free, "min_free_disk_bytes": 10**15}
+    assert "123456789" not in str(ei.value.to_dict())
 
 
 def test_upload_body_lives_in_its_own_module():

@@ -25,7 +25,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
-from web_harness import CTYPE, TAIL, multipart_head, read_response
+from web_harness import BOUNDARY, CTYPE, TAIL, multipart_head, read_response
 from web_harness import raw_request as raw_headers
 
 from colmap_pipeline.errors import PipelineError
@@ -50,13 +50,14 @@ app = FastAPI()
 @app.post("/upload")
 async def upload(request: Request, max_bytes: int = MIB, chunk_write_bytes: int = MIB,
                  close: bool = False, max_files: int = 1, read_timeout_s: float = 60.0,
-                 fields: str = "video") -> Response:
+                 fields: str = "video", text_fields: str = "") -> Response:
     body = UploadBody(request.headers.get("content-type"), request.headers.get("content-length"),
                       request.stream())
     try:
         received = await receive_files(body, STATE.dest_dir, max_bytes=max_bytes,
                                        chunk_write_bytes=chunk_write_bytes, max_files=max_files,
                                        file_fields=frozenset(fields.split(",")),
+                                       text_fields=frozenset(text_fields.split(",")) - {""},
                                        read_timeout_s=read_timeout_s)
     except PipelineError as exc:
         STATE.outcomes.put(exc.code)
@@ -197,7 +198,9 @@ def test_honest_content_length_over_limit_gets_413_before_the_body_is_sent(env, 
         assert status == 413
         err = json.loads(resp)
         assert err["code"] == "upload_too_large"
-        assert err["details"] == {"max_bytes": limit, "content_length": len(body)}
+        assert err["details"] == {"max_bytes": limit}  # the client's header is not echoed
+        assert err["message"] == ("The upload's Content-Length is larger than the limit of "
+                                  f"{limit} bytes.")
         if close:
             # The route asked for Connection: close, so the server hangs up instead of
             # draining the rest of the body.
@@ -219,7 +222,8 @@ def test_expect_100_continue_gets_413_without_sending_any_body(env):
                                  extra="Expect: 100-continue\r\n"))
         status, _, resp = read_response(sock)  # a "100 Continue" here would fail the parse
     assert status == 413
-    assert json.loads(resp)["details"]["content_length"] == body_len
+    assert json.loads(resp)["details"] == {"max_bytes": MIB}
+    assert str(body_len).encode() not in resp
     assert listing(env.dest) == []
 
 
@@ -289,11 +293,15 @@ def test_wrong_content_type(env, headers, content):
     assert r.status_code == 422
     err = r.json()
     assert err["code"] == "invalid_request"
-    assert "multipart/form-data" in err["message"]
+    got = "has no Content-Type" if not headers else "has another Content-Type"
+    assert err["message"] == f"The request must be multipart/form-data with a boundary; it {got}."
+    assert err["details"] == {"expected": "multipart/form-data"}
+    assert "json" not in r.text  # the header sent is not echoed
 
 
 @pytest.mark.parametrize("files,message_part", [
-    ({"video": ("a.mp4", b"abc"), "image": ("b.jpg", b"def")}, "Unexpected file field 'image'"),
+    ({"video": ("a.mp4", b"abc"), "image": ("b.jpg", b"def")},
+     "Part 2 of the form carries a file, but this form takes files only in 'video'."),
     ([("video", ("a.mp4", b"abc")), ("video", ("b.mp4", b"def"))], "More than one file"),
     ({"video": ("a.mp4", b"abc"), "scan_name": (None, "n" * (64 * KIB + 1))}, "longer than"),
 ], ids=["unknown-file-field", "second-file", "text-field-too-long"])
@@ -303,6 +311,54 @@ def test_form_shape_errors(env, files, message_part):
     assert r.json()["code"] == "invalid_request"
     assert message_part in r.json()["message"]
     assert listing(env.dest) == []
+
+
+@pytest.mark.parametrize("text,files,message,details", [
+    ("project_id", [("project_id", (None, "a")), ("project_id", (None, "b"))],
+     "Form field 'project_id' repeats the name of an earlier field; send each field once.",
+     {"field": "project_id"}),
+    ("", [("MARK-x", (None, "a")), ("MARK-x", (None, "b"))],
+     "Part 2 of the form repeats the name of an earlier field; send each field once.",
+     {"part_index": 1}),
+    ("", [("MARK-x", (None, "n" * (64 * KIB + 1)))],
+     "Part 1 of the form is longer than 65536 bytes.",
+     {"part_index": 0, "max_field_bytes": 64 * KIB}),
+    ("scan_name", [("scan_name", (None, "n" * (64 * KIB + 1)))],
+     "Form field 'scan_name' is longer than 65536 bytes.",
+     {"field": "scan_name", "max_field_bytes": 64 * KIB}),
+    ("", [("MARK-x", (None, b"MARK-\xff"))], "Part 1 of the form is not valid UTF-8.",
+     {"part_index": 0}),
+    ("", [("video", ("a.mp4", b"abc")), ("MARK-x", ("MARK.mp4", b"def"))],
+     "Part 2 of the form carries a file, but this form takes files only in 'video'.",
+     {"part_index": 1}),
+], ids=["known-twice", "unknown-twice", "unknown-too-long", "known-too-long", "not-utf8",
+        "file-in-unknown-field"])
+def test_errors_name_the_forms_own_fields_and_others_by_position(env, text, files, message,
+                                                                   details):
+    """Issue 13: no error echoes request bytes. A field the form defines is named; a part
+    of any other name (the client's words) is named by its position in the form."""
+    r = httpx.post(env.url, params={"text_fields": text}, files=files)
+    assert r.status_code == 422, r.text
+    err = r.json()
+    assert (err["code"], err["message"], err["details"]) == ("invalid_request", message, details)
+    assert "MARK" not in r.text
+    assert listing(env.dest) == []
+
+
+@pytest.mark.parametrize("body", [
+    f"--{BOUNDARY}\r\nMARK\x01: x\r\n\r\n".encode(),  # a control character in a header
+    f"--{BOUNDARY}MARK\r\n".encode(),  # no CRLF after the boundary
+    b"MARK" * 4,  # no boundary at the start
+], ids=["header-char", "boundary-tail", "no-boundary"])
+def test_a_malformed_body_is_refused_without_the_parsers_words(env, body):
+    """python-multipart's messages quote the body ("Expected boundary character 45, got 77"):
+    none is passed on."""
+    r = httpx.post(env.url, content=body, headers={"Content-Type": CTYPE})
+    assert r.status_code == 422, r.text
+    err = r.json()
+    assert err["message"] == "The multipart body is malformed."
+    assert err["details"] == {"received_bytes": len(body)}
+    assert "MARK" not in r.text and "character" not in r.text
 
 
 def test_body_without_closing_boundary_is_rejected_and_cleaned_up(env):
@@ -397,8 +453,11 @@ def test_content_length_that_is_not_a_number_is_refused_before_reading(tmp_path)
         raise AssertionError("the body must not be read")
         yield b""  # pragma: no cover
 
-    body = UploadBody(CTYPE, "12abc", never())
-    with pytest.raises(PipelineError) as ei:
-        asyncio.run(receive_files(body, tmp_path, max_bytes=MIB))
-    assert ei.value.code == "invalid_request" and "Content-Length" in ei.value.message
+    for raw in ("12abc", "1_000", "-5", "١٢"):  # int() takes the last three; HTTP does not
+        body = UploadBody(CTYPE, raw, never())
+        with pytest.raises(PipelineError) as ei:
+            asyncio.run(receive_files(body, tmp_path, max_bytes=MIB))
+        assert ei.value.code == "invalid_request"
+        assert ei.value.message == "The Content-Length header is not an integer."
+        assert ei.value.details is None
     assert list(tmp_path.iterdir()) == []

@@ -7,6 +7,8 @@ server (``start_server``).
 """
 from __future__ import annotations
 
+import io
+import stat
 import zipfile
 from pathlib import Path
 
@@ -79,11 +81,15 @@ def test_install_photo_files_names_by_server_and_checks_content(tmp_path):
     assert out[2]["bytes"] == len(jpeg_bytes(seed=10))
     fake = tmp_path / "fake"
     fake.write_bytes(b"MZ\x90\x00 not a photo")
-    with pytest.raises(PipelineError) as ei:
-        photo_files.install_photo_files([(fake, "a.jpg")] * 3, tmp_path / "x")
+    good = tmp_path / "good.jpg"
+    good.write_bytes(jpeg_bytes())
+    with pytest.raises(PipelineError) as ei:  # named by its place in the upload, not its name
+        photo_files.install_photo_files([(good, "a.jpg"), (fake, "a.jpg"), (good, "c.jpg")],
+                                        tmp_path / "x")
     assert ei.value.code == "unsupported_image" and ei.value.http_status == 415
-    assert ei.value.message == ("'a.jpg' is not a JPEG or PNG photo (its content does not "
-                                "start like a JPEG or PNG file).")
+    assert ei.value.message == ("File 2 of the 3 sent is not a JPEG or PNG photo (its content "
+                                "does not start like a JPEG or PNG file).")
+    assert ei.value.details == {"file_index": 1, "files": 3}
     with pytest.raises(PipelineError) as ei:
         photo_files.install_photo_files([(fake, "a.jpg")] * 2, tmp_path / "x")
     assert ei.value.code == "too_few_frames" and ei.value.details == {"photos": 2,
@@ -178,3 +184,88 @@ def test_upload_images_creates_a_pending_job_from_files_and_from_a_zip(start_ser
     assert (imgs / "img_00000.jpg").read_bytes() == jpeg_bytes(seed=1)
     assert (imgs / "img_00002.jpg").read_bytes() == jpeg_bytes(seed=10)
     assert not any((srv.data_dir / "uploads").glob("*"))
+
+
+def _refusal(tmp_path: Path, data: bytes) -> PipelineError:
+    zpath = tmp_path / "up.zip"
+    zpath.write_bytes(data)
+    with pytest.raises(PipelineError) as ei:
+        photo_files.extract_photo_zip(zpath, tmp_path / "images")
+    return ei.value
+
+
+SECRET = "secret-name"  # in every refused entry's name: no error may echo it
+POSITION = {"entry_index": 3, "entries": 4}
+
+
+@pytest.mark.parametrize("name,code,message", [
+    (f"/tmp/{SECRET}.jpg", "unsafe_archive", "Entry 4 of the 4 in the zip has an absolute path."),
+    (f"../{SECRET}.jpg", "unsafe_archive",
+     "Entry 4 of the 4 in the zip points outside the archive ('..' in its path)."),
+    (f"C:{SECRET}.jpg", "unsafe_archive", "Entry 4 of the 4 in the zip has an absolute path."),
+    (f"{SECRET}.txt", "unsupported_image", "Entry 4 of the 4 in the zip is not a JPEG or PNG "
+     "photo (only .jpg, .jpeg and .png files may be in the zip)."),
+], ids=["absolute", "dotdot", "drive", "not-a-photo-name"])
+def test_zip_refusals_name_the_entry_by_position(tmp_path, name, code, message):
+    """Issue 13: no error echoes request bytes, so a bad entry is "entry 4 of the 4", never
+    its (client-made) name."""
+    err = _refusal(tmp_path, make_zip(GOOD + [(name, jpeg_bytes())]))
+    assert (err.code, err.message, err.details) == (code, message, POSITION)
+    assert SECRET not in str(err.to_dict())
+
+
+def _zip_with(info: zipfile.ZipInfo, data: bytes) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, photo in GOOD:
+            zf.writestr(name, photo)
+        zf.writestr(info, data)
+    return buf.getvalue()
+
+
+def test_symlink_encrypted_and_fake_content_entries_are_named_by_position(tmp_path):
+    link = zipfile.ZipInfo(f"{SECRET}.jpg")
+    link.external_attr = (stat.S_IFLNK | 0o777) << 16
+    err = _refusal(tmp_path, _zip_with(link, b"/etc/passwd"))
+    assert (err.code, err.message, err.details) == (
+        "unsafe_archive", "Entry 4 of the 4 in the zip is a symbolic link.", POSITION)
+    data = bytearray(_zip_with(zipfile.ZipInfo(f"{SECRET}.jpg"), jpeg_bytes()))
+    central = data.rindex(b"PK\x01\x02")  # the last entry's central directory record
+    data[central + 8] |= 0x1  # general purpose flag bit 0: encrypted
+    err = _refusal(tmp_path, bytes(data))
+    assert (err.code, err.message, err.details) == (
+        "unsafe_archive", "Entry 4 of the 4 in the zip is encrypted.", POSITION)
+    err = _refusal(tmp_path, _zip_with(zipfile.ZipInfo(f"{SECRET}.jpg"), b"MZ not a photo"))
+    assert (err.code, err.details) == ("unsupported_image", POSITION)
+    assert err.message.startswith("Entry 4 of the 4 in the zip is not a JPEG or PNG photo")
+    assert SECRET not in str(err.to_dict())
+
+
+@pytest.mark.parametrize("damage", ["crc", "local-name", "method"])
+def test_a_damaged_entry_is_422_naming_its_position_not_a_500(tmp_path, damage):
+    """zipfile's own errors (a bad CRC, a local header that names another file, an unknown
+    compression method) quote the entry's name and were not caught: a 500."""
+    photo = jpeg_bytes(seed=7)
+    data = bytearray(_zip_with(zipfile.ZipInfo(f"{SECRET}.jpg"), photo))
+    local = data.rindex(b"PK\x03\x04")  # the last entry's local header
+    if damage == "crc":
+        at = data.rindex(photo) + len(photo) // 2
+        data[at] ^= 0xFF
+    elif damage == "local-name":
+        at = data.index(SECRET.encode(), local)
+        data[at:at + 6] = b"other-"
+    else:
+        data[local + 8] = 99  # compression method 99 (AES): unsupported
+        central = data.rindex(b"PK\x01\x02")
+        data[central + 10] = 99
+    err = _refusal(tmp_path, bytes(data))
+    assert err.code == "unsafe_archive" and err.details == POSITION
+    assert err.message == ("Entry 4 of the 4 in the zip cannot be read: its data is damaged or "
+                           "uses an unsupported compression method.")
+    assert SECRET not in str(err.to_dict())
+
+
+def test_a_file_that_is_no_zip_is_refused_without_zipfiles_words(tmp_path):
+    err = _refusal(tmp_path, b"PK\x03\x04" + SECRET.encode() * 10)
+    assert (err.code, err.message) == ("unsafe_archive", "The file is not a readable zip "
+                                                         "archive.")

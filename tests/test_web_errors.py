@@ -33,8 +33,8 @@ async def test_unknown_route_is_404_with_a_hint_about_routes_not_ids(api):
     r = await api.client.get("/no/such/route")
     assert r.status_code == 404
     err = r.json()["error"]
-    assert err == {"code": "not_found", "message": "No route GET /no/such/route.",
-                   "hint": "GET /docs lists the routes of this API."}
+    assert err == {"code": "not_found", "message": "No route answers this path.",
+                   "hint": "GET /docs lists the routes of this API."}  # the path is not echoed
     assert "id" not in err["hint"]
 
 
@@ -65,6 +65,35 @@ async def test_validation_errors_name_the_field(api):
     assert err["code"] == "invalid_request"
     assert sorted(f["field"] for f in err["details"]["fields"]) == ["query.limit",
                                                                      "query.status"]
+
+
+@pytest.mark.asyncio
+async def test_validation_errors_give_limits_and_allowed_values_never_the_value(api):
+    r = await api.client.get("/jobs", params={"limit": "MARK1", "offset": "-1",
+                                              "status": "MARK2", "project_id": "MARK3" * 50})
+    assert r.status_code == 422
+    assert r.json()["error"]["details"]["fields"] == [
+        {"field": "query.project_id", "problem": "String should have at most 200 characters"},
+        {"field": "query.status", "problem": "Input should be 'pending', 'processing', "
+         "'completed', 'failed', 'cancelled', 'expired' or 'deleted'"},
+        {"field": "query.limit", "problem": "Input should be a valid integer, unable to parse "
+         "string as an integer"},
+        {"field": "query.offset", "problem": "Input should be greater than or equal to 0"}]
+    assert "MARK" not in r.text
+
+
+@pytest.mark.asyncio
+async def test_a_frameworks_http_error_says_its_status_not_its_detail(api):
+    from starlette.exceptions import HTTPException
+
+    @api.app.get("/test-refusal")
+    async def refuse() -> None:
+        raise HTTPException(400, "parser says: MARK")
+
+    r = await api.client.get("/test-refusal")
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == "The request was refused (Bad Request)."
+    assert "MARK" not in r.text
 
 
 @pytest.mark.asyncio

@@ -34,6 +34,7 @@ from ..runner.executor import run_json_command
 from ..storage import job_sync, store_input
 from . import photo_intake
 from .multipart import ReceivedFiles, receive_files
+from .problems import validation_problems
 from .upload_body import UploadBody
 
 #: seconds the probe child may take for one upload
@@ -88,16 +89,21 @@ class UploadForm(BaseModel):
         return v
 
 
-def parse_form(fields: dict[str, str]) -> UploadForm:
-    """Validate the text fields.
+#: the text fields of :class:`UploadForm` (an error may name these; other fields are ignored)
+FORM_FIELDS = frozenset(UploadForm.model_fields)
 
-    Raises: PipelineError("invalid_request") naming each bad field in ``details.fields``.
+
+def parse_form(fields: dict[str, str]) -> UploadForm:
+    """Validate the text fields (fields the form does not define are ignored).
+
+    Raises: PipelineError("invalid_request") naming each bad field in ``details.fields``
+    (:func:`.problems.validation_problems`: the form's limits and allowed values, never the
+    value sent).
     """
     try:
         return UploadForm.model_validate(fields)
     except ValidationError as exc:
-        problems = [{"field": ".".join(str(p) for p in e["loc"]), "problem": e["msg"]}
-                    for e in exc.errors()]
+        problems = validation_problems(exc.errors(), own_messages=True)
         names = ", ".join(p["field"] for p in problems)
         raise PipelineError("invalid_request", f"Invalid or missing form field(s): {names}",
                             "Send project_id, and quality as one of low, medium, high.",
@@ -111,7 +117,10 @@ def check_idempotency_key(raw: str | None) -> str | None:
     """
     if raw is not None and not 1 <= len(raw) <= MAX_IDEMPOTENCY_KEY_LEN:
         raise PipelineError("invalid_request", "Idempotency-Key must be 1-"
-                            f"{MAX_IDEMPOTENCY_KEY_LEN} characters.")
+                            f"{MAX_IDEMPOTENCY_KEY_LEN} characters.",
+                            f"Send a key of 1-{MAX_IDEMPOTENCY_KEY_LEN} characters (a UUID, for "
+                            "example), or none.",
+                            details={"max_length": MAX_IDEMPOTENCY_KEY_LEN})
     return raw
 
 
@@ -149,25 +158,40 @@ async def require_disk(settings: Settings, content_length: str | None) -> None:
         incoming = 0
     if incoming > settings.max_upload_bytes or free - incoming >= settings.min_free_disk_bytes:
         return
-    raise PipelineError(
+    raise PipelineError(  # the client's Content-Length is not echoed (no request bytes back)
         "insufficient_storage",
-        f"Only {free} bytes are free; the service keeps {settings.min_free_disk_bytes}.",
-        details={"free_disk_bytes": free, "upload_bytes": incoming,
-                 "min_free_disk_bytes": settings.min_free_disk_bytes})
+        f"Only {free} bytes are free; the service keeps {settings.min_free_disk_bytes} free, "
+        "counting this upload's Content-Length.",
+        details={"free_disk_bytes": free, "min_free_disk_bytes": settings.min_free_disk_bytes})
 
 
-def _public_details(details: Any, path: Path) -> dict[str, Any] | None:
-    """The probe's ``details`` without anything naming the server's files (the upload's
-    path or server-made name)."""
+#: top-level ISO BMFF box types (ISO/IEC 14496-12) a ``video_incomplete`` answer may list
+_KNOWN_BOXES = frozenset({"ftyp", "styp", "moov", "mdat", "free", "skip", "wide", "pdin",
+                          "moof", "mfra", "meta", "sidx", "ssix", "prft", "emsg", "uuid"})
+
+
+def _public_value(key: str, value: Any) -> Any:
+    """``value`` when it is the server's (a number, the probe's name of an image format, a
+    known box type), else None."""
+    if isinstance(value, bool | int | float) or value is None:
+        return value
+    if key == "image_format" and isinstance(value, str):  # by magic bytes or FFmpeg's demuxer
+        return value[:32]
+    if key == "boxes" and isinstance(value, list):  # box types are the file's own bytes
+        return [b if b in _KNOWN_BOXES else "(other)" for b in value if isinstance(b, str)]
+    return None
+
+
+def _public_details(details: Any) -> dict[str, Any] | None:
+    """The probe's ``details`` with only numbers and the server's words: nothing naming the
+    server's files (the upload's path or name), and no text read from the upload."""
     if not isinstance(details, dict):
         return None
-    secret = (str(path.parent), path.name)
-    out = {k: v for k, v in details.items()
-           if k not in ("file", "path") and not any(s in str(v) for s in secret)}
-    return out or None
+    out = {k: _public_value(k, v) for k, v in details.items() if k not in ("file", "path")}
+    return {k: v for k, v in out.items() if v is not None} or None
 
 
-def _probe_refusal(rc: int, doc: Any, path: Path) -> PipelineError:
+def _probe_refusal(rc: int, doc: Any) -> PipelineError:
     """The client-facing error for a probe child that did not describe a video."""
     err = doc.get("error") if isinstance(doc, dict) else None
     if not isinstance(err, dict):
@@ -176,7 +200,7 @@ def _probe_refusal(rc: int, doc: Any, path: Path) -> PipelineError:
     if code == "no_video_stream" or code in _PROBE_AS_NO_VIDEO:
         return PipelineError("no_video_stream", message, hint)
     if code in PROBE_CODES and code in ERROR_CATALOG:
-        return PipelineError(code, message, hint, _public_details(err.get("details"), path))
+        return PipelineError(code, message, hint, _public_details(err.get("details")))
     return PipelineError("no_video_stream", details={"probe_exit": rc})
 
 
@@ -193,7 +217,7 @@ async def probe_upload(path: Path, settings: Settings) -> dict[str, Any]:
     """
     rc, doc, _ = await run_json_command(["probe", str(path)], timeout_s=PROBE_TIMEOUT_S)
     if rc != 0 or not isinstance(doc, dict) or "error" in doc:
-        raise _probe_refusal(rc, doc, path)
+        raise _probe_refusal(rc, doc)
     duration = float(doc.get("duration_s") or 0.0)
     if duration > settings.max_video_seconds:
         raise PipelineError(
@@ -331,7 +355,7 @@ async def _accept(body: UploadBody, store: JobStore, settings: Settings,
     await require_disk(settings, body.content_length)
     received = await receive_files(
         body, DataDir(settings.data_dir).uploads, max_bytes=settings.max_upload_bytes,
-        file_fields=kind.file_fields, max_files=kind.max_files,
+        file_fields=kind.file_fields, text_fields=FORM_FIELDS, max_files=kind.max_files,
         read_timeout_s=settings.upload_read_timeout_s)
     try:
         form = parse_form(received.fields)

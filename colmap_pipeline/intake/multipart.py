@@ -14,9 +14,11 @@ module instead:
 4. stops reading the moment the files (or the raw body) pass the limit;
 5. removes every partial file on every failure, client disconnects and timeouts included.
 
-The client's file name is kept as metadata only and never touches the file system. No web
-framework here: the body comes in as an :class:`.upload_body.UploadBody` (headers plus an
-async byte stream), so the web layer's request type stays in ``web/``.
+The client's file name is kept as metadata only and never touches the file system, nor an
+error answer: the parts' limits and errors are :mod:`.form_parts`', and no parser message is
+passed on (they quote the body). No web framework here: the body comes in as an
+:class:`.upload_body.UploadBody` (headers plus an async byte stream), so the web layer's
+request type stays in ``web/``.
 """
 from __future__ import annotations
 
@@ -28,7 +30,6 @@ from collections.abc import AsyncIterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
 from uuid import uuid4
 
 from python_multipart import MultipartParser
@@ -37,10 +38,8 @@ from python_multipart.multipart import parse_options_header
 
 from ..errors import PipelineError
 from ..layout import PARTIAL_SUFFIX, UPLOAD_SUFFIX
+from .form_parts import HINT_MULTIPART, FormReceiver, field_names, invalid, too_large
 from .upload_body import UploadBody  # its home; imported from here too
-
-if TYPE_CHECKING:
-    from python_multipart.multipart import MultipartCallbacks
 
 #: Bytes allowed on top of ``max_bytes`` for the multipart framing and the text fields, both for
 #: the ``Content-Length`` pre-check and for the raw-body cap of chunked uploads.
@@ -48,8 +47,6 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 #: seconds :func:`receive_files` waits for the next chunk when no ``read_timeout_s`` is given
 DEFAULT_READ_TIMEOUT_S = 60.0
 
-_HINT_MULTIPART = ("Send the form as multipart/form-data (e.g. curl -F 'video=@clip.mp4' "
-                   "-F 'project_id=…'); see /docs.")
 #: ``empty_file`` hint by file field (other fields: the catalog's, which names a video)
 _EMPTY_HINTS = {"images": "Upload non-empty JPEG or PNG photos.", "zip": "Upload a non-empty zip."}
 
@@ -91,150 +88,6 @@ class ReceivedFiles:
     fields: dict[str, str]
     files: list[ReceivedFile]
     total_bytes: int
-
-
-def _invalid(message: str, hint: str = "", **details: object) -> PipelineError:
-    return PipelineError("invalid_request", message=message, hint=hint, details=details or None)
-
-
-def _names(file_fields: AbstractSet[str]) -> str:
-    return " or ".join(repr(f) for f in sorted(file_fields))
-
-
-def _too_large(max_bytes: int, received: int, what: str) -> PipelineError:
-    return PipelineError("upload_too_large",
-                         message=f"{what} larger than the limit of {max_bytes} bytes.",
-                         details={"max_bytes": max_bytes, "received_bytes": received})
-
-
-@dataclass
-class _Part:
-    """A file part: its field, client name and type, and its running size (bytes)."""
-
-    field: str
-    filename: str | None
-    content_type: str | None
-    size: int = 0
-
-
-class _FormReceiver:
-    """python-multipart callbacks plus the state they build; no I/O happens here.
-
-    The callbacks run synchronously inside ``MultipartParser.write``; file bytes are queued in
-    ``pending`` as ``(file index, bytes)`` for the async loop to write. Limit violations raise
-    :class:`PipelineError` from inside the callback, which aborts the parser at once.
-    """
-
-    def __init__(self, file_fields: AbstractSet[str], *, max_bytes: int, max_files: int,
-                 max_field_bytes: int, max_fields: int) -> None:
-        self.file_fields = file_fields
-        self.max_bytes = max_bytes
-        self.max_files = max_files
-        self.max_field_bytes = max_field_bytes
-        self.max_fields = max_fields
-
-        self.fields: dict[str, str] = {}
-        self.parts: list[_Part] = []
-        self.file_bytes = 0
-        self.ended = False
-        self.pending: list[tuple[int, bytes]] = []
-
-        self._header_name = bytearray()
-        self._header_value = bytearray()
-        self._part_headers: dict[bytes, bytes] = {}
-        self._part_name = ""
-        self._part_is_file = False
-        self._text = bytearray()
-
-    # -- callbacks -------------------------------------------------------------------------
-    def on_part_begin(self) -> None:
-        self._part_headers = {}
-        self._part_name = ""
-        self._part_is_file = False
-        self._text = bytearray()
-
-    def on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._header_name += data[start:end]
-
-    def on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._header_value += data[start:end]
-
-    def on_header_end(self) -> None:
-        self._part_headers[bytes(self._header_name).strip().lower()] = bytes(self._header_value)
-        self._header_name = bytearray()
-        self._header_value = bytearray()
-
-    def on_headers_finished(self) -> None:
-        disposition, options = parse_options_header(
-            self._part_headers.get(b"content-disposition", b"").decode("latin-1"))
-        raw_name = options.get(b"name")
-        if disposition != b"form-data" or raw_name is None:
-            raise _invalid("A multipart part has no 'Content-Disposition: form-data; name=…' "
-                           "header.", _HINT_MULTIPART)
-        try:
-            name = raw_name.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _invalid("A form field name is not valid UTF-8.", _HINT_MULTIPART) from None
-        self._part_name = name
-        raw_filename = options.get(b"filename")
-        if name in self.file_fields:
-            self._begin_file(name, raw_filename)
-        elif raw_filename is not None:
-            raise _invalid(f"Unexpected file field {name!r}; the file goes in "
-                           f"{_names(self.file_fields)}.", field=name)
-        elif name in self.fields:
-            raise _invalid(f"Form field {name!r} was sent more than once.", field=name)
-        elif len(self.fields) >= self.max_fields:
-            raise _invalid(f"Too many form fields (at most {self.max_fields}).",
-                           max_fields=self.max_fields)
-
-    def _begin_file(self, name: str, raw_filename: bytes | None) -> None:
-        if len(self.parts) >= self.max_files:
-            if self.max_files == 1:
-                raise _invalid(f"More than one file was sent (fields {self.parts[0].field!r} "
-                               f"and {name!r}); send exactly one.", field=name)
-            raise _invalid(f"Too many files (at most {self.max_files}).",
-                           max_files=self.max_files)
-        ctype = self._part_headers.get(b"content-type")
-        self._part_is_file = True
-        self.parts.append(_Part(
-            field=name,
-            filename=None if raw_filename is None else raw_filename.decode("utf-8", "replace"),
-            content_type=None if ctype is None else ctype.decode("latin-1").strip()))
-
-    def on_part_data(self, data: bytes, start: int, end: int) -> None:
-        n = end - start
-        if self._part_is_file:
-            self.file_bytes += n
-            self.parts[-1].size += n
-            if self.file_bytes > self.max_bytes:
-                what = "The file is" if self.max_files == 1 else "The files are in total"
-                raise _too_large(self.max_bytes, self.file_bytes, what)
-            if n:
-                self.pending.append((len(self.parts) - 1, data[start:end]))
-            return
-        if len(self._text) + n > self.max_field_bytes:
-            raise _invalid(f"Form field {self._part_name!r} is longer than "
-                           f"{self.max_field_bytes} bytes.",
-                           field=self._part_name, max_field_bytes=self.max_field_bytes)
-        self._text += data[start:end]
-
-    def on_part_end(self) -> None:
-        if self._part_is_file:
-            return
-        try:
-            self.fields[self._part_name] = self._text.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _invalid(f"Form field {self._part_name!r} is not valid UTF-8.",
-                           field=self._part_name) from None
-
-    def on_end(self) -> None:
-        self.ended = True
-
-    def callbacks(self) -> MultipartCallbacks:
-        names = ("on_part_begin", "on_part_data", "on_part_end", "on_header_field",
-                 "on_header_value", "on_header_end", "on_headers_finished", "on_end")
-        return cast("MultipartCallbacks", {n: getattr(self, n) for n in names})
 
 
 class _PartFile:
@@ -320,28 +173,27 @@ class _Sink:
 
 
 def _boundary(content_type: str | None) -> bytes:
+    """The boundary of a ``multipart/form-data`` Content-Type (never echoed in an error)."""
     ctype, params = parse_options_header(content_type or "")
     boundary = params.get(b"boundary", b"")
     if ctype != b"multipart/form-data" or not boundary:
-        raise _invalid("The request must be multipart/form-data with a boundary "
-                       f"(got Content-Type {content_type or 'none'!r}).", _HINT_MULTIPART,
-                       content_type=content_type or None)
+        got = "has no Content-Type" if content_type is None else "has another Content-Type"
+        raise invalid(f"The request must be multipart/form-data with a boundary; it {got}.",
+                      HINT_MULTIPART, expected="multipart/form-data")
     return boundary
 
 
 def _check_content_length(raw: str | None, max_bytes: int) -> None:
+    """Refuse a Content-Length that is not a decimal number, or over the limit (the error
+    gives the limit, not the client's number: no answer echoes a header)."""
     if raw is None:
         return
-    try:
-        content_length = int(raw)
-    except ValueError:
-        raise _invalid("The Content-Length header is not an integer.") from None
-    if content_length > max_bytes + MULTIPART_OVERHEAD_BYTES:
-        raise PipelineError(
-            "upload_too_large",
-            message=f"The upload ({content_length} bytes) is larger than the limit of "
-                    f"{max_bytes} bytes.",
-            details={"max_bytes": max_bytes, "content_length": content_length})
+    if not raw.strip().isascii() or not raw.strip().isdigit():
+        raise invalid("The Content-Length header is not an integer.")
+    if int(raw) > max_bytes + MULTIPART_OVERHEAD_BYTES:
+        raise PipelineError("upload_too_large", message="The upload's Content-Length is "
+                            f"larger than the limit of {max_bytes} bytes.",
+                            details={"max_bytes": max_bytes})
 
 
 async def _next_chunk(it: AsyncIterator[bytes], timeout_s: float, received: int) -> bytes | None:
@@ -359,7 +211,7 @@ async def _next_chunk(it: AsyncIterator[bytes], timeout_s: float, received: int)
             details={"read_timeout_s": timeout_s, "received_bytes": received}) from None
 
 
-async def _pump(body: UploadBody, parser: MultipartParser, form: _FormReceiver, sink: _Sink,
+async def _pump(body: UploadBody, parser: MultipartParser, form: FormReceiver, sink: _Sink,
                 raw_limit: int, read_timeout_s: float) -> None:
     """Feed the whole body through the parser into ``sink``."""
     raw_total = 0
@@ -368,12 +220,13 @@ async def _pump(body: UploadBody, parser: MultipartParser, form: _FormReceiver, 
         while (chunk := await _next_chunk(it, read_timeout_s, raw_total)) is not None:
             raw_total += len(chunk)
             if raw_total > raw_limit:
-                raise _too_large(raw_limit - MULTIPART_OVERHEAD_BYTES, raw_total,
-                                 "The upload is")
+                raise too_large(raw_limit - MULTIPART_OVERHEAD_BYTES, raw_total,
+                                "The upload is")
             try:
                 parser.write(chunk)
-            except FormParserError as exc:
-                raise _invalid(f"Malformed multipart body: {exc}", _HINT_MULTIPART) from None
+            except FormParserError:  # its text quotes the body: not passed on
+                raise invalid("The multipart body is malformed.", HINT_MULTIPART,
+                              received_bytes=raw_total) from None
             for index, piece in form.pending:
                 await sink.add(index, piece)
             form.pending.clear()
@@ -386,16 +239,16 @@ async def _pump(body: UploadBody, parser: MultipartParser, form: _FormReceiver, 
                 await aclose()
 
 
-def _check_complete(form: _FormReceiver, file_fields: AbstractSet[str]) -> None:
+def _check_complete(form: FormReceiver, file_fields: AbstractSet[str]) -> None:
     if not form.ended:
-        raise _invalid("The multipart body ended before its closing boundary.",
-                       _HINT_MULTIPART)
+        raise invalid("The multipart body ended before its closing boundary.",
+                      HINT_MULTIPART)
     if not form.parts:
         missing = sorted(file_fields)
         raise PipelineError("invalid_request",
-                            message=f"Missing form field {_names(file_fields)}",
+                            message=f"Missing form field {field_names(file_fields)}",
                             hint=f"Attach the file(s) as the multipart file field "
-                                 f"{_names(file_fields)}.",
+                                 f"{field_names(file_fields)}.",
                             details={"field": missing[0]} if len(missing) == 1
                             else {"fields": missing})
     empty = [i for i, p in enumerate(form.parts) if p.size == 0]
@@ -409,7 +262,8 @@ def _check_complete(form: _FormReceiver, file_fields: AbstractSet[str]) -> None:
 
 async def receive_files(body: UploadBody, dest_dir: Path, *, max_bytes: int,
                         file_fields: AbstractSet[str] = frozenset({"video"}),
-                        max_files: int = 1, max_field_bytes: int = 64 * 1024,
+                        text_fields: AbstractSet[str] = frozenset(), max_files: int = 1,
+                        max_field_bytes: int = 64 * 1024,
                         max_fields: int = 32, chunk_write_bytes: int = 1 << 20,
                         read_timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> ReceivedFiles:
     """Stream a ``multipart/form-data`` body to disk, enforcing size limits as it goes.
@@ -427,6 +281,9 @@ async def receive_files(body: UploadBody, dest_dir: Path, *, max_bytes: int,
             above ``max_bytes + MULTIPART_OVERHEAD_BYTES`` is refused before the body is read;
             a raw body (e.g. chunked, without ``Content-Length``) is cut off past that total.
         file_fields: names of form fields that may carry a file.
+        text_fields: names of the text fields the form defines; an error names these and
+            ``file_fields``, and any other part by its position (``details.part_index``, from
+            0), never by the client's name.
         max_files: most file parts accepted (1 for a video).
         max_field_bytes: largest accepted text field value, in bytes.
         max_fields: largest accepted number of text fields.
@@ -442,7 +299,7 @@ async def receive_files(body: UploadBody, dest_dir: Path, *, max_bytes: int,
             truncated body, no file (``details={"field": name}``), more than ``max_files``
             files, a file in an unknown field, a text field over ``max_field_bytes``,
             duplicated, not UTF-8, or too many fields; ``upload_too_large`` (413,
-            ``details["max_bytes"]`` plus ``content_length`` or ``received_bytes``);
+            ``details["max_bytes"]``, plus ``received_bytes`` once the body was read);
             ``empty_file`` (400) for a 0-byte file; ``upload_timeout`` (408) when no chunk
             arrived for ``read_timeout_s``.
         starlette.requests.ClientDisconnect: (from Starlette's stream) the client went away
@@ -456,12 +313,13 @@ async def receive_files(body: UploadBody, dest_dir: Path, *, max_bytes: int,
                          "positive")
     _check_content_length(body.content_length, max_bytes)
     boundary = _boundary(body.content_type)
-    form = _FormReceiver(frozenset(file_fields), max_bytes=max_bytes, max_files=max_files,
-                         max_field_bytes=max_field_bytes, max_fields=max_fields)
+    form = FormReceiver(frozenset(file_fields), frozenset(text_fields), max_bytes=max_bytes,
+                         max_files=max_files, max_field_bytes=max_field_bytes,
+                         max_fields=max_fields)
     try:
         parser = MultipartParser(boundary, form.callbacks())
-    except FormParserError as exc:
-        raise _invalid(f"Invalid multipart boundary: {exc}", _HINT_MULTIPART) from None
+    except FormParserError:
+        raise invalid("The multipart boundary is invalid.", HINT_MULTIPART) from None
     sink = _Sink(dest_dir, chunk_write_bytes)
     try:
         await _pump(body, parser, form, sink, max_bytes + MULTIPART_OVERHEAD_BYTES,

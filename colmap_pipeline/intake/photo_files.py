@@ -10,14 +10,23 @@
   the real bytes (a zip may lie about sizes). Every failure raises ``PipelineError`` with a
   4xx code and leaves nothing behind outside ``dest_dir`` (the caller removes the job folder).
 
+An error names a photo or a zip entry by its position, never by the client's name (no answer
+echoes request bytes): "file 2 of the 3 sent" (``details.file_index`` 1, counted from 0 like
+``empty_file``'s), "entry 5 of the 12 in the zip" (``details.entry_index`` 4: the position in
+the zip's central directory, as ``unzip -l`` lists it).
+
 The frames stage's side of a photo set (decoding, EXIF) is :mod:`colmap_pipeline.core.photos`.
 """
 from __future__ import annotations
 
+import contextlib
+import lzma
 import os
 import re
 import stat
 import zipfile
+import zlib
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TypedDict
@@ -29,7 +38,7 @@ from ..photo_rules import (  # noqa: F401 - MIN/MAX_PHOTOS re-exported to the in
     MIN_PHOTOS,
     check_count,
     natural_key,
-    not_image_error,
+    unsupported_image,
 )
 
 #: Accepted photo types by magic bytes (JPEG: FF D8 FF, ITU T.81 / JFIF; PNG: the 8-byte
@@ -45,6 +54,10 @@ MAX_ZIP_RATIO = 100.0
 #: Entries ignored inside a zip: macOS resource forks and hidden files.
 _IGNORED = re.compile(r"(^|/)(__MACOSX/|\.)")
 _COPY_BLOCK = 1 << 20
+#: what opening or reading a damaged zip or entry raises (zipfile, and the deflate, bzip2 and
+#: LZMA decoders: bzip2's is an OSError); their texts quote entry names, so none is passed on
+_READ_ERRORS = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, NotImplementedError,
+                RuntimeError, ValueError, OSError)
 
 
 class InstalledPhoto(TypedDict):
@@ -74,16 +87,14 @@ def image_ext(name: str) -> str | None:
     return ext if ext in IMAGE_EXTENSIONS else None
 
 
-def sniff_ext(head: bytes, name: str) -> str:
+def sniff_ext(head: bytes) -> str | None:
     """The extension of the real type of a file whose first bytes are ``head``: ``".jpg"`` or
-    ``".png"`` by :data:`MAGIC`, whatever ``name`` says (a PNG named ``.jpg`` is a PNG).
+    ``".png"`` by :data:`MAGIC`, whatever its name says (a PNG named ``.jpg`` is a PNG);
+    ``None`` when it is neither."""
+    return next((ext for ext in (".jpg", ".png") if head.startswith(MAGIC[ext])), None)
 
-    Raises: PipelineError("unsupported_image") (415) when ``head`` is neither.
-    """
-    for ext in (".jpg", ".png"):
-        if head.startswith(MAGIC[ext]):
-            return ext
-    raise not_image_error(name, "its content does not start like a JPEG or PNG file")
+
+_NOT_PHOTO_CONTENT = "its content does not start like a JPEG or PNG file"
 
 
 def install_photo_files(files: list[tuple[Path, str | None]],
@@ -103,15 +114,19 @@ def install_photo_files(files: list[tuple[Path, str | None]],
 
     Raises:
         PipelineError: ``unsupported_image`` (415) for content that is neither JPEG nor PNG
-            by its magic bytes; ``too_few_frames`` / ``invalid_request`` (422) for
-            fewer than ``MIN_PHOTOS`` or more than ``MAX_PHOTOS`` photos.
+            by its magic bytes (``details={"file_index": i, "files": n}``, ``i`` counted from
+            0 in upload order); ``too_few_frames`` / ``invalid_request`` (422) for fewer than
+            ``MIN_PHOTOS`` or more than ``MAX_PHOTOS`` photos.
     """
     check_count(len(files))
     checked = []
     for i, (path, client) in enumerate(files):
         with open(path, "rb") as fh:
             head = fh.read(16)
-        ext = sniff_ext(head, client or f"file #{i + 1}")  # the content decides, not the name
+        ext = sniff_ext(head)  # the content decides, not the name
+        if ext is None:
+            raise unsupported_image(f"File {i + 1} of the {len(files)} sent", _NOT_PHOTO_CONTENT,
+                                    file_index=i, files=len(files))
         checked.append((natural_key(client or ""), i, path, client, ext))
     checked.sort(key=lambda t: (t[0], t[1]))
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -124,20 +139,30 @@ def install_photo_files(files: list[tuple[Path, str | None]],
     return out
 
 
-def _safe_member_name(info: zipfile.ZipInfo) -> str:
+@dataclass(frozen=True)
+class _Entry:
+    """Where an entry sits in the zip: ``index`` in the central directory (from 0) of
+    ``count`` entries; what an error names instead of the entry's (client-made) name."""
+
+    index: int
+    count: int
+
+    def __str__(self) -> str:
+        return f"Entry {self.index + 1} of the {self.count} in the zip"
+
+    def details(self) -> dict[str, object]:
+        return {"entry_index": self.index, "entries": self.count}
+
+
+def _safe_member_name(info: zipfile.ZipInfo, at: _Entry) -> str:
     """The entry's name as a relative POSIX path, or raise ``unsafe_archive``."""
-    raw = info.filename
-    name = raw.replace("\\", "/")
+    name = info.filename.replace("\\", "/")
     if (name.startswith("/") or re.match(r"^[A-Za-z]:", name) or "\x00" in name):
-        raise _unsafe(f"The zip holds an entry with an absolute path ({raw[:200]!r}).",
-                      entry=raw[:200])
-    parts = PurePosixPath(name).parts
-    if any(p == ".." for p in parts):
-        raise _unsafe(f"The zip holds an entry that points outside the archive "
-                      f"({raw[:200]!r}).", entry=raw[:200])
-    mode = (info.external_attr >> 16) & 0xFFFF
-    if stat.S_ISLNK(mode):
-        raise _unsafe(f"The zip holds a symbolic link ({raw[:200]!r}).", entry=raw[:200])
+        raise _unsafe(f"{at} has an absolute path.", **at.details())
+    if any(p == ".." for p in PurePosixPath(name).parts):
+        raise _unsafe(f"{at} points outside the archive ('..' in its path).", **at.details())
+    if stat.S_ISLNK((info.external_attr >> 16) & 0xFFFF):
+        raise _unsafe(f"{at} is a symbolic link.", **at.details())
     return name
 
 
@@ -145,6 +170,7 @@ def _safe_member_name(info: zipfile.ZipInfo) -> str:
 class _Member:
     name: str
     info: zipfile.ZipInfo
+    at: _Entry
 
 
 def _photo_members(zf: zipfile.ZipFile, caps: ZipCaps) -> list[_Member]:
@@ -156,21 +182,23 @@ def _photo_members(zf: zipfile.ZipFile, caps: ZipCaps) -> list[_Member]:
                       "accepted.", entries=len(infos), max_entries=caps.max_entries)
     members = []
     declared = 0
-    for info in infos:
-        name = _safe_member_name(info)
+    for index, info in enumerate(infos):
+        at = _Entry(index, len(infos))
+        name = _safe_member_name(info, at)
         if info.is_dir() or _IGNORED.search(name):
             continue
         if image_ext(name) is None:
-            raise not_image_error(name, "only .jpg, .jpeg and .png files may be in the zip")
+            raise unsupported_image(str(at), "only .jpg, .jpeg and .png files may be in the zip",
+                                    **at.details())
         if info.flag_bits & 0x1:
-            raise _unsafe(f"The zip entry {name[:200]!r} is encrypted.", entry=name[:200])
+            raise _unsafe(f"{at} is encrypted.", **at.details())
         declared += info.file_size
         ratio = info.file_size / max(1, info.compress_size)
         if ratio > caps.max_ratio:
-            raise _unsafe(f"The zip entry {name[:200]!r} expands {ratio:.0f}x; at most "
-                          f"{caps.max_ratio:.0f}x is accepted (zip bomb?).", entry=name[:200],
-                          ratio=round(ratio, 1), max_ratio=caps.max_ratio)
-        members.append(_Member(name, info))
+            raise _unsafe(f"{at} expands {ratio:.0f}x; at most {caps.max_ratio:.0f}x is "
+                          "accepted (zip bomb?).", **at.details(), ratio=round(ratio, 1),
+                          max_ratio=caps.max_ratio)
+        members.append(_Member(name, info, at))
     if declared > caps.max_total_bytes:
         raise _unsafe(f"The zip would expand to {declared} bytes; at most "
                       f"{caps.max_total_bytes} are accepted.", uncompressed_bytes=declared,
@@ -180,23 +208,42 @@ def _photo_members(zf: zipfile.ZipFile, caps: ZipCaps) -> list[_Member]:
     return members
 
 
+def _blocks(zf: zipfile.ZipFile, m: _Member) -> Generator[bytes, None, None]:
+    """The entry's bytes: its first 16 (the magic bytes), then blocks of ``_COPY_BLOCK``.
+
+    Raises: PipelineError("unsafe_archive") naming the entry's position when it cannot be
+    read (damaged data, a CRC or header mismatch, an unsupported compression method).
+    """
+    try:
+        with zf.open(m.info) as src:
+            yield src.read(16)
+            while block := src.read(_COPY_BLOCK):
+                yield block
+    except _READ_ERRORS:
+        raise _unsafe(f"{m.at} cannot be read: its data is damaged or uses an unsupported "
+                      "compression method.", **m.at.details()) from None
+
+
 def _copy_member(zf: zipfile.ZipFile, m: _Member, stem: Path, total: int,
                  caps: ZipCaps) -> tuple[Path, int]:
     """Stream one entry to ``stem`` + the extension of its real type (:func:`sniff_ext`; the
     file must not exist), counting the real bytes against its declared size and the caps;
     returns ``(path written, bytes written)``."""
-    with zf.open(m.info) as src:
-        head = src.read(16)
-        target = stem.with_suffix(sniff_ext(head, m.name))
+    with contextlib.closing(_blocks(zf, m)) as blocks:
+        head = next(blocks)
+        ext = sniff_ext(head)
+        if ext is None:
+            raise unsupported_image(str(m.at), _NOT_PHOTO_CONTENT, **m.at.details())
+        target = stem.with_suffix(ext)
         with open(target, "xb") as dst:
             dst.write(head)
             written = len(head)
-            while block := src.read(_COPY_BLOCK):
+            for block in blocks:
                 written += len(block)
                 if (written > m.info.file_size or total + written > caps.max_total_bytes
                         or written > caps.max_ratio * max(1, m.info.compress_size)):
-                    raise _unsafe(f"The zip entry {m.name[:200]!r} expands beyond its "
-                                  "declared size or the caps (zip bomb?).", entry=m.name[:200])
+                    raise _unsafe(f"{m.at} expands beyond its declared size or the caps (zip "
+                                  "bomb?).", **m.at.details())
                 dst.write(block)
     return target, written
 
@@ -221,15 +268,17 @@ def extract_photo_zip(zip_path: Path, dest_dir: Path,
 
     Raises:
         PipelineError: ``unsafe_archive`` (422: not a zip, too many entries, path traversal,
-            absolute path, link, bomb caps), ``unsupported_image`` (415: an entry that is not
-            a photo), ``too_few_frames`` / ``invalid_request`` (photo count). ``dest_dir`` may
-            hold partial output on failure: the caller removes the job folder.
+            absolute path, link, encryption, bomb caps, an entry that cannot be read),
+            ``unsupported_image`` (415: an entry that is not a photo), ``too_few_frames`` /
+            ``invalid_request`` (photo count). An entry is named by its position
+            (``details.entry_index``, ``details.entries``), never by its name. ``dest_dir``
+            may hold partial output on failure: the caller removes the job folder.
     """
     caps = ZipCaps(max_entries, max_total_bytes, max_ratio)
     try:
         zf = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise _unsafe(f"The file is not a readable zip archive ({exc}).") from None
+    except _READ_ERRORS:  # the texts may quote the archive's bytes: none is passed on
+        raise _unsafe("The file is not a readable zip archive.") from None
     with zf:
         members = _photo_members(zf, caps)
         dest_dir.mkdir(parents=True, exist_ok=True)

@@ -120,8 +120,9 @@ class QueueRunner(JobRunner):
                   "delete_jobs": "successful", **common}  # no row left per sweep
         if log.getEffectiveLevel() > logging.DEBUG:  # procrastinate logs each job at INFO
             logging.getLogger("procrastinate").setLevel(logging.WARNING)
-        self._workers = [asyncio.create_task(self._supervise(jobs), name="queue-jobs"),
-                         asyncio.create_task(self._supervise(sweeps), name="queue-sweeps")]
+        self._workers = [asyncio.create_task(self._supervise(sweeps), name="queue-sweeps")]
+        if s.max_concurrent_jobs > 0:  # 0: an API-only replica takes no job ticket
+            self._workers.append(asyncio.create_task(self._supervise(jobs), name="queue-jobs"))
 
     async def _supervise(self, options: dict[str, Any]) -> None:
         """Run a procrastinate worker until drain/stop; start it again when it ends on its

@@ -6,12 +6,17 @@ Unhandled exceptions are answered by :class:`UnhandledErrors`, a middleware insi
 Starlette's ``ServerErrorMiddleware``: that one would send the 500 and then re-raise, so that
 uvicorn logs the error a second time and drops the keep-alive connection. Here the error is
 logged once, with its traceback, and the connection stays usable.
+
+No answer echoes request bytes (issue 13): not the path, the method, a parameter's value or a
+validator's text that quotes it (:func:`..intake.problems.validation_problems`), nor a
+framework's ``detail``; and none carries a stack trace.
 """
 from __future__ import annotations
 
 import logging
 import re
 from collections.abc import Iterable, Mapping
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -23,6 +28,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import PipelineError
+from ..intake.problems import validation_problems
 from ..jobs import StoreUnavailable
 from .head import with_head
 
@@ -75,9 +81,9 @@ async def _api_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 async def _validation(_: Request, exc: Exception) -> JSONResponse:
+    """422 naming each bad parameter and its limits or allowed values, never the value."""
     assert isinstance(exc, RequestValidationError)
-    problems = [{"field": ".".join(str(p) for p in e["loc"]), "problem": e["msg"]}
-                for e in exc.errors()]
+    problems = validation_problems(exc.errors())
     return error_response("invalid_request", "Invalid request parameters.",
                           "Check the path and query parameters against /docs.",
                           details={"fields": problems})
@@ -113,8 +119,12 @@ async def _http(request: Request, exc: Exception) -> JSONResponse:
                               f"This path answers {allow or 'other methods'}; see /docs.",
                               details={"allow": [m.strip() for m in allow.split(",") if m]},
                               status=405, headers=headers)
-    return error_response("invalid_request", str(exc.detail), status=exc.status_code,
-                          headers=headers)
+    try:  # a framework's detail may quote the request: only the status's own phrase
+        phrase = HTTPStatus(exc.status_code).phrase
+    except ValueError:
+        phrase = "Refused"
+    return error_response("invalid_request", f"The request was refused ({phrase}).",
+                          status=exc.status_code, headers=headers)
 
 
 async def _gone(request: Request, _: Exception) -> JSONResponse:
