@@ -137,13 +137,16 @@ class _PartFile:
 @dataclass
 class _Sink:
     """The files of one upload on disk: buffers each file's bytes up to ``block_bytes`` and
-    writes them in worker threads."""
+    hashes and writes them in a worker thread while the next block arrives (one block in
+    flight at most: memory stays under ``2 * block_bytes`` per upload, and receipt and disk
+    overlap instead of taking turns)."""
 
     dest_dir: Path
     block_bytes: int
     files: list[_PartFile | None] = field(default_factory=list)
     _index: int = -1
     _buf: bytearray = field(default_factory=bytearray)
+    _inflight: asyncio.Task[None] | None = None
 
     async def add(self, index: int, data: bytes) -> None:
         if index != self._index:
@@ -163,11 +166,26 @@ class _Sink:
             self.dest_dir.mkdir(parents=True, exist_ok=True)
             pf = self.files[self._index] = _PartFile(self.dest_dir)
         block, self._buf = bytes(self._buf), bytearray()
+        await self.drain()  # the previous block is on disk before this one starts
         pf.busy = True
-        await asyncio.to_thread(pf.write, block)
+        self._inflight = asyncio.create_task(asyncio.to_thread(pf.write, block))
+
+    async def drain(self) -> None:
+        """Wait until the block in flight is written.
+
+        Raises: OSError of that write (e.g. disk full).
+        """
+        task, self._inflight = self._inflight, None
+        if task is not None:
+            await task
 
     def abandon(self) -> None:
-        """Remove every file (synchronous: also runs while the task is being cancelled)."""
+        """Remove every file (synchronous: also runs while the task is being cancelled); a
+        write still in flight finishes in its thread, and its error is dropped."""
+        if self._inflight is not None:
+            self._inflight.add_done_callback(
+                lambda t: None if t.cancelled() else t.exception())
+            self._inflight = None
         for pf in filter(None, self.files):
             pf.abandon()
 
@@ -232,6 +250,7 @@ async def _pump(body: UploadBody, parser: MultipartParser, form: FormReceiver, s
             form.pending.clear()
         parser.finalize()
         await sink.flush()
+        await sink.drain()
     finally:
         aclose = getattr(body.chunks, "aclose", None)
         if aclose is not None:
