@@ -10,7 +10,7 @@ pulling in pydantic-settings.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Quality = Literal["low", "medium", "high"]
 
@@ -29,6 +29,22 @@ LADDER_BUDGET_S = {"low": 600.0, "medium": 900.0, "high": 1800.0}
 #: needed the ladder for up to 526 s; on the GoPro walk both register everything in about the
 #: same time.
 MAPPER_BY_QUALITY = {"low": "global", "medium": "global", "high": "global"}
+#: quality -> overrides of pycolmap's ``SiftExtractionOptions`` for VIDEO frames (issue 14,
+#: BENCHMARKS.md). COLMAP's default ``first_octave`` -1 doubles each image before the
+#: difference-of-Gaussians pyramid; 0 starts at the frame's own size: on the sample's 30
+#: frames of 848x480, 812 instead of 2,788 keypoints per frame for about a third of the SIFT
+#: CPU time, and fewer descriptors make matching (quadratic in them) about 3x cheaper. Every
+#: frame still registered on the sample and the Karma clip with a plausible focal length, at a
+#: mean reprojection error of 0.5-0.9 px (the COLMAP-low preset's: 1.1-1.2 px). The price: about
+#: 40-60% fewer 3D points (sample 1,000 vs 1,650 at low, 1,860 vs 3,350 at medium; Karma 1,630
+#: vs 4,140 and 2,660 vs 7,000). At medium it is the only way to the issue's 0.8x of the
+#: COLMAP-medium preset: with the upsampled octave SIFT alone costs more than the preset's.
+#: ``high`` keeps COLMAP's defaults (the preset for density).
+#: Photo sets keep COLMAP's defaults: photos are downscaled from their full size, where the
+#: upsampled octave pays (Strecha fountain at ``low``: median camera-centre error 7.2 mm with
+#: ``first_octave`` 0 against 6.6 mm with -1).
+VIDEO_SIFT_OPTIONS: dict[str, dict[str, Any]] = {"low": {"first_octave": 0},
+                                                 "medium": {"first_octave": 0}, "high": {}}
 
 
 @dataclass(frozen=True)

@@ -134,3 +134,33 @@ def test_dense_artifacts_are_copied_when_the_gpu_stages_made_them(tmp_path):
     assert [(a.name, a.bytes) for a in arts] == [("fused.ply", 4), ("mesh.glb", 4)]
     assert (art / "mesh.glb").read_bytes() == b"glTF"
     assert (art / "fused.ply").read_bytes() == b"ply\n"
+
+
+def test_undistorted_images_match_colmaps_undistorter(tmp_path):
+    """Issue 14: COLMAP undistorts the model and one image per camera, ``cv2.remap`` the rest;
+    every image matches what ``pycolmap.undistort_images`` makes of it, within JPEG noise, and
+    the model is COLMAP's own."""
+    model_dir = synthetic_model(tmp_path, "OPENCV", [500.0, 500.0, 320.0, 240.0, -0.2, 0.05,
+                                                     0.001, -0.001])
+    frames = tmp_path / "frames"
+    write_frames(model_dir, frames)
+    # smooth content: JPEG noise on random pixels would hide a half-pixel shift
+    for p in frames.iterdir():
+        img = cv2.GaussianBlur(cv2.imread(str(p)), (0, 0), 3)
+        pycolmap.Bitmap.from_array(np.ascontiguousarray(img[:, :, ::-1])).write(str(p))
+    export.undistort_model(model_dir, frames, tmp_path / "ours", num_threads=2)
+    pycolmap.undistort_images(str(tmp_path / "colmap"), str(model_dir), str(frames),
+                              jpeg_quality=100)
+    ours = pycolmap.Reconstruction(str(tmp_path / "ours" / "sparse"))
+    ref = pycolmap.Reconstruction(str(tmp_path / "colmap" / "sparse"))
+    assert ours.cameras[1].params.tolist() == ref.cameras[1].params.tolist()
+    assert (ours.cameras[1].width, ours.cameras[1].height) == (ref.cameras[1].width,
+                                                               ref.cameras[1].height)
+    assert ours.num_points3D() == ref.num_points3D() == 300
+    names = sorted(im.name for im in ref.images.values())
+    assert sorted(p.name for p in (tmp_path / "ours" / "images").iterdir()) == names
+    for name in names:
+        a = cv2.imread(str(tmp_path / "ours" / "images" / name)).astype(float)
+        b = cv2.imread(str(tmp_path / "colmap" / "images" / name)).astype(float)
+        assert a.shape == b.shape
+        assert np.abs(a - b).mean() < 0.3, name  # a half-pixel shift gives 0.9

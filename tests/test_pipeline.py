@@ -219,7 +219,8 @@ def test_reconstruct_gopro_sample_end_to_end(tmp_path):
     assert result == json.loads((out / "result.json").read_text())
     assert result["frames_extracted"] == 30
     assert result["registered_images"] >= 27
-    assert result["points3d"] >= 1000
+    # SIFT from the frames' own size at low (issue 14): 1,017-1,049 points measured
+    assert result["points3d"] >= 850
     assert result["mean_reprojection_error_px"] < 1.5
     assert result["mean_track_length"] > 2
     chosen = [m for m in result["models"] if m["index"] == result["chosen_model"]]

@@ -37,7 +37,8 @@ def texture_images(folder: Path, n: int, size: tuple[int, int] = (320, 240)) -> 
     return names
 
 
-def test_extract_features_one_shared_camera_in_chunks(tmp_path):
+def test_extract_features_one_shared_camera_in_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(sf, "MIN_IMAGES_PER_CHUNK", 5)  # default 10: one chunk for 7 images
     names = texture_images(tmp_path / "img", 7)
     assert sf.list_images(tmp_path / "img") == names
     db = tmp_path / "db.db"

@@ -97,12 +97,13 @@ def test_map_models_without_matches_returns_no_model(tmp_path):
 def test_global_mapping_reports_progress_while_it_runs(tmp_path, monkeypatch):
     """Global SfM has no callbacks: a heartbeat thread reports elapsed time, never 'done'."""
     monkeypatch.setattr(sm, "HEARTBEAT_S", 0.01)
-    dbp = synth(tmp_path, 40, 2000)
+    # 15 frames map in ~0.4 s on one core, about 36 beats (40 frames and 2000 points: 12 s)
+    dbp = synth(tmp_path, 15, 500)
     seen: list[tuple[float, str]] = []
-    models = sm.map_models(dbp, tmp_path / "img", tmp_path / "out", 40, mapper="global",
+    models = sm.map_models(dbp, tmp_path / "img", tmp_path / "out", 15, mapper="global",
                            progress=lambda f, m: seen.append((f, m)), num_threads=1,
                            random_seed=1)
-    assert models and models[0].registered_images == 40
+    assert models and models[0].registered_images == 15
     beats = [f for f, m in seen if m.startswith("Global SfM")]
     assert len(beats) >= 2, seen  # the mapping takes > 0.02 s
     assert beats == sorted(beats) and 0 < beats[0] and beats[-1] <= 0.95

@@ -1,6 +1,7 @@
 """Dense reconstruction on a CUDA GPU: undistortion, PatchMatch stereo, fusion, Poisson mesh.
 
-Imports :mod:`pycolmap`, so import it lazily inside pipeline stages. Steps, each a plain
+Loads :mod:`pycolmap` only inside the functions that run it, so a skipped dense or meshing
+stage child (no GPU) does not pay for the import (issue 14). Steps, each a plain
 function of ``(paths, options)``:
 
 1. :func:`undistort` - ``pycolmap.undistort_images`` writes a COLMAP dense workspace
@@ -26,11 +27,13 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import pycolmap
+from typing import TYPE_CHECKING
 
 from ..errors import PipelineError
 from .progress import Progress, no_progress
+
+if TYPE_CHECKING:
+    import pycolmap
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +149,8 @@ def undistort(model_dir: str | os.PathLike, image_dir: str | os.PathLike,
 
     Returns: ``{"images": int}`` (undistorted images written, read from the folder).
     """
+    import pycolmap
+
     dense = Path(dense_dir)
     dense.mkdir(parents=True, exist_ok=True)
     opts = pycolmap.UndistortCameraOptions()
@@ -162,6 +167,8 @@ def patch_match(dense_dir: str | os.PathLike, preset: DensePreset, gpu_index: in
     Raises:
         PipelineError("dense_failed"): no CUDA (pycolmap raises) or no depth map written.
     """
+    import pycolmap
+
     opts = pycolmap.PatchMatchOptions()
     opts.max_image_size = int(preset.max_image_size)
     opts.window_radius = int(preset.window_radius)
@@ -195,6 +202,8 @@ def fuse(dense_dir: str | os.PathLike, fused_ply: str | os.PathLike, preset: Den
     Returns: ``{"fused_points": int}``.
     Raises: PipelineError("dense_failed"): fusion produced no point.
     """
+    import pycolmap
+
     opts = options or pycolmap.StereoFusionOptions()
     if options is None:
         opts.max_image_size = int(preset.max_image_size)
@@ -237,6 +246,7 @@ def mesh(fused_ply: str | os.PathLike, mesh_ply: str | os.PathLike,
         PipelineError("dense_failed"): empty input cloud, or a mesh with zero vertices or
             faces (never an artifact).
     """
+    import pycolmap
     import trimesh
 
     if ply_vertex_count(fused_ply) == 0:  # poisson_meshing segfaults on an empty cloud

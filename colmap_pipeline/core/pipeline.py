@@ -215,13 +215,23 @@ def _stage_frames(ws: Workspace, job: dict, progress: Progress, t0: float) -> di
             "warnings": res["warnings"]}
 
 
+def _sift_options(job: dict) -> dict:
+    """SIFT overrides of the job: :data:`..presets.VIDEO_SIFT_OPTIONS` for a video, none (COLMAP's
+    defaults) for a photo set."""
+    from ..presets import VIDEO_SIFT_OPTIONS
+
+    if Path(job["input"]).is_dir():
+        return {}
+    return dict(VIDEO_SIFT_OPTIONS.get(job["preset"].quality, {}))
+
+
 def _stage_features(ws: Workspace, job: dict, progress: Progress, t0: float) -> dict:
     from . import sfm_features
 
     _require(ws, "frames")
     return sfm_features.extract_features(ws.database, ws.frames_dir, job["preset"],
-                                         use_gpu=bool(job["use_gpu"]),
-                                         progress=progress).to_dict()
+                                         use_gpu=bool(job["use_gpu"]), progress=progress,
+                                         sift_options=_sift_options(job)).to_dict()
 
 
 def _stage_matching(ws: Workspace, job: dict, progress: Progress, t0: float) -> dict:
@@ -256,7 +266,7 @@ def _stage_mapping(ws: Workspace, job: dict, progress: Progress, t0: float) -> d
         if names:
             sfm_features.extract_features(
                 ws.database, ws.frames_dir, preset, use_gpu=bool(job["use_gpu"]), names=names,
-                num_threads=repeatable.get("num_threads", -1))
+                num_threads=repeatable.get("num_threads", -1), sift_options=_sift_options(job))
         return ladder.AddedFrames(names, len(frames["frames"]) + len(names))
 
     is_video = not Path(job["input"]).is_dir()

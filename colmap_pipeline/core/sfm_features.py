@@ -20,9 +20,10 @@ import math
 import os
 import statistics
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import pycolmap
@@ -42,13 +43,17 @@ CAMERA_MODEL = "SIMPLE_RADIAL"
 #: Sequential matching: each image is matched with the next ``SEQUENTIAL_OVERLAP`` images and,
 #: with quadratic overlap, images 2**k further (COLMAP's defaults, ``SequentialPairingOptions``).
 SEQUENTIAL_OVERLAP = 10
-#: Images per ``extract_features`` call. Measured on 2 cores, 30 frames 848x480: one call 11.0 s,
-#: chunks of 10: 11.1 s, chunks of 6: 11.6 s, chunks of 3: 13.9 s (per-call start-up cost).
-MIN_IMAGES_PER_CHUNK = 5
-TARGET_CHUNKS = 10
+#: Images per ``extract_features`` call: at least ``MIN_IMAGES_PER_CHUNK``, about
+#: ``TARGET_IMAGE_CHUNKS`` calls, rounded up to a multiple of the threads (a call waits for its
+#: slowest image, so 5 images on 2 threads leave one idle for the last). Measured on 2 cores,
+#: 30 frames 848x480: one call 11.0 s, chunks of 10: 11.1 s, chunks of 6: 11.6 s, chunks of 3:
+#: 13.9 s (per-call start-up cost).
+MIN_IMAGES_PER_CHUNK = 10
+TARGET_IMAGE_CHUNKS = 3
 #: Image pairs per ``match_image_pairs`` call (119 sequential pairs for 30 frames: one call
-#: 4.0-4.9 s, four chunks 5.7 s).
-MIN_PAIRS_PER_CHUNK = 30
+#: 4.0-4.9 s, four chunks 5.7 s; now two).
+MIN_PAIRS_PER_CHUNK = 60
+TARGET_CHUNKS = 10
 #: Own vocabulary for offline loop closure: visual words and descriptors sampled to build it
 #: (COLMAP's downloadable trees have 32K-1M words for millions of images; a job has at most a
 #: few hundred thousand descriptors, so a few hundred words keep the build to ~1-2 s on 2
@@ -57,6 +62,16 @@ MIN_PAIRS_PER_CHUNK = 30
 LOOP_VOCAB_WORDS = 256
 LOOP_VOCAB_SAMPLE = 20000
 LOOP_NUM_IMAGES = 8
+#: Overrides of pycolmap's ``FeatureMatchingOptions`` (the :data:`SIFT_MATCHING_KEYS` go to its
+#: ``sift`` part) and ``TwoViewGeometryOptions`` (the :data:`RANSAC_KEYS` go to its ``ransac``
+#: part). Empty = COLMAP's defaults: with ~800 keypoints a frame, no watermark detection and
+#: fewer RANSAC trials measured no faster (issue 14, BENCHMARKS.md); kept as the benchmark's
+#: handle (``scripts/bench_speed_levers.py``).
+MATCHING_OPTIONS: dict[str, object] = {}
+VERIFICATION_OPTIONS: dict[str, object] = {}
+SIFT_MATCHING_KEYS = ("max_ratio", "max_distance", "cross_check", "cpu_brute_force_matcher")
+RANSAC_KEYS = ("max_error", "min_inlier_ratio", "confidence", "min_num_trials",
+               "max_num_trials", "dyn_num_trials_multiplier")
 
 
 
@@ -139,8 +154,11 @@ def device(use_gpu: bool) -> pycolmap.Device:
     return pycolmap.Device.cuda if (use_gpu and pycolmap.has_cuda) else pycolmap.Device.cpu
 
 
-def _chunks(items: list[_T], n_min: int, target: int) -> list[list[_T]]:
+def _chunks(items: list[_T], n_min: int, target: int, multiple_of: int = 1) -> list[list[_T]]:
+    """About ``target`` chunks of at least ``n_min`` items, the size rounded up to a multiple
+    of ``multiple_of`` (the extractor's threads: a chunk ends when its slowest image does)."""
     size = max(n_min, math.ceil(len(items) / max(1, target)))
+    size = math.ceil(size / max(1, multiple_of)) * max(1, multiple_of)
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
@@ -170,11 +188,15 @@ def image_names(database_path: PathLike) -> dict[int, str]:
         return {int(im.image_id): im.name for im in db.read_all_images()}
 
 
-def _extraction_options(preset: Preset, dev: pycolmap.Device,
-                        num_threads: int) -> pycolmap.FeatureExtractionOptions:
+def _extraction_options(preset: Preset, dev: pycolmap.Device, num_threads: int,
+                        sift_options: Mapping[str, Any]) -> pycolmap.FeatureExtractionOptions:
     ext = pycolmap.FeatureExtractionOptions()
     ext.max_image_size = int(preset.max_image_size)
     ext.sift.max_num_features = int(preset.max_num_features)
+    for k, v in sift_options.items():
+        if not hasattr(ext.sift, k):
+            raise ValueError(f"unknown SIFT option {k!r}")
+        setattr(ext.sift, k, v)
     ext.num_threads = num_threads
     ext.use_gpu = dev == pycolmap.Device.cuda
     return ext
@@ -197,7 +219,8 @@ def _feature_summary(database_path: PathLike, dev: pycolmap.Device) -> FeatureSu
 
 def extract_features(database_path: PathLike, image_dir: PathLike, preset: Preset,
                      use_gpu: bool = False, progress: Progress = no_progress,
-                     num_threads: int = -1, names: list[str] | None = None) -> FeatureSummary:
+                     num_threads: int = -1, names: list[str] | None = None,
+                     sift_options: Mapping[str, Any] | None = None) -> FeatureSummary:
     """Detect SIFT features (Lowe, IJCV 2004; COLMAP's SIFT) in every image of ``image_dir``.
 
     One shared camera (``CameraMode.SINGLE``, model :data:`CAMERA_MODEL`, focal length
@@ -216,6 +239,8 @@ def extract_features(database_path: PathLike, image_dir: PathLike, preset: Prese
         num_threads: CPU threads (-1 = all cores).
         names: only these files of ``image_dir``, added to the database's existing camera
             (the ladder's ``more_frames`` rung); default: every image, new camera.
+        sift_options: overrides of pycolmap's ``SiftExtractionOptions`` (e.g.
+            ``{"first_octave": 0}``, :data:`..presets.VIDEO_SIFT_OPTIONS`); default: none.
 
     Returns:
         the database's totals after extraction.
@@ -233,10 +258,11 @@ def extract_features(database_path: PathLike, image_dir: PathLike, preset: Prese
     if not names:
         raise PipelineError("too_few_frames", details={"images": 0})
     dev = device(use_gpu)
-    ext = _extraction_options(preset, dev, num_threads)
+    ext = _extraction_options(preset, dev, num_threads, sift_options or {})
     done = 0
     progress(0.0, f"Detecting features in images (0/{len(names)})...")
-    for chunk in _chunks(names, MIN_IMAGES_PER_CHUNK, TARGET_CHUNKS):
+    threads = num_threads if num_threads > 0 else (os.cpu_count() or 1)
+    for chunk in _chunks(names, MIN_IMAGES_PER_CHUNK, TARGET_IMAGE_CHUNKS, multiple_of=threads):
         reader = pycolmap.ImageReaderOptions()
         reader.camera_model = CAMERA_MODEL
         if camera_id != -1:
@@ -264,6 +290,11 @@ def _match_pairs(database_path: PathLike, pairs: list[Pair], id_to_name: dict[in
     matching = pycolmap.FeatureMatchingOptions()
     matching.num_threads = num_threads
     matching.use_gpu = dev == pycolmap.Device.cuda
+    for k, v in MATCHING_OPTIONS.items():
+        setattr(matching.sift if k in SIFT_MATCHING_KEYS else matching, k, v)
+    verification = pycolmap.TwoViewGeometryOptions()
+    for k, v in VERIFICATION_OPTIONS.items():
+        setattr(verification.ransac if k in RANSAC_KEYS else verification, k, v)
     done = 0
     progress(0.0, f"Matching image pairs (0/{len(pairs)})...")
     fd, list_path = tempfile.mkstemp(prefix=".pairs_", suffix=".txt",
@@ -276,7 +307,8 @@ def _match_pairs(database_path: PathLike, pairs: list[Pair], id_to_name: dict[in
             imported = pycolmap.ImportedPairingOptions()
             imported.match_list_path = list_path
             pycolmap.match_image_pairs(database_path, matching_options=matching,
-                                       pairing_options=imported, device=dev)
+                                       pairing_options=imported,
+                                       verification_options=verification, device=dev)
             done += len(chunk)
             progress(done / len(pairs), f"Matching image pairs ({done}/{len(pairs)})...")
     finally:

@@ -61,6 +61,15 @@ FOCAL_PRIOR_TOLERANCE = 0.2
 #: ends. pycolmap releases the GIL while mapping, so the thread runs.
 HEARTBEAT_S = 2.0
 GLOBAL_S_PER_FRAME = 1.0
+#: Overrides of ``GlobalPipelineOptions`` for every global mapping (dotted keys for nested
+#: options; an attempt's own ``mapper_options`` win) (issue 14; BENCHMARKS.md).
+#: ``track_required_tracks_per_view``: global positioning and bundle adjustment use only
+#: enough of the longest tracks to give each image this many (COLMAP 4's default keeps all);
+#: the final retriangulation adds the rest back. Karma, 30 frames, 2,532 keypoints per frame:
+#: 33 s of CPU for mapping with all tracks, 3.2 s with 100 (6.2 s with 200), with the same
+#: 30/30 images, 4,132 vs 4,138 points and 0.368 vs 0.366 px; Strecha fountain at low: 6.56-6.58
+#: mm median camera-centre error (6.62-6.63 mm with all tracks; runs spread by about 0.1 mm).
+GLOBAL_OPTIONS: dict[str, Any] = {"mapper.track_required_tracks_per_view": 100}
 #: COLMAP's default focal-length guess: 1.2 x max(width, height)
 #: (``ImageReaderOptions.default_focal_length_factor``).
 DEFAULT_FOCAL_FACTOR = 1.2
@@ -191,11 +200,17 @@ def _heartbeat(progress: Progress, num_frames: int) -> Iterator[None]:
 
 
 def _override(target: object, overrides: Mapping[str, Any], what: str) -> None:
-    """``setattr`` each override on ``target``; ``ValueError`` names an unknown option."""
+    """``setattr`` each override on ``target`` (a dotted key such as
+    ``"mapper.ba_num_iterations"`` sets a nested option); ``ValueError`` names an unknown
+    option."""
     for k, v in overrides.items():
-        if not hasattr(target, k):
+        obj = target
+        *path, attr = k.split(".")
+        for part in path:
+            obj = getattr(obj, part, None)
+        if obj is None or not hasattr(obj, attr):
             raise ValueError(f"unknown {what} option {k!r}")
-        setattr(target, k, v)
+        setattr(obj, attr, v)
 
 
 def _run_incremental(database_path: PathLike, image_dir: PathLike, out: Path, num_frames: int,
@@ -221,7 +236,7 @@ def _run_global(database_path: PathLike, image_dir: PathLike, out: Path, num_fra
     opts = pycolmap.GlobalPipelineOptions()
     opts.num_threads = opts.mapper.num_threads = num_threads
     opts.random_seed = opts.mapper.random_seed = random_seed
-    _override(opts, overrides, "global pipeline")
+    _override(opts, {**GLOBAL_OPTIONS, **overrides}, "global pipeline")
     with _heartbeat(progress, num_frames):
         return dict(pycolmap.global_mapping(database_path, image_dir, out, options=opts) or {})
 
