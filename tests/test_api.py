@@ -10,7 +10,8 @@ import socket
 import time
 
 import httpx
-from conftest import SAMPLE_VIDEO
+import pytest
+from conftest import SAMPLE_VIDEO, ServerProcess
 from web_harness import files_under, read_response
 
 from colmap_pipeline.jobs import Intent
@@ -36,9 +37,21 @@ def _upload(client: httpx.Client, content: bytes | None, name: str = "clip.mp4",
     return client.post("/upload-video", data=data, files=files)
 
 
-def test_over_limit_gets_413_before_the_body_is_sent(start_server):
-    limit = 1_000_000
-    srv = start_server(MAX_UPLOAD_BYTES=limit)
+#: MAX_UPLOAD_BYTES of :func:`small_limit_server`
+SMALL_LIMIT = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def small_limit_server(tmp_path_factory):
+    """One server with a 1 MB upload limit for the two 413 tests (neither creates a job)."""
+    srv = ServerProcess(tmp_path_factory.mktemp("limit"), {"MAX_UPLOAD_BYTES": str(SMALL_LIMIT)})
+    yield srv
+    srv.stop()
+
+
+def test_over_limit_gets_413_before_the_body_is_sent(small_limit_server):
+    limit = SMALL_LIMIT
+    srv = small_limit_server
     before_data, before_tmp = _files(srv.data_dir), _files(srv.tmp_dir)
     boundary = "b0undary"
     head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"video\"; "
@@ -72,10 +85,10 @@ def test_over_limit_gets_413_before_the_body_is_sent(start_server):
     assert _files(srv.tmp_dir) == before_tmp
 
 
-def test_content_length_beyond_the_disk_is_413_not_507(start_server):
+def test_content_length_beyond_the_disk_is_413_not_507(small_limit_server):
     """A Content-Length larger than the free disk AND the upload limit is the client's error
     (413, do not retry), not the operator's (507)."""
-    srv = start_server()
+    srv = small_limit_server
     for path in ("/upload-video", "/upload-images"):
         with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
             sock.sendall((f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -232,7 +245,9 @@ def test_concurrent_retry_and_cancel_never_500_and_every_200_happened(start_serv
 
 
 def test_sigabrt_in_child_fails_job_as_pipeline_crashed(start_server):
-    srv = start_server(TEST_FAULT="abort:features")
+    # fake stage bodies (the frames stage does not decode the sample); the fault still
+    # aborts the real features child before its body
+    srv = start_server(TEST_FAULT="abort:features", COLMAP_TEST_FAKE_STAGES="0")
     with srv.client() as c:
         r = _upload(c, SAMPLE_VIDEO.read_bytes())
         assert r.status_code == 202, r.text

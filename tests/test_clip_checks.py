@@ -207,26 +207,5 @@ def test_three_frame_clip_fails_as_too_short_with_its_numbers(tmp_path):
     assert doc["diagnosis"]["message"] == err.message
 
 
-# --- end to end -----------------------------------------------------------------------------
-
-def test_euroc_static_fails_before_sfm_and_frames_are_served(start_server):
-    clip = shared_file(EUROC_STATIC)
-    srv = start_server()
-    with srv.client() as c:
-        with open(clip, "rb") as fh:
-            r = c.post("/upload-video", files={"video": ("euroc.mp4", fh, "video/mp4")},
-                       data={"project_id": "p", "quality": "low"})
-        assert r.status_code == 202, r.text
-        job_id = r.json()["job_id"]
-        job = srv.wait_for_job(job_id, timeout_s=120)
-        assert job["status"] == "failed" and job["error"]["code"] == "insufficient_motion"
-        assert list(job["attempts"][-1]["stage_wall_s"]) == ["frames"]
-        fr = c.get(f"/jobs/{job_id}/frames")
-        assert fr.status_code == 200
-        body = fr.json()
-        assert body["cap"] == 30 and body["num_decoded"] == 95 and len(body["frames"]) == 95
-        assert body["diagnosis"]["code"] == "insufficient_motion"
-        assert body["dropped"]["near_duplicate"] >= 25 and body["kept"] < clip_checks.MIN_FRAMES
-        assert sum(f["kept"] for f in body["frames"]) == body["kept"]
-        missing = c.get("/jobs/nope/frames")
-        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+# The EuRoC clip through a real server (the job fails in the frames stage, its frame scores
+# served): tests/test_e2e.py::test_static_camera_fails_with_motion_hint_and_its_frames_are_served

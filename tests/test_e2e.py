@@ -10,7 +10,9 @@ import zipfile
 import httpx
 import numpy as np
 import pytest
-from conftest import EUROC_VIDEO, SAMPLE_VIDEO, shared_file
+from conftest import EUROC_VIDEO, SAMPLE_VIDEO, ServerProcess, shared_file
+
+from colmap_pipeline.core import clip_checks
 
 pytestmark = pytest.mark.e2e
 
@@ -41,10 +43,18 @@ class HealthSampler(threading.Thread):
         self.join()
 
 
-def test_sample_video_low_quality_end_to_end(start_server, tmp_path):
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for the module: its tests' jobs run one after the other."""
+    srv = ServerProcess(tmp_path_factory.mktemp("e2e"), {})
+    yield srv
+    srv.stop()
+
+
+def test_sample_video_low_quality_end_to_end(server, tmp_path):
     pycolmap = pytest.importorskip("pycolmap")
     plyfile = pytest.importorskip("plyfile")
-    srv = start_server()
+    srv = server
     sampler = HealthSampler(srv.url)
     sampler.start()
     stages_seen: list[str] = []
@@ -73,7 +83,9 @@ def test_sample_video_low_quality_end_to_end(start_server, tmp_path):
     res = job["results"]
     assert res["frames_extracted"] == 30
     assert res["registered_images"] >= 27
-    assert res["points3d"] >= 1000
+    # SIFT from the frames' own size at low (issue 14; tests/test_pipeline.py has the same
+    # bound): 988-1,049 points measured
+    assert res["points3d"] >= 850
     assert 0 < res["mean_reprojection_error_px"] < 1.5
     assert res["mean_track_length"] > 2
     assert job["progress"] == 100
@@ -100,7 +112,10 @@ def test_sample_video_low_quality_end_to_end(start_server, tmp_path):
         ply_bytes = c.get(names["sparse.ply"]["url"]).content
         zip_bytes = c.get(names["model.zip"]["url"]).content
         thumb = c.get(names["thumbnail.jpg"]["url"])
-        assert thumb.headers["content-type"] == "image/jpeg" and thumb.content[:2] == b"\xff\xd8"
+        # issue 13: every artifact downloads as an attachment of a safe type (a JPEG is not one)
+        assert thumb.headers["content-type"] == "application/octet-stream"
+        assert thumb.headers["content-disposition"].startswith("attachment")
+        assert thumb.content[:2] == b"\xff\xd8"
         assert c.get(f"/jobs/{job_id}/artifacts/../../colmap_app.db").status_code == 404
         assert c.get(f"/jobs/{job_id}/artifacts/nope.txt").status_code == 404
     assert len(ply_bytes) == names["sparse.ply"]["bytes"]
@@ -136,14 +151,16 @@ def test_sample_video_low_quality_end_to_end(start_server, tmp_path):
           f"p95={p95 * 1000:.1f} ms max={max(lat) * 1000:.1f} ms")
 
 
-def test_static_camera_fails_with_motion_hint(start_server):
+def test_static_camera_fails_with_motion_hint_and_its_frames_are_served(server):
+    """The EuRoC static clip fails as ``insufficient_motion`` in the frames stage (no SIFT
+    stage runs), with a hint to move, and its frame scores are served."""
     video = shared_file(EUROC_VIDEO.relative_to(EUROC_VIDEO.parents[1]).as_posix())
-    srv = start_server()
-    with srv.client() as c, open(video, "rb") as f:
+    with server.client() as c, open(video, "rb") as f:
         r = c.post("/upload-video", files={"video": ("static.mp4", f, "video/mp4")},
                    data={"project_id": "e2e", "scan_name": "Static", "quality": "low"})
         assert r.status_code == 202, r.text
-        job = srv.wait_for_job(r.json()["job_id"], timeout_s=300)
+        job_id = r.json()["job_id"]
+        job = server.wait_for_job(job_id, timeout_s=300)
         assert job["status"] == "failed"
         assert job["error"]["code"] == "insufficient_motion"
         assert "mov" in job["error"]["hint"].lower()
@@ -153,5 +170,15 @@ def test_static_camera_fails_with_motion_hint(start_server):
         assert attempt["failed_stage"] == "frames"
         assert attempt["error_code"] == "insufficient_motion"
         assert list(attempt["stage_wall_s"]) == ["frames"]
+        # the frame selection that found it is served
+        fr = c.get(f"/jobs/{job_id}/frames")
+        assert fr.status_code == 200
+        body = fr.json()
+        assert body["cap"] == 30 and body["num_decoded"] == 95 and len(body["frames"]) == 95
+        assert body["diagnosis"]["code"] == "insufficient_motion"
+        assert body["dropped"]["near_duplicate"] >= 25 and body["kept"] < clip_checks.MIN_FRAMES
+        assert sum(f["kept"] for f in body["frames"]) == body["kept"]
+        missing = c.get("/jobs/nope/frames")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
         assert c.get("/health").json()["status"] == "healthy"
         assert c.get("/readiness").status_code == 200

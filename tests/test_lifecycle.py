@@ -11,6 +11,13 @@ bodies.
 Servers run with ``PIPELINE_RANDOM_SEED=0`` (seeded, single-threaded matching and mapping):
 with random seeds two undisturbed runs of the sample differ by up to 30 % in points.
 
+Servers keep :data:`LIFECYCLE_FRAMES` frames per job (``MAX_FRAMES_LOW``), not 30: resume,
+cancel and drain act the same on a smaller model. The four real jobs (the undisturbed
+reference and the three fault scenarios) start together, each on its own server, when the
+first of those tests is set up (:func:`real_jobs`): their single-threaded matching and mapping
+overlap, and each scenario waits at its pause until its test acts. Module on the 2-core
+machine, same load: 111 s with 30 frames and each test starting its own job in turn, 66 s now.
+
 Fault tests use the TEST-ONLY hook ``TEST_FAULT=pause:STAGE``: the stage child creates
 ``WS/test_fault_paused.STAGE`` and blocks until the file is removed. A restarted server without
 ``TEST_FAULT`` writes a ``job.json`` without the fault, so the resumed child runs normally.
@@ -20,6 +27,8 @@ from __future__ import annotations
 import shutil
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -31,6 +40,10 @@ from colmap_pipeline.layout import DataDir, Workspace
 from colmap_pipeline.protocol import STAGES
 
 pytestmark = pytest.mark.e2e
+
+#: frames per job of this module's servers (``MAX_FRAMES_LOW``; the preset's 30 are tested
+#: end to end in tests/test_e2e.py)
+LIFECYCLE_FRAMES = 12
 
 # --- helpers --------------------------------------------------------------------------------
 
@@ -45,7 +58,8 @@ class Servers:
         log = self.tmp / "server.log"
         if log.exists():  # keep the previous server's log for debugging
             log.rename(self.tmp / f"server.{len(self.all)}.log")
-        env = {"PIPELINE_RANDOM_SEED": 0, **env}  # repeatable models: compare with ±1 / ±5 %
+        # repeatable models (compare with ±1 / ±5 %) of LIFECYCLE_FRAMES frames
+        env = {"PIPELINE_RANDOM_SEED": 0, "MAX_FRAMES_LOW": LIFECYCLE_FRAMES, **env}
         srv = ServerProcess(self.tmp, {k: str(v) for k, v in env.items()})
         self.all.append(srv)
         return srv
@@ -94,24 +108,79 @@ def assert_nothing_processing(srv: ServerProcess) -> None:
         assert c.get("/jobs", params={"status": "processing"}).json()["total"] == 0
 
 
-@pytest.fixture(scope="session")
-def undisturbed(tmp_path_factory) -> dict:
-    """Results of one undisturbed run of the sample at ``low`` (once per test session)."""
-    srv = ServerProcess(tmp_path_factory.mktemp("undisturbed"), {"PIPELINE_RANDOM_SEED": "0"})
+#: SHUTDOWN_GRACE_S of the drain test's server (s)
+DRAIN_GRACE_S = 3.0
+
+
+class Scenario:
+    """A server of its own (:class:`Servers`, seeded) with the sample uploaded to it."""
+
+    def __init__(self, tmp: Path, key: str | None = None, **env):
+        self.servers = Servers(tmp)
+        self.srv = self.servers.start(**env)
+        with self.srv.client() as c:
+            r = upload(c, key=key)
+        assert r.status_code == 202, r.text
+        self.job_id: str = r.json()["job_id"]
+        self.ws = workspace(self.srv, self.job_id)
+
+
+class Reference(Scenario):
+    """The undisturbed run: the sample on a server without faults."""
+
+    _results: dict | None = None
+
+    def results(self) -> dict:
+        """The completed job's ``results`` (waits for the job, then stops its server)."""
+        if self._results is None:
+            job = self.srv.wait_for_job(self.job_id, timeout_s=600)
+            self.servers.stop_all()
+            assert job["status"] == "completed", job.get("error")
+            assert job["results"]["frames_extracted"] == LIFECYCLE_FRAMES
+            self._results = job["results"]
+        return self._results
+
+
+@dataclass
+class RealJobs:
+    """The module's real reconstructions, each on its own server and DATA_DIR."""
+
+    reference: Reference  # undisturbed
+    kill: Scenario  # paused at matching, for the kill -9
+    cancel: Scenario  # paused at matching, for cancel then retry
+    drain: Scenario  # paused at features, for the SIGTERM drain (grace DRAIN_GRACE_S)
+
+
+@pytest.fixture(scope="module")
+def real_jobs(tmp_path_factory):
+    """All four real jobs, started together (four servers at once, each sent the sample) when
+    the first test needing one is set up. Their frames and features run at once, and seeded
+    matching and mapping use one core each, so the reference and the later tests' jobs run
+    alongside the first test's: they wait at their pause (no CPU) until their test acts, and
+    every timed assertion (a cancel kills within 5 s, the drain's grace) runs while the others
+    are paused or done."""
+    specs = [("undisturbed", Reference, {}),
+             ("kill", Scenario, {"key": "fault-matching", "TEST_FAULT": "pause:matching"}),
+             ("cancel", Scenario, {"TEST_FAULT": "pause:matching"}),
+             ("drain", Scenario, {"TEST_FAULT": "pause:features",
+                                  "SHUTDOWN_GRACE_S": DRAIN_GRACE_S})]
+    with ThreadPoolExecutor(len(specs)) as pool:  # the four servers start at once
+        futures = [pool.submit(cls, tmp_path_factory.mktemp(name), **env)
+                   for name, cls, env in specs]
+    made = [f.result() for f in futures if f.exception() is None]
     try:
-        with srv.client() as c:
-            r = upload(c)
-            assert r.status_code == 202, r.text
-            job = srv.wait_for_job(r.json()["job_id"], timeout_s=400)
+        assert len(made) == len(specs), [f.exception() for f in futures]
+        yield RealJobs(*made)
     finally:
-        srv.stop()
-    assert job["status"] == "completed", job.get("error")
-    return job["results"]
+        for sc in made:
+            sc.servers.stop_all()
 
 
-def assert_matches_undisturbed(job: dict, ref: dict) -> None:
+def assert_matches_undisturbed(job: dict, reference: Reference) -> None:
+    """``job`` completed, with the reference's frames, registered images within ±1 and points
+    within ±5 % (waits for the reference if it is still running)."""
     assert job["status"] == "completed", job.get("error")
-    res = job["results"]
+    res, ref = job["results"], reference.results()
     assert res["frames_extracted"] == ref["frames_extracted"]
     assert abs(res["registered_images"] - ref["registered_images"]) <= 1, (
         res["registered_images"], ref["registered_images"])
@@ -121,17 +190,13 @@ def assert_matches_undisturbed(job: dict, ref: dict) -> None:
 
 # --- resume after kill -9 of the server -----------------------------------------------------
 
-def test_sigkill_server_during_matching_then_resume(servers, undisturbed):
+def test_sigkill_server_during_matching_then_resume(real_jobs):
     """The one real resume: checkpoints reused, the child killed with its server, and the
     resumed model equal to an undisturbed one (every other stage: tests/test_scheduler.py)."""
     stage = "matching"
-    srv = servers.start(TEST_FAULT=f"pause:{stage}")
-    with srv.client() as c:
-        r = upload(c, key=f"fault-{stage}")
-        assert r.status_code == 202, r.text
-    job_id = r.json()["job_id"]
-    ws = workspace(srv, job_id)
-    wait_until(lambda: pause_flag(ws, stage).exists(), 240, f"pause at {stage}")
+    servers, srv, job_id, ws = (real_jobs.kill.servers, real_jobs.kill.srv,
+                                real_jobs.kill.job_id, real_jobs.kill.ws)
+    wait_until(lambda: pause_flag(ws, stage).exists(), 300, f"pause at {stage}")
     done_before = list(STAGES[:STAGES.index(stage)])
     mtimes = checkpoint_mtimes(ws)
     assert sorted(mtimes) == sorted(done_before)
@@ -144,7 +209,7 @@ def test_sigkill_server_during_matching_then_resume(servers, undisturbed):
     assert still_alive(children) == [], "a stage child from before the kill is alive"
     job = srv2.wait_for_job(job_id, timeout_s=300)
 
-    assert_matches_undisturbed(job, undisturbed)
+    assert_matches_undisturbed(job, real_jobs.reference)
     after = checkpoint_mtimes(ws)
     assert {s: after[s] for s in done_before} == mtimes, "a finished stage ran again"
     assert sorted(after) == sorted(STAGES)
@@ -155,17 +220,16 @@ def test_sigkill_server_during_matching_then_resume(servers, undisturbed):
     assert list(attempt["stage_wall_s"]) == list(STAGES[STAGES.index(stage):])
     assert job["attempt"] == 2
     assert_nothing_processing(srv2)
+    servers.stop_all()
 
 
 # --- cancel, then retry ---------------------------------------------------------------------
 
-def test_cancel_during_matching_then_retry_completes(servers, undisturbed):
-    srv = servers.start(TEST_FAULT="pause:matching")
+def test_cancel_during_matching_then_retry_completes(real_jobs):
+    srv, job_id, ws = real_jobs.cancel.srv, real_jobs.cancel.job_id, real_jobs.cancel.ws
     with srv.client() as c:
-        job_id = upload(c).json()["job_id"]
-        ws = workspace(srv, job_id)
         flag = pause_flag(ws, "matching")
-        wait_until(flag.exists, 240, "pause at matching")
+        wait_until(flag.exists, 300, "pause at matching")
         children = stage_children(ws)
         assert len(children) == 1
         mtimes = checkpoint_mtimes(ws)
@@ -190,7 +254,7 @@ def test_cancel_during_matching_then_retry_completes(servers, undisturbed):
         wait_until(flag.exists, 60, "the retry to reach matching")  # resumed at matching
         flag.unlink()
         job = srv.wait_for_job(job_id, timeout_s=300)
-        assert_matches_undisturbed(job, undisturbed)
+        assert_matches_undisturbed(job, real_jobs.reference)
         after = checkpoint_mtimes(ws)
         assert {s: after[s] for s in mtimes} == mtimes  # frames, features not redone
         assert [(a["attempt"], a["outcome"], a["failed_stage"]) for a in job["attempts"]] == [
@@ -198,17 +262,17 @@ def test_cancel_during_matching_then_retry_completes(servers, undisturbed):
         assert job["attempts"][1]["skipped_stages"] == ["frames", "features"]
         r = c.post(f"/jobs/{job_id}/retry")
         assert r.status_code == 409 and r.json()["error"]["code"] == "job_not_retryable"
+    real_jobs.cancel.servers.stop_all()
 
 
 # --- graceful shutdown ----------------------------------------------------------------------
 
-def test_sigterm_drains_then_job_resumes_after_restart(servers, undisturbed):
-    grace = 3.0
-    srv = servers.start(TEST_FAULT="pause:features", SHUTDOWN_GRACE_S=grace)
+def test_sigterm_drains_then_job_resumes_after_restart(real_jobs):
+    grace = DRAIN_GRACE_S
+    servers, srv, job_id, ws = (real_jobs.drain.servers, real_jobs.drain.srv,
+                                real_jobs.drain.job_id, real_jobs.drain.ws)
     with srv.client() as c:
-        job_id = upload(c).json()["job_id"]
-        ws = workspace(srv, job_id)
-        wait_until(lambda: pause_flag(ws, "features").exists(), 60, "pause at features")
+        wait_until(lambda: pause_flag(ws, "features").exists(), 300, "pause at features")
         mtimes = checkpoint_mtimes(ws)
         assert list(mtimes) == ["frames"]
         children = stage_children(ws)
@@ -231,11 +295,12 @@ def test_sigterm_drains_then_job_resumes_after_restart(servers, undisturbed):
 
     srv2 = servers.start()
     job = srv2.wait_for_job(job_id, timeout_s=300)
-    assert_matches_undisturbed(job, undisturbed)
+    assert_matches_undisturbed(job, real_jobs.reference)
     assert checkpoint_mtimes(ws)["frames"] == mtimes["frames"]
     assert [(a["outcome"], a["failed_stage"]) for a in job["attempts"]] == [
         ("interrupted", "features"), ("completed", None)], job["attempts"]
     assert_nothing_processing(srv2)
+    servers.stop_all()
 
 
 # --- uploads across a restart, free disk ----------------------------------------------------

@@ -97,7 +97,7 @@ def test_map_models_without_matches_returns_no_model(tmp_path):
 def test_global_mapping_reports_progress_while_it_runs(tmp_path, monkeypatch):
     """Global SfM has no callbacks: a heartbeat thread reports elapsed time, never 'done'."""
     monkeypatch.setattr(sm, "HEARTBEAT_S", 0.01)
-    # 15 frames map in ~0.4 s on one core, about 36 beats (40 frames and 2000 points: 12 s)
+    # 15 frames map in 0.3 s on one core, with dozens of beats (40 frames, 2000 points: 3 s)
     dbp = synth(tmp_path, 15, 500)
     seen: list[tuple[float, str]] = []
     models = sm.map_models(dbp, tmp_path / "img", tmp_path / "out", 15, mapper="global",
