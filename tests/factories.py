@@ -322,6 +322,17 @@ def make_zip(entries: list[tuple[str, bytes]], compression=zipfile.ZIP_STORED) -
     return buf.getvalue()
 
 
+def zip_with(entries: list[tuple[str, bytes]], info: zipfile.ZipInfo, data: bytes) -> bytes:
+    """A zip of ``entries`` (plain names) followed by one entry described by ``info`` (a
+    symbolic link, an odd flag, a name to test) holding ``data``."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, photo in entries:
+            zf.writestr(name, photo)
+        zf.writestr(info, data)
+    return buf.getvalue()
+
+
 def bomb_zip() -> bytes:
     """One .png entry of 64 MiB of zeros: DEFLATE shrinks it ~1000x (64 KiB on the wire)."""
     buf = io.BytesIO()

@@ -507,6 +507,22 @@ async def test_schema_version_wal_and_columns(tmp_path):
     assert cols == set(COLUMNS)  # the Job record and the table name the same columns
 
 
+async def assert_migrated_to_v4(s) -> None:
+    """The row ``old`` (completed, ``Idempotency-Key: K``, written at version 2 or 3) after
+    the migration to 4 (also used by the PostgreSQL test): no owner, its key still held by
+    no-owner and free for another owner."""
+    assert await s.schema_version() == 4
+    row = await s.get_job("old")
+    assert row is not None
+    assert (row.status, row.results, row.error_details, row.request_fingerprint,
+            row.owner) == ("completed", {"n": 1}, None, None, None)
+    assert (await s.find_by_idempotency_key("K")).job_id == "old"
+    assert await s.find_by_idempotency_key("K", "alice") is None
+    with pytest.raises(DuplicateKey):
+        await s.create_job(_job(1, idempotency_key="K"))
+    assert (await s.create_job(_job(2, owner="alice", idempotency_key="K"))).owner == "alice"
+
+
 @pytest.mark.parametrize("version", [2, 3])
 async def test_migration_keeps_rows_and_scopes_their_keys(tmp_path, version):
     """A database at version 2 or 3 migrates to 4 keeping its rows (no owner); the old key
@@ -524,16 +540,7 @@ async def test_migration_keeps_rows_and_scopes_their_keys(tmp_path, version):
             "'/x', 1, 'h', '{\"n\": 1}', 'K')")
     s = await SqliteJobStore.open(path)
     try:
-        assert await s.schema_version() == 4
-        row = await s.get_job("old")
-        assert row is not None
-        assert (row.status, row.results, row.error_details, row.request_fingerprint,
-                row.owner) == ("completed", {"n": 1}, None, None, None)
-        assert (await s.find_by_idempotency_key("K")).job_id == "old"
-        assert await s.find_by_idempotency_key("K", "alice") is None
-        with pytest.raises(DuplicateKey):
-            await s.create_job(_job(1, idempotency_key="K"))
-        assert (await s.create_job(_job(2, owner="alice", idempotency_key="K"))).owner == "alice"
+        await assert_migrated_to_v4(s)
     finally:
         await s.close()
     with sqlite3.connect(path) as conn:

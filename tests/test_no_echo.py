@@ -10,7 +10,6 @@ a fake runner), except the video cases, whose probe runs in its real child.
 """
 from __future__ import annotations
 
-import io
 import stat
 import struct
 import zipfile
@@ -19,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from factories import bomb_zip, jpeg_bytes, make_zip
+from factories import bomb_zip, jpeg_bytes, make_zip, zip_with
 from web_harness import BOUNDARY, CTYPE, add_job
 
 from colmap_pipeline.intake.problems import validation_problems
@@ -227,12 +226,7 @@ case("an MP4 without its index", 422, "video_incomplete")(
 
 
 def _zip_with(info: zipfile.ZipInfo, data: bytes) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, photo in PHOTOS:
-            zf.writestr(name, photo)
-        zf.writestr(info, data)
-    return buf.getvalue()
+    return zip_with(PHOTOS, info, data)
 
 
 def _symlink() -> bytes:

@@ -7,13 +7,12 @@ server (``start_server``).
 """
 from __future__ import annotations
 
-import io
 import stat
 import zipfile
 from pathlib import Path
 
 import pytest
-from factories import bomb_zip, jpeg_bytes, make_zip, png_bytes
+from factories import bomb_zip, jpeg_bytes, make_zip, png_bytes, zip_with
 
 from colmap_pipeline.errors import PipelineError
 from colmap_pipeline.intake import photo_files
@@ -215,12 +214,7 @@ def test_zip_refusals_name_the_entry_by_position(tmp_path, name, code, message):
 
 
 def _zip_with(info: zipfile.ZipInfo, data: bytes) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, photo in GOOD:
-            zf.writestr(name, photo)
-        zf.writestr(info, data)
-    return buf.getvalue()
+    return zip_with(GOOD, info, data)
 
 
 def test_symlink_encrypted_and_fake_content_entries_are_named_by_position(tmp_path):

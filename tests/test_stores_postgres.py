@@ -14,6 +14,7 @@ import pg
 import psycopg
 import pytest
 from conftest import SAMPLE_VIDEO
+from test_database import assert_migrated_to_v4
 from web_harness import async_client, files_under, make_app, settings_for
 
 import database
@@ -79,16 +80,7 @@ async def test_migration_keeps_rows_and_scopes_their_keys(pg_url, version):
             "'/x', 1, 'h', '{\"n\": 1}', 'K')")
     s = await PostgresJobStore.open(pg_url)
     try:
-        assert await s.schema_version() == 4
-        row = await s.get_job("old")
-        assert row is not None
-        assert (row.status, row.results, row.error_details, row.request_fingerprint,
-                row.owner) == ("completed", {"n": 1}, None, None, None)
-        assert (await s.find_by_idempotency_key("K")).job_id == "old"
-        assert await s.find_by_idempotency_key("K", "alice") is None
-        with pytest.raises(DuplicateKey):
-            await s.create_job(_job(1, idempotency_key="K"))
-        assert (await s.create_job(_job(2, owner="alice", idempotency_key="K"))).owner == "alice"
+        await assert_migrated_to_v4(s)
     finally:
         await s.close()
 
