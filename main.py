@@ -30,6 +30,7 @@ from urllib.parse import unquote_plus
 
 import uvicorn
 from fastapi import FastAPI
+from pydantic import ValidationError
 
 from colmap_pipeline import __version__
 from colmap_pipeline.config import Settings
@@ -116,16 +117,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 #: a query parameter whose value never goes to the access log (signed links' HMAC token)
-_SECRET_QUERY_PARAM = "token"
+#: query parameter names whose values never reach a log: signed-link tokens, and anything a
+#: client may have put a key in by mistake (compared lower-case, after percent-decoding)
+_SECRET_QUERY_WORDS = ("token", "key", "secret", "password", "auth")
 _QUERY_PAIR = re.compile(r"([?&;])([^=&;#\s]*)=([^&;#\s\"]*)")
 
 
 def redact_query_tokens(text: str) -> str:
-    """``text`` with the value of every ``token=`` query parameter replaced by ``***``
-    (the name compared case-insensitively after percent-decoding, as a server would read it):
-    ``/a?x=1&token=abc`` -> ``/a?x=1&token=***``."""
+    """``text`` with the value of every query parameter whose name holds one of
+    :data:`_SECRET_QUERY_WORDS` (``token``, ``api_key``, ``apiKey``, ``password`` …) replaced
+    by ``***`` (the name compared case-insensitively after percent-decoding, as a server would
+    read it): ``/a?x=1&token=abc`` -> ``/a?x=1&token=***``."""
     def repl(m: re.Match[str]) -> str:
-        if unquote_plus(m[2]).lower() != _SECRET_QUERY_PARAM:
+        name = unquote_plus(m[2]).lower()
+        if not any(word in name for word in _SECRET_QUERY_WORDS):
             return m[0]
         return f"{m[1]}{m[2]}=***"
     return _QUERY_PAIR.sub(repl, text) if "=" in text else text
@@ -163,8 +168,16 @@ def server_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn
 def main() -> None:
     """Serve on ``HOST:PORT`` with uvicorn. A malformed setting (``API_KEYS``, CORS ``*`` with
     credentials while keys are set, ``RATE_LIMIT_STORAGE_URI``) stops the start with one log
-    line saying what to change, and exit status 2."""
-    settings = Settings()
+    line saying what to change, and exit status 2; so does a setting out of its range (named
+    with its rule, never its value)."""
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        rules = "; ".join(f"{'.'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+                          for e in exc.errors(include_input=False))
+        log.error("refusing to start: %s", rules)
+        sys.exit(2)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -85,8 +85,8 @@ def _sets(**values: Any) -> Mapping[str, Any]:
 
 #: The transition table: the only place that says which status may follow which, and what
 #: else a transition changes (a retry clears the previous attempt's error and results, a claim
-#: starts a new attempt, an expiry removes the e-mail address with the files, a delete frees the
-#: ``Idempotency-Key`` for a new upload).
+#: starts a new attempt, an expiry removes the e-mail address with the files, a delete removes
+#: it too and frees the ``Idempotency-Key`` for a new upload).
 TRANSITIONS: Mapping[Intent, Transition] = MappingProxyType({
     Intent.CLAIM: Transition(
         frozenset({JobStatus.PENDING}), JobStatus.PROCESSING,
@@ -113,7 +113,7 @@ TRANSITIONS: Mapping[Intent, Transition] = MappingProxyType({
         _sets(user_email=None, message="Files removed by retention")),
     Intent.DELETE: Transition(
         frozenset(set(JobStatus) - {JobStatus.DELETED}), JobStatus.DELETED,
-        _sets(finished_at=Stamp.NOW_IF_UNSET, idempotency_key=None,
+        _sets(finished_at=Stamp.NOW_IF_UNSET, idempotency_key=None, user_email=None,
               message="Deleted by request")),
 })
 

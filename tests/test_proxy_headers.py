@@ -102,8 +102,10 @@ def test_redact_query_tokens():
     assert redact_query_tokens("/jobs/j1/artifacts/sparse.zip?token=abc.def-123") \
         == "/jobs/j1/artifacts/sparse.zip?token=***"
     assert redact_query_tokens("/a?x=1&token=abc&y=token=2") == "/a?x=1&token=***&y=token=2"
-    assert redact_query_tokens("/a?tokens=keep&mytoken=keep&x=token") \
-        == "/a?tokens=keep&mytoken=keep&x=token"
+    assert redact_query_tokens("/a?tokens=1&mytoken=2&x=token&page=3") \
+        == "/a?tokens=***&mytoken=***&x=token&page=3"  # any name holding a secret word
+    assert redact_query_tokens("/jobs?api_key=K1&apiKey=K2&access_token=K3&pass=4") \
+        == "/jobs?api_key=***&apiKey=***&access_token=***&pass=4"
     assert redact_query_tokens("/a?token=&x=1") == "/a?token=***&x=1"
     assert redact_query_tokens("/a?Token=abc;token=def") == "/a?Token=***;token=***"
     assert redact_query_tokens("/token=abc/x") == "/token=abc/x"  # a path, not a query

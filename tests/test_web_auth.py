@@ -36,6 +36,9 @@ def test_keys_parse_and_malformed_ones_are_named_without_the_key():
         assert "API_KEYS: entry 2" in str(err.value) and "secret-value" not in str(err.value)
     with pytest.raises(ConfigError, match="names used twice"):
         KeyRing([("a", "k1")], [("a", "k2")])
+    with pytest.raises(ConfigError, match=r"several names \['a', 'root'\]") as err:
+        KeyRing([("a", "same-key"), ("b", "k2")], [("root", "same-key")])
+    assert "same-key" not in str(err.value)
 
 
 def test_identify_finds_the_holder_and_nothing_else():
@@ -74,6 +77,13 @@ async def test_no_key_or_a_wrong_key_is_401_with_a_challenge(keyed):
         assert "nope" not in r.text
     assert (await keyed.client.get("/jobs", headers=ALICE)).status_code == 200
     assert (await keyed.client.get("/jobs", headers=BOB)).status_code == 200
+    both = {**ALICE, **BOB}  # two different keys in one request: neither is believed
+    r = await keyed.client.get("/jobs", headers=both)
+    assert r.status_code == 401 and "different keys" in r.json()["error"]["message"]
+    same = {**ALICE, "Authorization": f"Bearer {ALICE['X-API-Key']}"}
+    assert (await keyed.client.get("/jobs", headers=same)).status_code == 200
+    r = await keyed.client.get("/jobs/", headers=ALICE)  # no redirect built from Host
+    assert r.status_code == 404 and "location" not in r.headers
     r = await keyed.client.post("/upload-video", headers={"Content-Type": CTYPE}, content=TAIL)
     assert r.status_code == 401
 
@@ -141,6 +151,8 @@ async def test_user_email_is_shown_to_its_owner_only(keyed, make_api):
     assert admin["user_email"] is None and admin["owner"] == "alice"
     listed = (await keyed.client.get("/jobs", headers=OPS)).json()["jobs"]
     assert [j["user_email"] for j in listed] == [None]
+    assert (await keyed.client.delete(f"/jobs/{job.job_id}", headers=ALICE)).status_code == 200
+    assert (await keyed.store.get_job(job.job_id)).user_email is None  # gone with the job
     laptop = await make_api()
     own = await add_job(laptop.store, user_email="me@example.com")
     body = (await laptop.client.get(f"/jobs/{own.job_id}")).json()

@@ -42,6 +42,7 @@ def build_app(settings: Settings, lifespan: Lifespan[FastAPI] | None = None) -> 
     check_cors(settings, keyring)
     app = FastAPI(title="COLMAP Worker API", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False,  # a 307 built from the Host header: 404 instead
                   description="Upload a video, poll the job, download a COLMAP "
                               "reconstruction.")
     app.state.settings = settings

@@ -110,6 +110,11 @@ class KeyRing:
             raise ConfigError(f"API_KEYS/ADMIN_API_KEYS: names used twice: {dupes}")
         self._entries = [(_digest(k), Principal(n, False)) for n, k in keys]
         self._entries += [(_digest(k), Principal(n, True)) for n, k in admin_keys]
+        digests = [d for d, _ in self._entries]
+        shared = sorted({p.name or "" for d, p in self._entries if digests.count(d) > 1})
+        if shared:
+            raise ConfigError(f"API_KEYS/ADMIN_API_KEYS: one key is given under several names "
+                              f"{shared}; every name needs its own key")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> KeyRing:
@@ -174,7 +179,7 @@ async def caller(request: Request,
     also kept in ``request.state.principal`` for logs.
 
     Raises: ApiError 401 ``unauthorized`` (with ``WWW-Authenticate``) when keys are set and
-    the request carries none, or one that matches no key.
+    the request carries none, one that matches no key, or two different ones.
     """
     ring: KeyRing = request.app.state.keyring
     if not ring.enabled:
@@ -183,6 +188,8 @@ async def caller(request: Request,
         presented = api_key if api_key else (bearer.credentials if bearer else None)
         if not presented:
             raise unauthorized()
+        if api_key and bearer and bearer.credentials != api_key:
+            raise unauthorized("X-API-Key and Authorization carry different keys; send one.")
         found = ring.identify(presented)
         if found is None:
             raise unauthorized("The API key is not valid.")

@@ -26,5 +26,6 @@ async def pending_quota(caller: CallerDep, store: StoreDep, settings: SettingsDe
                                        limit=0)
     if pending >= limit:
         raise PipelineError(
-            "quota_exceeded", f"This API key has {pending} jobs waiting; at most {limit} may "
-            "wait at once.", details={"pending": pending, "limit": limit})
+            "quota_exceeded", f"This API key has {pending} job{'' if pending == 1 else 's'} "
+            f"waiting; at most {limit} may wait at once.",
+            details={"pending": pending, "limit": limit})

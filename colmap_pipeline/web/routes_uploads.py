@@ -54,6 +54,9 @@ _RESPONSES[202] = {"headers": {
     "Idempotent-Replayed": _header("true when this answers a repeated Idempotency-Key",
                                    "string"), **_RATE_HEADERS}}
 _RESPONSES[429]["headers"] = {**_RETRY_AFTER, **_RATE_HEADERS}
+_RESPONSES[429]["description"] = (
+    "rate_limited (with Retry-After), or quota_exceeded: the API key has "
+    "MAX_PENDING_JOBS_PER_KEY jobs waiting (no Retry-After)")
 _RESPONSES[503]["headers"] = dict(_RETRY_AFTER)
 #: the ``Idempotency-Key`` request header (read from the raw request, so declared by hand;
 #: the intake checks its length: :func:`..intake.intake.check_idempotency_key`)
