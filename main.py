@@ -92,8 +92,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if swept:
             log.warning("removed %d partial upload(s) left by a previous run", swept)
         app.state.draining = False
-        app.state.store = await open_store(settings)  # PostgreSQL when DATABASE_URL is set
-        app.state.gpu = await probe_gpu(cpu_only=settings.colmap_cpu_only)
+        # the GPU probe (a child, ~0.6 s) runs while the store opens
+        gpu_probe = asyncio.create_task(probe_gpu(cpu_only=settings.colmap_cpu_only))
+        try:
+            app.state.store = await open_store(settings)  # PostgreSQL when DATABASE_URL is set
+        except BaseException:
+            gpu_probe.cancel()
+            raise
+        app.state.gpu = await gpu_probe
         if settings.database_url:  # PostgreSQL mode: procrastinate queue shared by replicas
             from colmap_pipeline.runner.worker import open_queue_mode  # this mode only
             app.state.store, app.state.runner = await open_queue_mode(
