@@ -30,7 +30,8 @@ router = APIRouter(tags=["jobs"], responses=AUTH_RESPONSES)
 
 #: media types an artifact may be served as; anything else goes out as octet-stream
 SAFE_MEDIA_TYPES = frozenset({"application/octet-stream", "application/zip",
-                              "application/json", "model/gltf-binary"})
+                              "application/json", "model/gltf-binary", "image/jpeg",
+                              "image/png"})
 #: caching of a download: one user's file, never kept by a shared cache
 DOWNLOAD_CACHE = "private, max-age=0"
 
