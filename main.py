@@ -37,9 +37,12 @@ from colmap_pipeline.config import Settings
 from colmap_pipeline.layout import DataDir
 from colmap_pipeline.runner.gpu import probe_gpu
 from colmap_pipeline.runner.housekeeping import sweep_partial_uploads
+from colmap_pipeline.runner.metrics import MeteredStore
 from colmap_pipeline.runner.scheduler import JobRunner
+from colmap_pipeline.runner.webhooks import WebhookDispatcher
 from colmap_pipeline.web.app import build_app
 from colmap_pipeline.web.http11 import JsonErrorH11Protocol
+from colmap_pipeline.web.routes_webhooks import webhook_renderer
 from database import open_store
 
 log = logging.getLogger("colmap_worker")
@@ -95,7 +98,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # the GPU probe (a child, ~0.6 s) runs while the store opens
         gpu_probe = asyncio.create_task(probe_gpu(cpu_only=settings.colmap_cpu_only))
         try:
-            app.state.store = await open_store(settings)  # PostgreSQL when DATABASE_URL is set
+            app.state.store = MeteredStore(  # metrics: jobs finished, stage times (issue 16)
+                await open_store(settings))  # PostgreSQL when DATABASE_URL is set
         except BaseException:
             gpu_probe.cancel()
             raise
@@ -110,12 +114,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.runner.start()  # kills recorded child groups, requeues, schedules
         await app.state.runner.housekeeping(startup=True)  # retention, orphan workspaces
         app.state.runner.start_housekeeping()
+        webhooks = WebhookDispatcher(app.state.store, settings, webhook_renderer(app))
+        webhooks.start()  # signed webhooks from the store's outbox (issue 16)
         log.info("COLMAP worker %s ready: data_dir=%s gpu=%s", __version__, data.root.resolve(),
                  app.state.gpu.enabled)
         try:
             yield
         finally:
             app.state.draining = True
+            await webhooks.stop(settings.webhook_timeout_s)  # unsent tries stay in the outbox
             await app.state.runner.stop(grace_s=settings.shutdown_grace_s)
             await app.state.store.close()
 

@@ -1,7 +1,5 @@
 """``python -m colmap_pipeline``: the CLI of the core (see :mod:`colmap_pipeline.core.cli`)."""
-import sys
-
-from .core.cli import main
+from .core.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()  # main(), then os._exit: no interpreter teardown (see run)

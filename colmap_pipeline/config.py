@@ -7,6 +7,8 @@ deployment guide (``MAX_FRAMES_LOW/MEDIUM/HIGH`` = 30/50/100).
 """
 from __future__ import annotations
 
+import base64
+import binascii
 from pathlib import Path
 
 from pydantic import Field, SecretStr, model_validator
@@ -115,6 +117,29 @@ class Settings(BaseSettings):
         -1, ge=-1, description="-1: random RANSAC/mapper seeds on all cores; >= 0: that seed "
         "and one thread for matching and mapping, so runs are repeatable (tests, benchmarks)")
 
+    # --- webhooks and metrics (issue 16) ---
+    webhook_url: str = Field(
+        "", description="default target of every job's webhook (job.completed, job.failed, "
+        "job.cancelled) when the upload names none in its webhook_url field; empty: only jobs "
+        "that name one")
+    webhook_secret: SecretStr = Field(
+        SecretStr(""), description="Standard Webhooks signing secret: whsec_ followed by the "
+        "base64 of 24-64 random bytes; empty: webhooks are off (uploads naming one get 422)")
+    webhook_allow_private: bool = Field(
+        False, description="let webhooks go to loopback, private, link-local and other "
+        "non-public addresses (tests, a receiver on the same network); off: refused (SSRF)")
+    webhook_retry_schedule_s: str = Field(
+        "10,60,180,420,900,1500,2400", description="comma-separated upper bounds (s) of the "
+        "waits before each retry of a webhook (full jitter: a wait is drawn between 10 % and "
+        "100 % of its bound); one try plus one retry per entry")
+    webhook_timeout_s: float = Field(10.0, gt=0, le=60, description="time limit of one webhook "
+                                     "try (connect, send, answer; s)")
+    public_base_url: str = Field(
+        "", description="this service's public address (https://colmap.example.com): webhook "
+        "bodies then carry absolute artifact URLs; empty: paths like GET /jobs/{id} gives")
+    metrics_public: bool = Field(
+        False, description="GET /metrics answers without an API key while API_KEYS is set")
+
     @model_validator(mode="after")
     def _default_db(self) -> Settings:
         if self.database_path is None:
@@ -132,3 +157,38 @@ class Settings(BaseSettings):
     def cors_origin_list(self) -> list[str]:
         """``CORS_ORIGINS`` split on commas."""
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    @model_validator(mode="after")
+    def _webhook_settings(self) -> Settings:
+        """Refuse a malformed ``WEBHOOK_SECRET`` or ``WEBHOOK_RETRY_SCHEDULE_S``, and a global
+        ``WEBHOOK_URL`` without a secret (the rule is named, never the value)."""
+        secret = self.webhook_secret.get_secret_value()
+        if secret:
+            body = secret.removeprefix("whsec_")
+            try:
+                raw = base64.b64decode(body, validate=True)
+            except (ValueError, binascii.Error):
+                raw = b""
+            if not secret.startswith("whsec_") or not 24 <= len(raw) <= 64:
+                raise ValueError("WEBHOOK_SECRET must be whsec_ followed by the base64 of 24-64 "
+                                 "bytes (python -c \"import base64,secrets; print('whsec_' + "
+                                 "base64.b64encode(secrets.token_bytes(32)).decode())\")")
+        elif self.webhook_url:
+            raise ValueError("WEBHOOK_URL needs WEBHOOK_SECRET (deliveries are signed)")
+        _ = self.webhook_retry_delays_s
+        return self
+
+    @property
+    def webhook_retry_delays_s(self) -> tuple[float, ...]:
+        """``WEBHOOK_RETRY_SCHEDULE_S`` as numbers (s): the bound of each retry's wait.
+
+        Raises: ValueError when an entry is not a number >= 0 (or the list is empty).
+        """
+        try:
+            delays = tuple(float(d) for d in self.webhook_retry_schedule_s.split(",") if d.strip())
+        except ValueError:
+            delays = ()
+        if not delays or any(not 0 <= d <= 86400 for d in delays):
+            raise ValueError("WEBHOOK_RETRY_SCHEDULE_S must be comma-separated seconds "
+                             "(0-86400 each), e.g. 10,60,180")
+        return delays

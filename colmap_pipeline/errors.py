@@ -53,6 +53,9 @@ ERROR_CATALOG: dict[str, tuple[int, str, str]] = {
                        "alone does not help while they stay pending."),
     "artifact_not_found": (404, "This job has no artifact with that name.",
                            "GET /jobs/{job_id} lists the job's artifacts."),
+    "log_not_available": (404, "This replica has no stage log of the job.",
+                          "The stages ran on another replica (bucket mode); follow the job's "
+                          "events (GET /jobs/{job_id}/events) instead."),
     "job_not_completed": (409, "The job has no results yet.",
                           "Poll GET /jobs/{job_id} until its status is completed."),
     "not_ready": (503, "The service is not ready.", "Retry in a few seconds."),
@@ -83,6 +86,17 @@ ERROR_CATALOG: dict[str, tuple[int, str, str]] = {
                       "cannot be recovered.",
                       "Walk around or alongside the subject instead of turning in place; "
                       "sideways camera movement gives the parallax SfM needs."),
+    # named by the ladder from the verified matches (colmap_pipeline/core/match_diagnostics.py)
+    "insufficient_parallax": (422, "No pair of views shows enough parallax to recover depth: "
+                              "every pair is explained by a camera turning or a flat scene.",
+                              "Move the camera sideways around a subject with depth (walk "
+                              "around it, or along it), keeping it in view; turning on the "
+                              "spot, zooming or filming a flat wall head-on gives no depth."),
+    "disconnected_scenes": (422, "The input shows unrelated scenes that share no matched "
+                            "features, so they cannot form one model.",
+                            "Upload each scene as its own clip or photo set, and film "
+                            "continuously (no cuts, no fast turns) so that neighbouring views "
+                            "overlap."),
     "frames_not_ready": (409, "The job has no frame selection yet.",
                          "Wait until the Frame Extraction stage has run, then retry."),
     "reconstruction_failed": (422, "COLMAP could not build a usable model from this video.",
@@ -118,6 +132,13 @@ ERROR_CATALOG: dict[str, tuple[int, str, str]] = {
                        "Retry the job in a minute; if it persists, report the job id."),
     "storage_error": (500, "A database or disk error stopped the job.",
                       "Retry the job; if it fails again, report the job id."),
+    # webhooks (issue 16)
+    "webhook_url_not_allowed": (422, "The webhook_url cannot be used.",
+                                "Send a public http(s) URL whose host resolves to public "
+                                "addresses only (no loopback, private or link-local ones)."),
+    "webhooks_not_configured": (422, "This server sends no webhooks: WEBHOOK_SECRET is not set.",
+                                "Upload without webhook_url and poll GET /jobs/{job_id}, or ask "
+                                "the operator to set WEBHOOK_SECRET."),
 }
 
 

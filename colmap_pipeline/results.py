@@ -80,7 +80,8 @@ class Artifact(_Open):
 
 
 class CameraModel(_Open):
-    """One COLMAP camera of the sparse model."""
+    """One COLMAP camera of the sparse model. A video has one; a photo set one per group of
+    photos with the same EXIF camera, focal length and upright size (issue 15)."""
 
     camera_id: int
     model: str = Field(description="COLMAP camera model, e.g. SIMPLE_RADIAL, OPENCV")
@@ -88,6 +89,7 @@ class CameraModel(_Open):
     height: int = Field(description="px")
     params: dict[str, float] = Field(description="named as pycolmap names them (f, cx, cy in px; "
                                      "k, k1, k2, p1, p2 unitless)")
+    images: int | None = Field(None, description="registered images taken with this camera")
 
 
 class ModelCheck(_Open):
@@ -118,6 +120,9 @@ class ModelSummary(_Open):
     focal_ratio: float | None = Field(None, description="focal length / image width")
     camera_params: list[float] = Field(default_factory=list,
                                        description="COLMAP camera parameters, in COLMAP order")
+    focal_px_by_camera: dict[str, float] | None = Field(
+        None, description="several cameras: mean focal length (px) of each camera with "
+        "registered images, keyed by camera id")
     checks: ModelCheck
 
 
@@ -150,6 +155,39 @@ class MappingAttempt(_Open):
                                      "stayed for the later stages")
 
 
+class MatchDiagnostics(_Open):
+    """What the verified matches say before mapping (:mod:`.core.match_diagnostics`): the
+    share of pairs verified, homography vs essential-matrix pairs, pure rotations, and the
+    components of the match graph; ``verdict`` names what rules a model out."""
+
+    images: int = Field(description="images in the database")
+    pairs: int = Field(description="image pairs matched (tried)")
+    verified_pairs: int = Field(description="pairs with at least 15 inlier matches")
+    verified_share: float = Field(description="verified_pairs / pairs, 0-1")
+    strong_pairs: int = Field(description="verified pairs with at least 100 inliers (COLMAP's "
+                              "initial-pair minimum)")
+    parallax_pairs: int = Field(description="pairs explained by an essential/fundamental "
+                                "matrix (not a homography) with at least 50 inliers")
+    homography_share: float = Field(description="share of verified pairs explained by a "
+                                    "homography (no parallax), 0-1")
+    wide_pairs: int = Field(description="verified pairs whose inliers move at least 8% of the "
+                            "image diagonal (median)")
+    rotation_like_pairs: int = Field(description="wide pairs that are a pure rotation K R K^-1")
+    median_rotation_error: float | None = Field(None, description="median rotation error of the "
+                                                "wide homography pairs (0 = pure rotation)")
+    median_inliers: int = Field(0, description="median inliers of the verified pairs")
+    components: list[int] = Field(default_factory=list, description="sizes (images) of the "
+                                  "match graph's connected components, largest first")
+    isolated_images: int = Field(0, description="images in no verified pair")
+    scenes: list[list[int]] = Field(default_factory=list, description="disconnected_scenes: "
+                                    "image ids of each component big enough for a model")
+    largest_component_share: float = Field(0.0, description="images in the largest component "
+                                           "/ images, 0-1")
+    verdict: str | None = Field(None, description="disconnected_scenes, rotation_only, "
+                                "insufficient_parallax, or null")
+    elapsed_s: float = Field(0.0, description="time to read and judge the matches (s)")
+
+
 class MappingSummary(_Open):
     """The mapping stage's outcome: the ladder's chosen model and every attempt."""
 
@@ -172,6 +210,8 @@ class MappingSummary(_Open):
     quality_warning: JobWarning | None = Field(None, description="the first warning")
     warnings: list[JobWarning] = Field(default_factory=list)
     mapping_attempts: list[MappingAttempt] = Field(default_factory=list)
+    match_diagnostics: MatchDiagnostics | None = Field(
+        None, description="the matches as the ladder last judged them")
 
 
 class StageTimings(_Open):
@@ -201,7 +241,16 @@ class JobResult(_Open):
     mean_track_length: float = Field(description="observations per 3D point")
     mean_observations_per_image: float | None = Field(None, description="per registered image")
     camera: CameraModel | None = Field(None, description="the (first) camera")
-    cameras: list[CameraModel] | None = Field(None, description="all cameras, when several")
+    cameras: list[CameraModel] | None = Field(None, description="all cameras with registered "
+                                              "images, when several (photo sets: one per "
+                                              "group of photos, see photo_cameras)")
+    photo_cameras: list[dict[str, Any]] | None = Field(
+        None, description="photo sets: how the photos were grouped into cameras, one entry per "
+        "COLMAP camera: camera_id, frames (photos), width, height (px, upright, scaled), "
+        "photo_width, photo_height (px, before scaling), make, model, focal_length_mm, "
+        "focal_35mm (EXIF; null when absent), focal_prior_px (px, from EXIF)")
+    camera_mode: str | None = Field(None, description="photo sets: single (one camera), "
+                                    "per_group (by EXIF camera and size) or per_image")
     models: list[ModelSummary] = Field(default_factory=list,
                                        description="models of the chosen mapping attempt")
     chosen_model: int | None = Field(None, description="index of the model served")
@@ -216,6 +265,8 @@ class JobResult(_Open):
     first_mapper: str | None = Field(None, description="the preset's first mapper")
     mapping_attempts: list[MappingAttempt] = Field(
         default_factory=list, description="every mapping attempt of the recovery ladder")
+    match_diagnostics: MatchDiagnostics | None = Field(
+        None, description="what the verified matches said before mapping (issue 15)")
     focal_prior_px: float | None = Field(None, description="focal length from EXIF (px)")
     input_kind: str = Field("video", description="video or images")
     preset: dict[str, Any] | None = Field(None, description="quality, max_frames, "
@@ -223,7 +274,11 @@ class JobResult(_Open):
     video: dict[str, Any] | None = Field(None, description="probe of the input")
     motion: dict[str, Any] | None = None
     features: dict[str, Any] | None = Field(None, description="feature extraction summary")
-    matching: dict[str, Any] | None = Field(None, description="matching summary")
+    matching: dict[str, Any] | None = Field(
+        None, description="matching summary: method (sequential: videos and photo sets in "
+        "EXIF time order; exhaustive: unordered photo sets up to 50 photos; retrieval: larger "
+        "unordered sets), image_pairs (pairs matched), matched_pairs, verified_pairs, "
+        "inlier_matches, device; photo sets also order {ordered, reason}")
     model_sizes: dict[str, list[int]] | None = Field(
         None, description="registered images per model, keyed by mapping attempt index")
     dense: dict[str, Any] | None = Field(None, description="dense MVS summary, or "

@@ -33,7 +33,9 @@ Per run: wall time (parent's monotonic clock around the child, interpreter start
 stage split (s), registered / selected frames, 3D points, mean reprojection error (px), the
 camera's focal length (px), peak RSS of the process tree (``/proc`` of the child and its
 descendants polled every 0.1 s, RSS summed, maximum kept; ``ru_maxrss`` of the child from
-``wait4`` is kept beside it as a cross-check: the largest single process), and the 1/5/15-minute
+``wait4`` is kept beside it as a cross-check: the largest single process), CPU seconds (user +
+system of the child and its reaped descendants, from ``wait4``: less sensitive to a shared
+machine's load than the wall time), and the 1/5/15-minute
 load average before and after. At the end: a Markdown table per clip x quality x system (median
 and min-max of the wall time, median per stage, ours / peer = ratio of the medians) and, with
 ``--json``, the raw numbers.
@@ -94,6 +96,7 @@ class Measured:
     returncode: int
     peak_tree_rss: int
     ru_maxrss: int
+    cpu_s: float = 0.0
 
 
 @dataclass
@@ -115,6 +118,7 @@ class RunResult:
     focal_px: float | None = None
     peak_rss_mib: float = 0.0
     ru_maxrss_mib: float = 0.0
+    cpu_s: float = 0.0
     rss_method: str = "sum of RSS over /proc of the child and its descendants, polled every 0.1 s"
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -180,13 +184,15 @@ def run_measured(argv: list[str], log_path: Path, cwd: Path = REPO,
         poller.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
     return Measured(wall_s=wall, returncode=proc.returncode, peak_tree_rss=peak[0],
-                    ru_maxrss=usage.ru_maxrss * 1024)  # Linux: ru_maxrss in KiB
+                    ru_maxrss=usage.ru_maxrss * 1024,  # Linux: ru_maxrss in KiB
+                    cpu_s=usage.ru_utime + usage.ru_stime)
 
 
 def _apply(res: RunResult, m: Measured) -> None:
     res.wall_s = round(m.wall_s, 2)
     res.peak_rss_mib = round(m.peak_tree_rss / MIB, 1)
     res.ru_maxrss_mib = max(res.ru_maxrss_mib, round(m.ru_maxrss / MIB, 1))
+    res.cpu_s = round(res.cpu_s + m.cpu_s, 2)
 
 
 def _tail(path: Path, chars: int = 400) -> str:
@@ -247,6 +253,7 @@ def run_cli(video: Path, quality: str, work: Path, res: RunResult) -> None:
                       "--single_camera", "1", "--use_gpu", "0", "--dense", "0"],
                      work / "cli.log", env=env)
     _apply(res, m)
+    res.cpu_s = round(res.cpu_s + mf.cpu_s, 2)
     res.wall_s = round(mf.wall_s + m.wall_s, 2)
     res.peak_rss_mib = round(max(mf.peak_tree_rss, m.peak_tree_rss) / MIB, 1)
     res.stages = {"frames": round(mf.wall_s, 2), **parse_colmap_log(work / "cli.log")}
@@ -465,6 +472,7 @@ def summarize_group(rs: list[RunResult]) -> dict[str, Any]:
     return {
         "clip": rs[0].clip, "quality": rs[0].quality, "system": rs[0].system,
         "runs": len(rs), "ok": len(ok), "wall_median_s": _med(walls),
+        "cpu_median_s": _med([r.cpu_s for r in ok]),
         "wall_min_s": min(walls, default=None), "wall_max_s": max(walls, default=None),
         "stages_median_s": {k: _med([r.stages[k] for r in ok if k in r.stages]) for k in names},
         "registered": _med([r.registered for r in ok]), "frames": _med([r.frames for r in ok]),
@@ -501,8 +509,8 @@ def markdown_table(summary: list[dict[str, Any]]) -> str:
     """The summaries as a Markdown table (one row per clip x quality x system)."""
     lines = ["| clip | quality | system | wall s median (min-max) | frames / SIFT / matching / "
              "mapping / export s | registered / selected | points | reproj px | f px | "
-             "peak RSS MiB (tree) | ours ÷ this | load 1-min |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak RSS MiB (tree) | ours ÷ this | CPU s | load 1-min |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         st = s["stages_median_s"]
         split = " / ".join(_fmt(st.get(k)) for k in STAGE_KEYS)
@@ -513,7 +521,8 @@ def markdown_table(summary: list[dict[str, Any]]) -> str:
             f"{_fmt(s['registered'], '.0f')} / {_fmt(s['frames'], '.0f')} | "
             f"{_fmt(s['points3d'], '.0f')} | {_fmt(s['reproj_px'], '.3f')} | "
             f"{_fmt(s['focal_px'], '.0f')} | {_fmt(s['peak_rss_mib'], '.0f')} | "
-            f"{_fmt(s['ours_over_this'], '.2f')} | {s['load1_min']:.1f}-{s['load1_max']:.1f} |")
+            f"{_fmt(s['ours_over_this'], '.2f')} | {_fmt(s.get('cpu_median_s'), '.1f')} | "
+            f"{s['load1_min']:.1f}-{s['load1_max']:.1f} |")
     return "\n".join(lines)
 
 

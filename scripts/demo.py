@@ -1,5 +1,6 @@
 """The main job, end to end: start the service on its embedded defaults (SQLite, local disk,
-CPU), send a video through the HTTP API, show progress, print where the results are.
+CPU), send a video through the HTTP API, show progress, print where the results are, and end
+with the address of the job's web page (``http://127.0.0.1:PORT/ui#/jobs/ID``).
 
 Usage: ``python scripts/demo.py [VIDEO] [--quality low|medium|high] [--port 8080]``
 (VIDEO defaults to the bundled sample ``samples/max-heromode.mp4``). The server keeps running
@@ -93,6 +94,11 @@ def run_job(c: httpx.Client, video: str, quality: str) -> dict | None:
         time.sleep(0.5)
 
 
+def job_page_url(url: str, job_id: str) -> str:
+    """The web page of job ``job_id`` on the service at ``url`` (``/ui#/jobs/ID``)."""
+    return f"{url}/ui#/jobs/{job_id}"
+
+
 def print_results(job: dict, url: str) -> None:
     """The job's main numbers, where its artifacts are on disk and at which URLs."""
     res = job["results"]
@@ -126,8 +132,11 @@ def main() -> int:
             return 1
         print_results(job, url)
         if args.exit:
+            print(f"\nJob page (run without --exit to keep the service up): "
+                  f"{job_page_url(url, job['job_id'])}", flush=True)
             return 0
-        print("\nThe service keeps running; press Ctrl-C to stop it.", flush=True)
+        print("\nThe service keeps running; press Ctrl-C to stop it. Open the job's page:\n"
+              f"{job_page_url(url, job['job_id'])}", flush=True)
         server.wait()
         return 0
     except KeyboardInterrupt:

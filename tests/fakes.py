@@ -18,24 +18,32 @@ import asyncio
 import copy
 import itertools
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 from colmap_pipeline.jobs import (
+    EVENT_PAGE,
     JSON_COLUMNS,
     MAX_PAGE_BOUND,
+    PRUNE_EVENTS_ON,
     TERMINAL,
     TRANSITIONS,
     WITH_FILES,
     DuplicateKey,
+    EventKind,
     Intent,
     Job,
+    JobEvent,
     JobStatus,
     Stamp,
     StoreUnavailable,
+    attempt_event,
     encode_json,
+    event_state,
     new_job_record,
     planned_changes,
+    transition_events,
     utcnow,
 )
 
@@ -60,6 +68,9 @@ class InMemoryJobStore:
         self._clock = clock
         self.unavailable = False
         self.closed = False
+        self.events: list[JobEvent] = []  # every job's, in event_id order
+        self._event_ids = itertools.count(1)
+        self._event_flags: dict[str, set[asyncio.Event]] = {}
 
     async def _enter(self) -> None:
         await asyncio.sleep(0)
@@ -102,6 +113,7 @@ class InMemoryJobStore:
         stored = Job(**copy.deepcopy(row))
         self._jobs[stored.job_id] = stored
         self._seq[stored.job_id] = next(self._counter)
+        self._add_events(stored, transition_events(vars(stored), intent=None))
         return copy.deepcopy(stored)
 
     async def get_job(self, job_id: str) -> Job | None:
@@ -162,6 +174,11 @@ class InMemoryJobStore:
         job.status = JobStatus(job.status)
         if record is not None:
             job.attempts.append(record)
+        self._add_events(job, transition_events(vars(job), intent=Intent(intent), record=record))
+        if Intent(intent) in PRUNE_EVENTS_ON:
+            newest = max(e.event_id for e in self.events if e.job_id == job_id)
+            self.events = [e for e in self.events
+                           if e.job_id != job_id or e.event_id == newest]
         return True
 
     @staticmethod
@@ -196,6 +213,7 @@ class InMemoryJobStore:
             return False
         job.progress = max(job.progress, max(0, min(100, int(progress))))
         job.current_stage, job.message, job.updated_at = current_stage, message, self._clock()
+        self._add_events(job, [(EventKind.PROGRESS, event_state(vars(job)))])
         return True
 
     async def append_attempt(self, job_id: str, record: Mapping[str, Any]) -> bool:
@@ -206,6 +224,7 @@ class InMemoryJobStore:
             return False
         job.attempts.append(_json_copy(dict(record)))
         job.updated_at = self._clock()
+        self._add_events(job, [attempt_event(vars(job), job.attempts[-1])])
         return True
 
     async def requeue_processing(self) -> list[str]:
@@ -253,6 +272,7 @@ class InMemoryJobStore:
         job.attempt += 1
         job.auto_retries += 1 if auto_retry else 0
         job.started_at = job.updated_at = now
+        self._add_events(job, [attempt_event(vars(job), None)])
         return job.attempt
 
     async def finished_before(self, cutoff_iso: str) -> list[str]:
@@ -268,3 +288,61 @@ class InMemoryJobStore:
         await self._enter()
         return {j.job_id for j in self._jobs.values() if j.status in WITH_FILES}
 
+    # --- events (issue 16) ---
+    def _add_events(self, job: Job, events: list[tuple[EventKind, dict[str, Any]]]) -> None:
+        """Append ``events`` of ``job`` (ids one past the last) and wake its waiters."""
+        now = self._clock()
+        for kind, data in events:
+            self.events.append(JobEvent(event_id=next(self._event_ids), job_id=job.job_id,
+                                        created_at=now, kind=kind, data=_json_copy(data)))
+        for flag in self._event_flags.get(job.job_id, ()):
+            flag.set()
+
+    async def events_after(self, job_id: str, after_id: int,
+                           limit: int = EVENT_PAGE) -> list[JobEvent]:
+        """The job's events newer than ``after_id``, oldest first, at most ``limit``."""
+        await self._enter()
+        limit = max(1, min(int(limit), EVENT_PAGE))
+        return copy.deepcopy([e for e in self.events
+                              if e.job_id == job_id and e.event_id > after_id][:limit])
+
+    async def latest_event(self, job_id: str) -> JobEvent | None:
+        """The job's newest event, or ``None``."""
+        await self._enter()
+        mine = [e for e in self.events if e.job_id == job_id]
+        return copy.deepcopy(mine[-1]) if mine else None
+
+    @asynccontextmanager
+    async def event_waiter(self, job_id: str) -> AsyncIterator[_FlagWaiter]:
+        """A waiter woken by every new event of the job (as a ``NOTIFY`` would)."""
+        waiter = _FlagWaiter(self, job_id)
+        self._event_flags.setdefault(job_id, set()).add(waiter.flag)
+        try:
+            yield waiter
+        finally:
+            self._event_flags[job_id].discard(waiter.flag)
+
+
+class _FlagWaiter:
+    """The in-memory store's event waiter."""
+
+    def __init__(self, store: InMemoryJobStore, job_id: str) -> None:
+        self.store, self.job_id = store, job_id
+        self.flag = asyncio.Event()
+
+    async def wait(self, after_id: int, timeout_s: float) -> bool:
+        """True as soon as the job has an event newer than ``after_id``; False after
+        ``timeout_s`` s without one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout_s)
+        while True:
+            self.flag.clear()
+            if any(e.job_id == self.job_id and e.event_id > after_id for e in self.store.events):
+                return True
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self.flag.wait(), left)
+            except TimeoutError:
+                return False

@@ -51,6 +51,7 @@ def reprojection_errors(model_dir: Path, t: dict[str, Any]) -> np.ndarray:
         obs = [(p.xy, rec.points3D[p.point3D_id].xyz) for p in im.points2D if p.has_point3D()]
         uv = np.array([o[0] for o in obs])
         xyz = np.array([o[1] for o in obs]) @ a[:, :3].T + a[:, 3]
-        errs.append(np.linalg.norm(project_nerfstudio(t, frame["transform_matrix"], xyz) - uv,
-                                   axis=1))
+        # several cameras: the frame's own intrinsics override the top level's
+        errs.append(np.linalg.norm(project_nerfstudio({**t, **frame}, frame["transform_matrix"],
+                                                      xyz) - uv, axis=1))
     return np.concatenate(errs)

@@ -209,3 +209,55 @@ def test_three_frame_clip_fails_as_too_short_with_its_numbers(tmp_path):
 
 # The EuRoC clip through a real server (the job fails in the frames stage, its frame scores
 # served): tests/test_e2e.py::test_static_camera_fails_with_motion_hint_and_its_frames_are_served
+
+
+def test_motion_and_parallax_share_reads_and_tracks_with_identical_results(tmp_path, monkeypatch):
+    """:func:`diagnose` reads each kept frame once and tracks a stretch that both checks follow
+    (same anchors, same re-detections) once (:class:`clip_checks.FrameTracks`); the numbers are
+    those of the two checks run apart."""
+    res = extract(tmp_path, write_video(tmp_path / "walk.mp4", parallax_frames(30)), 10)
+    paths = [tmp_path / "frames" / f["file"] for f in res["frames"]]
+    calls = {"load_gray": 0, "track": 0}
+
+    def counted(name, fn):
+        def wrapper(*args):
+            calls[name] += 1
+            return fn(*args)
+        return wrapper
+
+    monkeypatch.setattr(clip_checks, "load_gray", counted("load_gray", clip_checks.load_gray))
+    monkeypatch.setattr(clip_checks, "track", counted("track", clip_checks.track))
+    apart = (clip_checks.measure_motion(paths), clip_checks.measure_parallax(paths))
+    motion_steps = len(paths) - 1
+    assert calls["load_gray"] == 2 * len(paths) and calls["track"] > motion_steps
+    apart_tracks = calls["track"]
+    calls.update(load_gray=0, track=0)
+    d = clip_checks.diagnose(res, tmp_path / "frames")
+    assert d["ok"] and calls["load_gray"] == len(paths)
+    assert motion_steps <= calls["track"] < apart_tracks
+    assert d["motion"] == clip_checks.judge_motion(apart[0]) and d["parallax"] == apart[1]
+    shared_tracks = calls["track"]
+    # looking ahead: the motion check's reads and steps are done while the frames are selected
+    calls.update(load_gray=0, track=0)
+    ahead = clip_checks.MotionLookAhead()
+    again = frame_select.extract_frames(tmp_path / "walk.mp4", tmp_path / "again", 10,
+                                        motion=ahead)
+    assert calls == {"load_gray": len(paths), "track": motion_steps}
+    frames = ahead.tracks_for(again, tmp_path / "again")
+    assert frames is not None and frames.paths == [tmp_path / "again" / f["file"]
+                                                   for f in again["frames"]]
+    d2 = clip_checks.diagnose(again, tmp_path / "again", frames)
+    assert calls == {"load_gray": len(paths), "track": shared_tracks}
+    assert (d2["motion"], d2["parallax"]) == (d["motion"], d["parallax"])
+
+
+def test_motion_look_ahead_is_dropped_when_candidates_were_dropped(tmp_path):
+    rng = np.random.default_rng(1)
+    still = next(parallax_frames(1))
+    frames = [np.clip(still + rng.normal(0, 2, still.shape), 0, 255).astype(np.uint8)
+              for _ in range(20)]
+    ahead = clip_checks.MotionLookAhead()
+    res = frame_select.extract_frames(write_video(tmp_path / "static.mp4", frames),
+                                      tmp_path / "frames", 10, motion=ahead)
+    assert len(res["frames"]) == 1 and len(ahead.frames) == 10  # 9 near-duplicates dropped
+    assert ahead.tracks_for(res, tmp_path / "frames") is None

@@ -494,7 +494,7 @@ async def test_schema_version_wal_and_columns(tmp_path):
     path = tmp_path / "jobs.db"
     for _ in range(2):  # reopening applies nothing twice
         s = await SqliteJobStore.open(path)
-        assert await s.schema_version() == len(database.MIGRATIONS) == 4
+        assert await s.schema_version() == len(database.MIGRATIONS) == 6
         await s.close()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -502,20 +502,22 @@ async def test_schema_version_wal_and_columns(tmp_path):
     for col in ("status", "progress", "current_stage", "message", "created_at", "started_at",
                 "finished_at", "error_code", "error_message", "error_hint", "quality",
                 "input_bytes", "input_sha256", "results", "error_details",
-                "request_fingerprint", "owner"):
+                "request_fingerprint", "owner", "webhook_url"):
         assert col in cols
     assert cols == set(COLUMNS)  # the Job record and the table name the same columns
 
 
 async def assert_migrated_to_v4(s) -> None:
     """The row ``old`` (completed, ``Idempotency-Key: K``, written at version 2 or 3) after
-    the migration to 4 (also used by the PostgreSQL test): no owner, its key still held by
-    no-owner and free for another owner."""
-    assert await s.schema_version() == 4
+    the migrations to the current version (4: owners; 5: events; 6: webhooks; also used by the
+    PostgreSQL test): no owner, no webhook, its key still held by no-owner and free for
+    another owner; the row has no events (it was written before they were recorded)."""
+    assert await s.schema_version() == len(database.MIGRATIONS) == 6
     row = await s.get_job("old")
     assert row is not None
     assert (row.status, row.results, row.error_details, row.request_fingerprint,
-            row.owner) == ("completed", {"n": 1}, None, None, None)
+            row.owner, row.webhook_url) == ("completed", {"n": 1}, None, None, None, None)
+    assert await s.events_after("old", 0) == []
     assert (await s.find_by_idempotency_key("K")).job_id == "old"
     assert await s.find_by_idempotency_key("K", "alice") is None
     with pytest.raises(DuplicateKey):

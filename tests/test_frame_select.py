@@ -8,6 +8,7 @@ Every test asserts its exact outcome: frames kept, which were dropped and why, o
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import cv2
@@ -193,7 +194,8 @@ def test_black_fades_are_dropped(tmp_path):
     black = set(range(0, 8)) | set(range(32, 40))
     for i in black:
         frames[i] = np.full_like(frames[i], 8)
-    res = extract(tmp_path, write_video(tmp_path / "fade.mp4", frames), 10)
+    ahead = clip_checks.MotionLookAhead()
+    res = extract(tmp_path, write_video(tmp_path / "fade.mp4", frames), 10, motion=ahead)
     r = reasons(res)
     assert [i for i, x in enumerate(r) if x == "black"] == sorted(black)
     # time windows alone would give 6 of 10 (4 windows are black); the refill pass spreads
@@ -203,7 +205,12 @@ def test_black_fades_are_dropped(tmp_path):
     assert len(res["frames"]) == 10
     assert all(0.8 <= f["timestamp_s"] < 3.2 for f in res["frames"])
     assert all(f["brightness"] > 60 for f in res["frames"])
-    assert clip_checks.diagnose(res, tmp_path / "frames")["ok"]
+    d = clip_checks.diagnose(res, tmp_path / "frames")
+    assert d["ok"]
+    # the motion look-ahead started over with the refill pass: its 10 frames are the kept ones
+    tracked = ahead.tracks_for(res, tmp_path / "frames")
+    assert tracked is not None and len(tracked) == 10
+    assert clip_checks.diagnose(res, tmp_path / "frames", tracked) == d
 
 
 def test_blur_bursts_keep_the_sharp_frame_of_each_window(tmp_path):
@@ -287,3 +294,35 @@ def test_frames_stage_writes_the_damage_warning_to_frames_json(tmp_path, damage)
     assert set(doc["warnings"][0]) == {"code", "message", "details"}
     assert summary["warnings"] == doc["warnings"]
     assert doc["diagnosis"] is None and len(doc["frames"]) >= 8
+
+
+def test_near_duplicate_look_ahead_changes_nothing(tmp_path, monkeypatch):
+    """The near-duplicate tracking done ahead on the helper thread (``_look_ahead``) is used
+    only where the last kept frame is the candidate just before; after a dropped candidate
+    (near-duplicate, blurry) the test tracks from the last kept frame itself. Outcome equal to
+    tracking every candidate in ``_reject``."""
+    frames = list(parallax_frames(40, step=3.0))
+    frames[12:24] = [frames[12]] * 12  # windows 3-5 static: 4 and 5 are near-duplicates of 3
+    frames[28:32] = [cv2.GaussianBlur(f, (0, 0), 6.0) for f in frames[28:32]]  # 7 blurry
+    clip = write_video(tmp_path / "clip.mp4", frames)
+    where: list[str] = []
+    track_median = frame_select.track_median
+
+    def counted(*args):
+        where.append(threading.current_thread().name.split("_")[0])
+        return track_median(*args)
+
+    monkeypatch.setattr(frame_select, "track_median", counted)
+    ahead = extract(tmp_path / "a", clip, 10)
+    cand = [r for r in ahead["scores"] if r["reason"] != "not_sharpest"]
+    assert [r["reason"] for r in cand] == [None] * 4 + ["near_duplicate"] * 2 + [
+        None, "blurry", None, None]
+    # the helper tracks candidates 1-9 from the one before; _reject itself tracks 5 and 6
+    # (from 3) and 8 (from 6)
+    assert where.count("near-duplicates") == 9 and where.count("MainThread") == 3
+    monkeypatch.setattr(frame_select, "_look_ahead", lambda prev, c: (
+        frame_select.corners(c.gray, frame_select.NEAR_DUPLICATE_CORNERS), None))
+    where.clear()
+    alone = extract(tmp_path / "b", clip, 10)
+    assert where == ["MainThread"] * 8 and alone["scores"] == ahead["scores"]
+    assert alone["frames"] == ahead["frames"]

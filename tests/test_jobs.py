@@ -113,8 +113,8 @@ def test_planned_changes_merges_defaults_and_caller_fields():
 
 def test_columns_match_the_job_record():
     assert jobs.COLUMNS == tuple(f.name for f in dataclasses.fields(Job))
-    assert jobs.COLUMNS[-1] == "owner"  # the last column added (schema version 4)
-    assert "owner" in jobs.CREATE_ALLOWED
+    assert jobs.COLUMNS[-1] == "webhook_url"  # the last column added (schema version 6)
+    assert {"owner", "webhook_url"} <= jobs.CREATE_ALLOWED
     assert jobs.JSON_COLUMNS == {"video_info", "results", "attempts", "error_details"}
     assert jobs.SETTABLE == set(jobs.COLUMNS) - {"job_id", "status", "created_at", "updated_at",
                                                  "owner"}

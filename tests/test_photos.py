@@ -25,7 +25,8 @@ def test_exif_orientation_is_baked_into_the_frames(tmp_path):
     for i in range(3):
         (src / f"img_{i:05d}.jpg").write_bytes(with_exif_orientation(buf.tobytes(), 6))
     res = photos.prepare_photo_frames(src, tmp_path / "frames")
-    assert res["video"] == {"kind": "images", "images": 3, "width": 120, "height": 160}
+    assert res["video"] == {"kind": "images", "images": 3, "width": 120, "height": 160,
+                            "cameras": 1}
     assert res["warnings"] == []  # frames.json always has the key (issue 10 item 7)
     frame = cv2.imread(str(tmp_path / "frames" / res["frames"][0]["file"]),
                        cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
@@ -42,7 +43,8 @@ def test_exif_orientation_is_baked_into_the_frames(tmp_path):
     assert np.abs(frame.astype(int) - cv2.resize(img, (120, 160)).astype(int)).mean() > 30
 
 
-def test_photos_of_different_sizes_or_too_few_are_refused(tmp_path):
+def test_too_few_photos_are_refused_and_mixed_sizes_without_exif_are_one_camera_each(
+        tmp_path):
     src = tmp_path / "in"
     src.mkdir()
     exif_jpeg(src / "img_00000.jpg", size=(400, 300))
@@ -51,11 +53,16 @@ def test_photos_of_different_sizes_or_too_few_are_refused(tmp_path):
         photos.prepare_photo_frames(src, tmp_path / "frames")
     assert ei.value.code == "too_few_frames" and ei.value.details == {"photos": 2,
                                                                       "min_photos": 3}
-    exif_jpeg(src / "img_00002.jpg", size=(300, 200))
-    with pytest.raises(PipelineError) as ei:
-        photos.prepare_photo_frames(src, tmp_path / "frames")
-    assert ei.value.code == "invalid_request"
-    assert ei.value.details == {"sizes": [(300, 200), (400, 300)]}
+    exif_jpeg(src / "img_00002.jpg", size=(300, 200))  # issue 15: no longer refused
+    res = photos.prepare_photo_frames(src, tmp_path / "frames")
+    # no camera EXIF and two sizes: nothing says which photos share a lens
+    assert [f["camera"] for f in res["frames"]] == [0, 1, 2]
+    assert res["camera_mode"] == "per_image"
+    assert [(c["width"], c["height"], c["frames"]) for c in res["cameras"]] == [
+        (400, 300, ["frame_00000.jpg"]), (400, 300, ["frame_00001.jpg"]),
+        (300, 200, ["frame_00002.jpg"])]
+    assert res["order"] == {"ordered": False, "reason": "several_cameras"}
+    assert res["focal_prior_px"] is None and res["video"]["cameras"] == 3
 
 
 def test_exif_focal_length_becomes_the_focal_prior(tmp_path):

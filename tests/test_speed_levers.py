@@ -3,11 +3,15 @@
 The levers (BENCHMARKS.md, "Issue 14"): SIFT from the frame's own size at ``low`` and
 ``medium`` for videos (``first_octave`` 0), photo sets and ``high`` on COLMAP's defaults;
 global SfM on a subset of tracks (``track_required_tracks_per_view`` 100); extraction chunks
-that are a multiple of the threads; a skipped dense stage that never loads pycolmap. No test
-here asserts a time.
+that are a multiple of the threads; a skipped dense stage that never loads pycolmap; the CLI
+leaving without interpreter teardown. The frames stage's levers (shared reads and tracks of the
+clip checks, near-duplicate tracking ahead on a helper thread) change no result and are tested
+beside their code (``test_clip_checks.py``, ``test_frame_select.py``). No test here asserts a
+time.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -106,3 +110,23 @@ def test_sample_at_low_registers_every_frame_with_the_levers(tmp_path):
     assert model.mean_reprojection_error_px < 1.0
     f = model.cameras[0].params["f"]
     assert 0.5 * 848 < f < 0.7 * 848
+
+
+def test_the_cli_entry_point_skips_teardown_and_loses_no_output():
+    """``python -m colmap_pipeline`` ends with ``os._exit`` after ``main`` (interpreter teardown
+    cost 0.2-0.6 s per process): the exit status, the protocol's JSON line, a log line and text
+    a native library left in C's stdout buffer (fd 1 points at stderr) all come through."""
+    code = ("import ctypes, logging\nfrom colmap_pipeline.core import cli\n"
+            "def main():\n"
+            "    out = cli._protocol_stream()\n"
+            "    cli._emit(out, {'event': 'done'})\n"
+            "    ctypes.CDLL(None).printf(b'native text, no newline')\n"
+            "    logging.getLogger('colmap_pipeline').warning('last log line')\n"
+            "    return 3\n"
+            "cli.main = main\ncli.run()\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # C stdio buffered
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO, timeout=60, env=env)
+    assert res.returncode == 3
+    assert res.stdout == '{"event":"done"}\n'
+    assert "native text, no newline" in res.stderr and "last log line" in res.stderr

@@ -48,7 +48,7 @@ async def _columns(url: str) -> dict[str, str]:
 async def test_schema_version_columns_and_jsonb(pg_url):
     for _ in range(2):  # reopening applies nothing twice
         s = await PostgresJobStore.open(pg_url)
-        assert await s.schema_version() == len(MIGRATIONS) == len(database.MIGRATIONS) == 4
+        assert await s.schema_version() == len(MIGRATIONS) == len(database.MIGRATIONS) == 6
         await s.close()
     cols = await _columns(pg_url)
     assert set(cols) == set(COLUMNS) | {"seq"}  # seq: SQLite's rowid (insertion order)
@@ -114,7 +114,7 @@ async def test_replicas_starting_together_migrate_once(pg_url):
     migrations, so neither fails on a table the other just created."""
     stores = await asyncio.gather(*(PostgresJobStore.open(pg_url) for _ in range(3)))
     try:
-        assert [await s.schema_version() for s in stores] == [4, 4, 4]
+        assert [await s.schema_version() for s in stores] == [len(MIGRATIONS)] * 3 == [6, 6, 6]
     finally:
         for s in stores:
             await s.close()

@@ -322,7 +322,8 @@ async def test_openapi_states_the_form_limits(api):
 
     video = form("/upload-video")
     assert set(video["properties"]) == {"video", "project_id", "scan_name", "quality",
-                                        "user_email"}
+                                        "user_email", "webhook_url"}
+    assert video["properties"]["webhook_url"]["maxLength"] == 2000  # issue 16
     assert video["required"] == ["video", "project_id"]
     for name in ("project_id", "scan_name"):
         assert (video["properties"][name]["minLength"],

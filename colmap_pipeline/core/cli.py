@@ -39,7 +39,7 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, NoReturn
 
 from ..errors import PipelineError
 from ..protocol import (  # the child protocol's exit statuses (shared with the runner)
@@ -196,5 +196,36 @@ def main(argv: list[str] | None = None) -> int:
     return handler(args, out)
 
 
+def _flush_all() -> None:
+    """Flush Python's streams and logging handlers, then every C ``stdio`` stream (native
+    libraries print through them; ``os._exit`` would drop what is still buffered)."""
+    import ctypes
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    ctypes.CDLL(None).fflush(None)
+
+
+def run() -> NoReturn:
+    """Entry point of ``python -m colmap_pipeline``: :func:`main`, then end the process at
+    once with its exit code (``os._exit``) after :func:`_flush_all`.
+
+    The interpreter's normal teardown (finalising modules, destructors and thread pools of
+    pycolmap, OpenCV and FFmpeg) costs 0.2-0.6 s of wall time per process after a
+    ``reconstruct`` run on the 2-core machine (about 0.02 s with ``os._exit``; BENCHMARKS.md,
+    issue 14), once per CLI run and once per stage child of the server. None of it is needed:
+    the stages close their files (atomic renames), the JSON lines on stdout are flushed as
+    they are written, and the kernel releases the workspace lock. An exception (argparse's
+    ``SystemExit`` included) leaves through the normal path.
+    """
+    code = main()
+    _flush_all()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

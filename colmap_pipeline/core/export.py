@@ -8,7 +8,10 @@ The nerfstudio files describe the UNDISTORTED images that ``gaussian_splatting.z
 (PINHOLE camera at the undistorted images' own size, no distortion terms): ``transforms.json``
 and ``sparse_pc.ply`` are written as artifacts and inside the zip, beside ``images/``, so the
 unpacked zip is a dataset nerfstudio (``ns-train ... --data``), gsplat and 3D Gaussian
-splatting (``train.py -s``) all read as it is.
+splatting (``train.py -s``) all read as it is. A photo set may have several cameras (issue 15):
+the undistortion builds one map per camera, the COLMAP models keep every camera, and
+``transforms.json`` gives each frame its own camera's intrinsics
+(:func:`.nerfstudio.nerfstudio_scene`).
 """
 from __future__ import annotations
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NotRequired, TypedDict
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
 import av
 import numpy as np
@@ -39,6 +40,9 @@ from .progress import Progress
 from .tracks import MOTION_MAX_CORNERS, MOTION_MIN_CORNERS, corners, track_median
 from .video_decode import DecodeLog, decoded_frames, open_stream, time_range
 from .video_probe import MIN_FRAMES, ProbeInfo, probe_video
+
+if TYPE_CHECKING:  # clip_checks imports this module
+    from .clip_checks import MotionLookAhead
 
 log = logging.getLogger(__name__)
 
@@ -133,14 +137,33 @@ class FramesResult(TypedDict):
 
 @dataclass
 class _Candidate:
-    """The sharpest usable frame of a window: its record, analysis image and output image
-    (held in memory until the window ends, then written as ``tmp``)."""
+    """The sharpest usable frame of a window: its record, analysis image and decoded frame
+    (held until the window ends, then converted (:func:`.frame_scores.output_image`) and
+    written as ``tmp``); ``lookahead``: the near-duplicate test's work done ahead
+    (:func:`_look_ahead`)."""
 
     window: int
     rec: ScoreRecord
     gray: np.ndarray
-    image: np.ndarray | None
+    frame: av.VideoFrame | None
     tmp: str = ""
+    lookahead: Future[tuple[np.ndarray, float | None]] | None = None
+
+
+def _look_ahead(prev: _Candidate | None, cand: _Candidate) -> tuple[np.ndarray, float | None]:
+    """The near-duplicate test of :func:`_reject` for ``cand`` as it would run when ``prev``
+    (the candidate before it) is the last kept frame: ``(corners of cand, median LK motion from
+    prev)``; the motion is ``None`` when the test would not run (no ``prev``, fewer than
+    ``MOTION_MIN_CORNERS`` corners in it, another image size). Runs on the decode pass's
+    helper thread while decoding goes on (corners and LK are OpenCV calls that release the
+    GIL); :func:`_reject` uses the result only in that case, so its outcome is unchanged."""
+    pts = corners(cand.gray, NEAR_DUPLICATE_CORNERS)
+    if prev is None or prev.lookahead is None or prev.gray.shape != cand.gray.shape:
+        return pts, None
+    prev_pts = prev.lookahead.result()[0]  # done: one worker runs the tasks in order
+    if len(prev_pts) < MOTION_MIN_CORNERS:
+        return pts, None
+    return pts, track_median(prev.gray, prev_pts, cand.gray)
 
 
 @dataclass
@@ -154,6 +177,9 @@ class DecodePass:
     cap: int
     window_map: dict[int, int] | None = None
     prior: list[ScoreRecord] | None = None
+    max_image_size: int | None = None
+    helper: ThreadPoolExecutor | None = None
+    motion: MotionLookAhead | None = None
     scores: list[ScoreRecord] = field(default_factory=list)
     candidates: list[_Candidate] = field(default_factory=list)
     damage: DecodeLog = field(default_factory=DecodeLog)
@@ -172,13 +198,19 @@ class DecodePass:
 
 
 def _flush(run: DecodePass, out: Path) -> None:
-    """Write the current window's candidate to a temporary JPEG and file it."""
+    """Write the current window's candidate to a temporary JPEG and file it; start its
+    near-duplicate look-ahead on ``run.helper`` (:func:`_look_ahead`)."""
     best = run.best
-    if best is None or best.image is None:
+    if best is None or best.frame is None:
         return
     best.tmp = f".cand_{best.window:05d}.jpg"
-    write_jpeg(out / best.tmp, best.image)
-    best.image = None
+    write_jpeg(out / best.tmp, output_image(best.frame, run.max_image_size))
+    best.frame = None
+    if run.helper is not None:
+        prev = run.candidates[-1] if run.candidates else None
+        best.lookahead = run.helper.submit(_look_ahead, prev, best)
+        if run.motion is not None:
+            run.helper.submit(run.motion.add, out / best.tmp)
     run.candidates.append(best)
     run.best = None
 
@@ -215,7 +247,7 @@ def _record(t: float, w: int, sc: Scores) -> ScoreRecord:
 
 
 def _take(run: DecodePass, frame: av.VideoFrame, out: Path, luts: LumaLut,
-          max_image_size: int | None, progress: Progress | None) -> None:
+          progress: Progress | None) -> None:
     """Score one decoded frame and keep it as its window's candidate if it is the sharpest
     usable one so far."""
     i = run.num_decoded
@@ -235,8 +267,7 @@ def _take(run: DecodePass, frame: av.VideoFrame, out: Path, luts: LumaLut,
     if best is None or rec["sharpness"] > best.rec["sharpness"]:
         if best is not None:
             best.rec["reason"] = "not_sharpest"
-        run.best = _Candidate(window=w, rec=rec, gray=gray,
-                              image=output_image(frame, max_image_size))
+        run.best = _Candidate(window=w, rec=rec, gray=gray, frame=frame)
     else:
         rec["reason"] = "not_sharpest"
 
@@ -245,12 +276,13 @@ def _decode_pass(path: str | os.PathLike, info: ProbeInfo, out: Path, run: Decod
                  luts: LumaLut, max_image_size: int | None,
                  progress: Progress | None) -> DecodePass:
     """One sequential decode of the whole clip into ``run`` (candidates written to ``out``)."""
+    run.max_image_size = max_image_size
     with av.open(str(path), mode="r") as container:
         stream = open_stream(container, info)
         run.t0, run.t1 = time_range(container, stream, info)
         run.fps = info.get("fps") or 30.0
         for frame in decoded_frames(container, stream, run.damage):
-            _take(run, frame, out, luts, max_image_size, progress)
+            _take(run, frame, out, luts, progress)
         _flush(run, out)
     if run.damage.errors:
         log.warning("%d packet(s) failed to decode (%d frames decoded): %s",
@@ -346,26 +378,33 @@ def _reject(candidates: list[_Candidate]) -> float | None:
 
     Blurry: below ``BLUR_RELATIVE`` x the median or below ``BLUR_ABSOLUTE``. Near-duplicate:
     median LK motion from the last kept frame below ``NEAR_DUPLICATE_PX`` (``motion_px`` is
-    recorded; None when tracking was lost = a big jump)."""
+    recorded; None when tracking was lost = a big jump). Where the last kept frame is the
+    candidate just before, the look-ahead's result (:func:`_look_ahead`, the same computation)
+    is used instead of tracking again."""
     sharp = [c.rec["sharpness"] for c in candidates]
     median = float(np.median(sharp)) if sharp else None
     floor = max(BLUR_ABSOLUTE, BLUR_RELATIVE * (median or 0.0))
-    last_gray: np.ndarray | None = None
+    last: _Candidate | None = None
     last_pts = np.empty((0, 1, 2), np.float32)
-    for c in candidates:
+    for k, c in enumerate(candidates):
         rec = c.rec
         if rec["sharpness"] < floor:
             rec["reason"] = "blurry"
             continue
-        if (last_gray is not None and len(last_pts) >= MOTION_MIN_CORNERS
-                and last_gray.shape == c.gray.shape):
-            m = track_median(last_gray, last_pts, c.gray)
+        ahead = c.lookahead.result() if c.lookahead is not None else None
+        if (last is not None and len(last_pts) >= MOTION_MIN_CORNERS
+                and last.gray.shape == c.gray.shape):
+            m = ahead[1] if (ahead is not None and ahead[1] is not None
+                             and k > 0 and last is candidates[k - 1]) else None
+            if m is None:
+                m = track_median(last.gray, last_pts, c.gray)
             rec["motion_px"] = round(m, 3) if math.isfinite(m) else None
             if m < NEAR_DUPLICATE_PX:
                 rec["reason"] = "near_duplicate"
                 continue
         rec["reason"], rec["kept"] = None, True
-        last_gray, last_pts = c.gray, corners(c.gray, NEAR_DUPLICATE_CORNERS)
+        last = c
+        last_pts = ahead[0] if ahead is not None else corners(c.gray, NEAR_DUPLICATE_CORNERS)
     return median
 
 
@@ -400,7 +439,8 @@ def _selection(run: DecodePass, kept: int, median: float | None, refilled: bool)
 
 def extract_frames(path: str | os.PathLike, out_dir: str | os.PathLike, max_frames: int,
                    max_image_size: int | None = None,
-                   progress: Progress | None = None) -> FramesResult:
+                   progress: Progress | None = None,
+                   motion: MotionLookAhead | None = None) -> FramesResult:
     """Select up to ``max_frames`` sharp, usable, distinct frames and write them as JPEGs.
 
     Algorithm (one sequential decode; memory bounded by the cap, not by the clip):
@@ -412,8 +452,9 @@ def extract_frames(path: str | os.PathLike, out_dir: str | os.PathLike, max_fram
        :func:`.frame_scores.frame_scores`); black, overexposed and blank frames
        (:func:`.frame_scores.exposure_reason`) are dropped.
     3. In each window the sharpest usable frame is the candidate; only it is kept in memory,
-       already scaled to ``max_image_size`` (:func:`.frame_scores.output_image`), and written
-       to disk when decoding leaves the window.
+       as its decoded frame, and converted (scaled to ``max_image_size``,
+       :func:`.frame_scores.output_image`) and written to disk when decoding leaves the window;
+       a helper thread then starts its near-duplicate tracking (step 4) while decoding goes on.
     4. Candidates below ``BLUR_RELATIVE`` x the median candidate sharpness or below
        ``BLUR_ABSOLUTE`` are dropped as ``blurry``; then, in time order, a candidate whose
        median LK motion from the last kept frame is below ``NEAR_DUPLICATE_PX`` is dropped as
@@ -432,6 +473,9 @@ def extract_frames(path: str | os.PathLike, out_dir: str | os.PathLike, max_fram
         max_frames: the cap (>= 1): number of time windows.
         max_image_size: optional cap (px) on the longest output side.
         progress: optional ``progress(fraction in [0, 1], message)``.
+        motion: optional :class:`.clip_checks.MotionLookAhead`: fed every candidate on the
+            helper thread as it is written (the motion check's reads and tracking done while
+            decoding goes on); pass it to :func:`.clip_checks.diagnose` afterwards.
 
     Returns:
         :class:`FramesResult`: ``video`` (:func:`.video_probe.probe_video`), ``frames`` (kept,
@@ -452,18 +496,25 @@ def extract_frames(path: str | os.PathLike, out_dir: str | os.PathLike, max_fram
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     luts = LumaLut()
-    run = _decode_pass(path, info, out, DecodePass(cap=max_frames), luts, max_image_size,
-                       progress)
-    plan = _refill_plan(run)
-    if plan is not None:
-        for c in run.candidates:
-            (out / c.tmp).unlink(missing_ok=True)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="near-duplicates") as helper:
         run = _decode_pass(path, info, out,
-                           DecodePass(cap=max_frames, window_map=plan, prior=run.scores),
-                           luts, max_image_size, progress)
-    warnings, truncated = damage_warnings(run, info)
-    _fail_if_too_few(run, out, warnings, truncated)
-    median = _reject(run.candidates)
+                           DecodePass(cap=max_frames, helper=helper, motion=motion), luts,
+                           max_image_size, progress)
+        plan = _refill_plan(run)
+        if plan is not None:
+            for c in run.candidates:
+                if c.lookahead is not None:
+                    c.lookahead.cancel()
+                (out / c.tmp).unlink(missing_ok=True)
+            if motion is not None:  # in order after the first pass's look-ahead tasks
+                helper.submit(motion.restart)
+            run = _decode_pass(path, info, out,
+                               DecodePass(cap=max_frames, window_map=plan, prior=run.scores,
+                                          helper=helper, motion=motion),
+                               luts, max_image_size, progress)
+        warnings, truncated = damage_warnings(run, info)
+        _fail_if_too_few(run, out, warnings, truncated)
+        median = _reject(run.candidates)
     frames = _publish(out, run.candidates)
     if progress is not None:
         progress(1.0, f"Selected {len(frames)} frames")

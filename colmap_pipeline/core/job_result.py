@@ -15,6 +15,7 @@ from ..layout import Workspace, read_checkpoint, read_json
 from ..presets import Preset
 from ..protocol import STAGES
 from ..results import Artifact, JobResult, JobWarning, MappingSummary, StageTimings
+from .photos import photo_camera_record
 from .sfm_mapping import summarize_model
 
 
@@ -74,11 +75,14 @@ def build_result(ws: Workspace, preset: Preset, mapping: MappingSummary, model_d
         mean_observations_per_image=model.mean_observations_per_image,
         camera=model.cameras[0] if model.cameras else None,
         cameras=model.cameras if len(model.cameras) > 1 else None,
+        photo_cameras=photo_camera_record(frames, _summary(ws, "features")),
+        camera_mode=frames.get("camera_mode"),
         models=mapping.models, chosen_model=mapping.chosen_model,
         checks=mapping.checks, partial=mapping.partial,
         quality_warning=mapping.quality_warning, warnings=stage_warnings(frames, mapping),
         mapper=mapping.chosen_mapper, first_mapper=mapping.mapper,
         mapping_attempts=mapping.mapping_attempts, model_sizes=mapping.model_sizes,
+        match_diagnostics=mapping.match_diagnostics,
         input_kind=frames.get("input_kind", "video"), preset=preset.to_dict(),
         video=frames["video"], motion=frames.get("motion"),
         features=_summary(ws, "features"), matching=_summary(ws, "matching"),

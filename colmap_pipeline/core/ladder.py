@@ -47,6 +47,25 @@ no model says why, with numbers (:func:`_failure`).
 
 The registered share of an attempt is over the frames it was given (``frames`` of the attempt:
 more after ``more_frames``).
+
+Fail fast (issue 15): before the first attempt, and again after each matching rung while it
+matters, :mod:`.match_diagnostics` reads the verified matches. Its verdict rules rungs out
+(:data:`HELPFUL_RUNGS`; the others are recorded as skipped, reason ``ruled_out_by_<verdict>``,
+and the progress bar moves past them):
+
+* ``rotation_only`` (pure rotation): nothing makes parallax; unless the first attempt is good
+  enough (a diagnosis is no proof, and that attempt is what a good input costs too), the ladder
+  fails at once after it, skipping every rung;
+* ``disconnected_scenes``: only matching more pairs can join the scenes; a matching rung whose
+  pairs leave them apart does not map (``still_disconnected_scenes``); once exhaustive
+  matching or loop closure has searched far pairs in vain, the ladder fails with this code,
+  even when one scene alone made a model;
+* ``insufficient_parallax``: only wider pairs (``more_overlap``, ``exhaustive``) can show
+  parallax; the ladder fails with this code when no model passed its checks.
+
+A good-enough model always wins, and ``reconstruction_failed`` / ``no_initial_pair`` remain for
+failures the matches do not explain. The chosen model is then checked for moving content
+(:mod:`.moving_content`): a ``moving_content`` warning when many matches follow a second motion.
 """
 from __future__ import annotations
 
@@ -62,8 +81,10 @@ from typing import Any
 
 from ..errors import PipelineError
 from ..presets import LADDER_BUDGET_S, MAPPER_BY_QUALITY
-from ..results import JobWarning, MappingSummary, ModelSummary
+from ..results import JobWarning, MappingSummary, MatchDiagnostics, ModelSummary
 from . import ladder_attempt as la
+from . import match_diagnostics as md
+from . import moving_content as mc
 from . import sfm_features as sf
 from . import sfm_mapping as sm
 from .ladder_attempt import (  # noqa: F401 - TARGET_FRACTION, AddedFrames re-exported
@@ -107,6 +128,14 @@ CAMERA_MODELS = ("OPENCV", "OPENCV_FISHEYE")
 #: (failed; 94 keypoints per frame, 55 inlier matches over 119 pairs). EuRoC's sharp, static
 #: frames score 60-90.
 BLURRY_FAILURE_SHARPNESS = 50.0
+#: Rungs that can still help under a diagnosis of the matches (:mod:`.match_diagnostics`):
+#: matching more pairs can join disconnected scenes (nothing else can), wider pairs can show
+#: parallax that near pairs lack; no rung gives a camera that only turns any parallax.
+HELPFUL_RUNGS: dict[str, frozenset[str]] = {
+    "disconnected_scenes": frozenset({"more_overlap", "exhaustive", "loop_closure"}),
+    "insufficient_parallax": frozenset({"more_overlap", "exhaustive"}),
+    "rotation_only": frozenset(),
+}
 
 
 # --- the rungs ------------------------------------------------------------------------------
@@ -188,13 +217,13 @@ def _rung_focal_prior(cfg: LadderConfig, st: LadderState) -> None:
         t0 = time.monotonic()
         model = sf.read_camera(cfg.database_path).model_name
         saved = sm.set_camera_model(cfg.database_path, model, focal_px=focal, prior=True)
-        how = "fixed" if fixed else "refined"
-        settings = {"focal_px": round(float(focal), 3), "camera_model": model, "focal": how,
+        how = "fixed" if fixed else "refined"  # each camera its own prior (issue 15)
+        settings = {"focal_px": sm.prior_record(focal), "camera_model": model, "focal": how,
                     "mapper": "incremental"}
         # held fixed: incremental mapping (its bundle adjustment option is documented)
         options = {"pipeline": {"ba_refine_focal_length": False}} if fixed else None
         attempt = la.map_attempt(cfg, st, Plan(
-            "focal_prior", settings, f"focal length {focal:.0f} px from metadata, {how}",
+            "focal_prior", settings, f"focal length {sm.prior_text(focal)} from metadata, {how}",
             mapper="incremental", mapper_options=options, veto=True), t0)
         attempt.camera_kept = la.kept(st)
         if not attempt.camera_kept:
@@ -272,6 +301,78 @@ RUNGS: dict[str, Rung] = {
 }
 
 
+# --- what the matches say: skip what cannot help ------------------------------------------
+
+def _diagnose(cfg: LadderConfig, st: LadderState) -> MatchDiagnostics:
+    """Read the matches (:func:`.match_diagnostics.diagnose_database`) into ``st``."""
+    st.diagnostics = md.diagnose_database(cfg.database_path)
+    log.info("match diagnostics: %s", st.diagnostics.model_dump(exclude={"scenes"}))
+    return st.diagnostics
+
+
+def _verdict(st: LadderState) -> str | None:
+    return st.diagnostics.verdict if st.diagnostics is not None else None
+
+
+def _ruled_out(step: str, st: LadderState) -> str | None:
+    """Why rung ``step`` cannot help under the current diagnosis (``None``: it may)."""
+    v = _verdict(st)
+    if v is None or step in HELPFUL_RUNGS.get(v, frozenset(STEPS)) or (
+            v == "disconnected_scenes" and not _searched_all_pairs(st)):
+        return None
+    return f"ruled_out_by_{v}"
+
+
+def _recheck(cfg: LadderConfig, st: LadderState) -> str | None:
+    """After a matching rung: diagnose again; the reason to skip mapping while the same
+    verdict holds (``still_<verdict>``), else ``None``."""
+    before = _verdict(st)
+    after = _diagnose(cfg, st).verdict
+    if after is None:
+        st.recheck = None
+    return f"still_{before}" if before is not None and after == before else None
+
+
+def _run_rungs(cfg: LadderConfig, st: LadderState, steps: Sequence[str]) -> None:
+    """Climb ``steps`` until good enough; rungs the diagnosis rules out are skipped. Every
+    rung moves the progress bar, run or not."""
+    for step in steps:
+        if la.good_enough(cfg, st):
+            break
+        cap = RUNGS[step].max_attempts(cfg, st)
+        maps_before = st.maps_run
+        reason = _ruled_out(step, st)
+        if reason:
+            la.skip(st, step, reason, {"verdict": _verdict(st)})
+        else:
+            st.recheck = (lambda: _recheck(cfg, st)) if _verdict(st) else None
+            RUNGS[step].run(cfg, st)
+        st.slots_skipped += max(0, cap - (st.maps_run - maps_before))
+        la.report(cfg, st, la.window(st)[0], la.after_rung(cfg, st, step))
+
+
+def _searched_all_pairs(st: LadderState) -> bool:
+    """Every pair was matched (``exhaustive``), or loop closure looked for far pairs."""
+    return st.exhaustive_done or any(
+        a.step == "loop_closure" and (a.outcome != "skipped" or (a.reason or "").startswith(
+            "still_") or a.reason == "no_new_pairs") for a in st.attempts)
+
+
+def _diagnosed_failure(cfg: LadderConfig, st: LadderState) -> PipelineError | None:
+    """The narrow error the diagnosis names, or ``None`` when it does not decide: a
+    good-enough model always wins; ``insufficient_parallax`` only without a passing model;
+    ``disconnected_scenes`` only once far pairs were searched (exhaustive matching or loop
+    closure): before that a gap in one scene (a fast turn, a few blurred frames) looks the
+    same, and the best model stays a partial result."""
+    v = _verdict(st)
+    if v is None or st.diagnostics is None or la.good_enough(cfg, st) or (
+            v == "insufficient_parallax" and st.best is not None) or (
+            v == "disconnected_scenes" and not _searched_all_pairs(st)):
+        return None
+    details = _failure_details(cfg, st)
+    return PipelineError(v, message=md.describe(st.diagnostics), details=details)
+
+
 # --- the end: choose, explain, or fail ------------------------------------------------------
 
 def _trust_images(cfg: LadderConfig, st: LadderState) -> list[JobWarning]:
@@ -284,15 +385,37 @@ def _trust_images(cfg: LadderConfig, st: LadderState) -> list[JobWarning]:
                                          "overridden": ["focal_disagrees_with_metadata"]})
     st.best = Candidate(m.model_copy(update={"checks": checks}), st.meta_only.attempt,
                         st.meta_only.directory)
-    prior = float(cfg.focal_prior_px or 0.0)
+    prior = cfg.focal_prior_px
+    said = m.focal_px_by_camera or m.focal_px or 0.0
     return [JobWarning(
         code="focal_metadata_ignored",
-        message=f"The photos' metadata says the focal length is {prior:.0f} px; the images say "
-                f"{m.focal_px or 0:.0f} px, and a model held to the metadata fitted them worse, "
-                f"so the metadata was ignored.",
-        details={"metadata_focal_px": round(prior, 3), "images_focal_px": m.focal_px},
+        message=f"The photos' metadata says the focal length is {sm.prior_text(prior)}; the "
+                f"images say {sm.prior_text(said)}, and a model held to the metadata fitted them "
+                f"worse, so the metadata was ignored.",
+        details={"metadata_focal_px": sm.prior_record(prior), "images_focal_px": m.focal_px},
         hint="Photos that were cropped, digitally zoomed or edited keep the original focal "
              "length in their EXIF; upload the originals.")]
+
+
+def _failure_details(cfg: LadderConfig, st: LadderState) -> dict[str, Any]:
+    """The numbers of a failed ladder: frames, matches, largest model, every attempt, and
+    the match diagnostics."""
+    db = sf.database_stats(cfg.database_path)
+    models = [m for a in st.attempts for m in a.models]
+    largest = max(models, key=sm.model_key, default=None)
+    return {
+        "frames": st.frames, "frames_added": st.added,
+        "median_keypoints_per_image": db.median_keypoints_per_image,
+        "matched_pairs": db.matched_pairs, "verified_pairs": db.verified_pairs,
+        "best_pair_inliers": db.best_pair_inliers,
+        "largest_model_images": largest.registered_images if largest else 0,
+        "largest_model_points": largest.points3d if largest else 0,
+        "largest_model_failures": largest.checks.failures if largest else [],
+        "required_images": sm.min_registered_images(st.frames),
+        "ladder_elapsed_s": round(la.elapsed(st), 3), "budget_s": cfg.budget_s,
+        "match_diagnostics": st.diagnostics.model_dump(mode="json") if st.diagnostics else None,
+        "mapping_attempts": [a.model_dump(mode="json", exclude_none=True)
+                             for a in st.attempts]}
 
 
 def _failure(cfg: LadderConfig, st: LadderState) -> PipelineError:
@@ -304,17 +427,7 @@ def _failure(cfg: LadderConfig, st: LadderState) -> PipelineError:
     models = [m for a in st.attempts for m in a.models]
     largest = max(models, key=sm.model_key, default=None)
     required = sm.min_registered_images(st.frames)
-    details: dict[str, Any] = {
-        "frames": st.frames, "frames_added": st.added,
-        "median_keypoints_per_image": db.median_keypoints_per_image,
-        "matched_pairs": db.matched_pairs, "verified_pairs": db.verified_pairs,
-        "best_pair_inliers": db.best_pair_inliers,
-        "largest_model_images": largest.registered_images if largest else 0,
-        "largest_model_points": largest.points3d if largest else 0,
-        "largest_model_failures": largest.checks.failures if largest else [],
-        "required_images": required,
-        "mapping_attempts": [a.model_dump(mode="json", exclude_none=True)
-                             for a in st.attempts]}
+    details = _failure_details(cfg, st)
     if largest is None or largest.registered_images <= 2:
         return PipelineError("no_initial_pair", details=details, message=(
             f"No initial pair: {db.verified_pairs} of {db.matched_pairs} image pairs "
@@ -387,7 +500,7 @@ def _summary(cfg: LadderConfig, st: LadderState, best: Candidate,
         registered_images=model.registered_images, points3d=model.points3d,
         checks=model.checks, partial=model.checks.partial,
         quality_warning=warnings[0] if warnings else None, warnings=warnings,
-        mapping_attempts=st.attempts)
+        mapping_attempts=st.attempts, match_diagnostics=st.diagnostics)
 
 
 def max_attempts(cfg: LadderConfig, frames: int) -> int:
@@ -398,12 +511,13 @@ def max_attempts(cfg: LadderConfig, frames: int) -> int:
 
 def run_ladder(database_path: str | os.PathLike[str], image_dir: str | os.PathLike[str],
                sparse_dir: str | os.PathLike[str], num_frames: int, quality: str = "low",
-               use_gpu: bool = False, focal_prior_px: float | None = None,
+               use_gpu: bool = False, focal_prior_px: sm.FocalPriors = None,
                progress: Progress = no_progress, steps: tuple[str, ...] | None = None,
                budget_s: float | None = None, mapper: str | None = None,
                num_threads: int = -1, random_seed: int = -1,
                target_fraction: float = TARGET_FRACTION,
-               more_frames: FrameSource | None = None) -> MappingSummary:
+               more_frames: FrameSource | None = None,
+               matching: str = "sequential") -> MappingSummary:
     """Map, check, and climb the recovery ladder until a model is good enough or time is up.
 
     Args:
@@ -413,8 +527,9 @@ def run_ladder(database_path: str | os.PathLike[str], image_dir: str | os.PathLi
         num_frames: frames selected for SfM.
         quality: preset name (budget and mapper).
         use_gpu: CUDA matching in the matching rungs.
-        focal_prior_px: focal length from metadata (px at the frames' size) or ``None``; with
-            it, models that disagree with it fail their checks.
+        focal_prior_px: focal length from metadata (px at the frames' size; one value, or one
+            per camera id: :data:`.sfm_mapping.FocalPriors`) or ``None``; with it, models that
+            disagree with it fail their checks.
         progress: ``progress(fraction, message)``; every attempt moves it.
         steps: rungs to allow (default :data:`STEPS`, in that order).
         budget_s: time budget (s) after the first attempt (default ``LADDER_BUDGET_S``).
@@ -424,6 +539,9 @@ def run_ladder(database_path: str | os.PathLike[str], image_dir: str | os.PathLi
         more_frames: frame source of the ``more_frames`` rung: called once, writes new frames
             into ``image_dir``, adds their features to the database (existing camera);
             ``None`` (photo sets): the rung is skipped.
+        matching: how the matching stage chose its pairs (``sequential``, ``exhaustive``,
+            ``retrieval``: :func:`.sfm_features.match_photos`); after ``exhaustive`` there
+            is no pair left for the matching rungs.
 
     Returns:
         the chosen model, its checks and warnings, and every attempt.
@@ -451,19 +569,22 @@ def run_ladder(database_path: str | os.PathLike[str], image_dir: str | os.PathLi
     cfg.work.mkdir(parents=True)
     st = LadderState(frames=int(num_frames), max_attempts=max_attempts(cfg, int(num_frames)))
     cam = sf.read_camera(cfg.database_path)
-    first = {"mapper": cfg.mapper, "camera_model": cam.model_name, "matching": "sequential"}
+    first = {"mapper": cfg.mapper, "camera_model": cam.model_name, "matching": matching}
+    st.exhaustive_done = matching == "exhaustive"
+    la.report(cfg, st, 0.0, "Checking what the matches show...")
+    _diagnose(cfg, st)
     la.map_attempt(cfg, st, Plan("baseline", first, f"mapper {cfg.mapper}"), time.monotonic())
     st.ladder_t0 = time.monotonic()
-    for step in steps:
-        if la.good_enough(cfg, st):
-            break
-        RUNGS[step].run(cfg, st)
+    _run_rungs(cfg, st, steps)
     warnings = _trust_images(cfg, st)
-    if st.best is None:
-        error = _failure(cfg, st)
+    error = _diagnosed_failure(cfg, st)  # a narrow code first, even beside a partial model
+    if error is not None or st.best is None:
         shutil.rmtree(cfg.work, ignore_errors=True)
-        raise error
+        raise error or _failure(cfg, st)
     _keep_chosen(st.best, sparse, cfg.work)
+    _, moving = mc.check(cfg.database_path, sparse / str(st.best.model.index))
+    if moving is not None:
+        warnings.append(moving)
     summary = _summary(cfg, st, st.best, warnings)
     la.report(cfg, st, 1.0, f"Registered {summary.registered_images}/{summary.frames} images")
     return summary

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..results import MappingAttempt, ModelSummary
+from ..results import MappingAttempt, MatchDiagnostics, ModelSummary
 from . import sfm_features as sf
 from . import sfm_mapping as sm
 from .progress import Progress, no_progress
@@ -63,7 +63,7 @@ class LadderConfig:
     budget_s: float
     steps: tuple[str, ...]
     use_gpu: bool = False
-    focal_prior_px: float | None = None
+    focal_prior_px: sm.FocalPriors = None
     num_threads: int = -1
     random_seed: int = -1
     target_fraction: float = TARGET_FRACTION
@@ -95,6 +95,12 @@ class LadderState:
         fraction: progress reported so far (never decreases).
         ladder_t0: monotonic time when the first attempt ended (the budget starts there).
         exhaustive_done: every pair has been matched.
+        diagnostics: what the matches say (:mod:`.match_diagnostics`), latest reading.
+        slots_skipped: attempts of ``max_attempts`` given up by skipped rungs (the progress
+            bar moves past them; "at most" counts down).
+        recheck: set while a diagnosis rules mapping out: called by :func:`match_then_map`
+            after matching; returns why the new pairs still cannot help (mapping skipped),
+            or ``None`` (map).
     """
 
     frames: int
@@ -107,6 +113,9 @@ class LadderState:
     fraction: float = 0.0
     ladder_t0: float | None = None
     exhaustive_done: bool = False
+    diagnostics: MatchDiagnostics | None = None
+    slots_skipped: int = 0
+    recheck: Callable[[], str | None] | None = None
 
 
 # --- bookkeeping ----------------------------------------------------------------------------
@@ -135,8 +144,9 @@ def remaining(cfg: LadderConfig, st: LadderState) -> float:
 
 
 def window(st: LadderState) -> tuple[float, float]:
-    """Progress window (fractions of the stage) of the next mapping attempt."""
-    k = st.maps_run + 1
+    """Progress window (fractions of the stage) of the next mapping attempt (skipped rungs'
+    attempts count as done)."""
+    k = st.maps_run + st.slots_skipped + 1
     if k == 1:
         return 0.0, FIRST_ATTEMPT_SHARE
     share = (MAX_FRACTION - FIRST_ATTEMPT_SHARE) / max(1, st.max_attempts - 1)
@@ -147,7 +157,19 @@ def window(st: LadderState) -> tuple[float, float]:
 def headline(cfg: LadderConfig, st: LadderState, label: str) -> str:
     """``attempt 3 of at most 8: camera model OPENCV (112 s of 600 s budget)``."""
     k = st.maps_run + 1
-    text = f"attempt {k} of at most {max(k, st.max_attempts)}: {label}"
+    text = f"attempt {k} of at most {max(k, st.max_attempts - st.slots_skipped)}: {label}"
+    if st.ladder_t0 is not None:
+        text += f" ({elapsed(st):.0f} s of {cfg.budget_s:.0f} s budget)"
+    return text
+
+
+def after_rung(cfg: LadderConfig, st: LadderState, step: str) -> str:
+    """``exhaustive: skipped (still_disconnected_scenes); at most 3 more attempts (8 s of 600 s
+    budget)``: what the last rung did, and what is left."""
+    last = st.attempts[-1] if st.attempts else None
+    what = f"{last.outcome}" + (f" ({last.reason})" if last.reason else "") if last else "done"
+    left = max(0, st.max_attempts - st.slots_skipped - st.maps_run)
+    text = f"{step}: {what}; at most {left} more attempts"
     if st.ladder_t0 is not None:
         text += f" ({elapsed(st):.0f} s of {cfg.budget_s:.0f} s budget)"
     return text
@@ -262,7 +284,8 @@ def match_then_map(cfg: LadderConfig, st: LadderState, plan: Plan,
                    pairs: Callable[[], list[sf.Pair]], t0: float | None = None,
                    always_map: bool = False) -> None:
     """Match the new pairs ``pairs()`` gives, then map; recorded as skipped when nothing is
-    new, unless ``always_map``. ``t0``: when the attempt began (default: now)."""
+    new, unless ``always_map``, or when ``st.recheck`` says the new pairs still cannot help
+    (its reason). ``t0``: when the attempt began (default: now)."""
     t0 = time.monotonic() if t0 is None else t0
     lo, hi = window(st)
     mid = lo + MATCH_SHARE * (hi - lo)
@@ -272,6 +295,14 @@ def match_then_map(cfg: LadderConfig, st: LadderState, plan: Plan,
     if res.image_pairs == 0 and not always_map:
         st.attempts.append(MappingAttempt(step=plan.step, settings=plan.settings,
                                           outcome="skipped", reason="no_new_pairs", new_pairs=0,
+                                          elapsed_s=round(time.monotonic() - t0, 3)))
+        return
+    still = st.recheck() if st.recheck is not None and not always_map else None
+    if still:
+        st.attempts.append(MappingAttempt(step=plan.step, settings=plan.settings,
+                                          outcome="skipped", reason=still,
+                                          new_pairs=res.image_pairs,
+                                          verified_pairs=res.verified_pairs,
                                           elapsed_s=round(time.monotonic() - t0, 3)))
         return
     map_attempt(cfg, st, Plan(plan.step, plan.settings, plan.label, new_pairs=res.image_pairs,

@@ -109,32 +109,45 @@ def nerfstudio_scene(model_dir: str | os.PathLike[str], image_prefix: str = "ima
                      ply_name: str = "sparse_pc.ply") -> NerfstudioScene:
     """The model in ``model_dir`` as nerfstudio's ``transforms.json`` plus its points.
 
+    One camera: its intrinsics (:func:`intrinsics`) at the top level, as nerfstudio's
+    ``colmap_to_json`` writes them. Several cameras (photo sets, issue 15): each frame carries
+    its own camera's ``w, h, fl_x, fl_y, cx, cy`` and distortion terms (nerfstudio's
+    per-frame intrinsics, read by its ``nerfstudio`` dataparser when the top level lacks them),
+    and the top level keeps only ``camera_model``, which nerfstudio reads there (all cameras
+    must map to the same nerfstudio model; the export's undistorted model is all PINHOLE).
+
     Args:
-        model_dir: a COLMAP model with one camera.
+        model_dir: a COLMAP model.
         image_prefix: prefix of every ``file_path`` (relative to ``transforms.json``).
         ply_name: ``ply_file_path`` (the points, written by the caller).
 
     Returns:
         frames sorted by image name, each ``{"file_path": prefix + name,
-        "transform_matrix": 4x4, "colmap_im_id": int}``.
+        "transform_matrix": 4x4, "colmap_im_id": int}`` (+ intrinsics with several cameras).
 
     Raises:
-        PipelineError("pipeline_error"): more than one camera, or a camera model nerfstudio
-            cannot read.
+        PipelineError("pipeline_error"): a camera model nerfstudio cannot read, or cameras
+            that map to different nerfstudio camera models.
     """
     rec = pycolmap.Reconstruction(str(model_dir))
-    cams = list(rec.cameras.values())
-    if len(cams) != 1:
+    ids = sorted(rec.reg_image_ids(), key=lambda i: rec.images[i].name)
+    used = sorted({int(rec.images[i].camera_id) for i in ids}) or sorted(rec.cameras)
+    per_cam = {cid: intrinsics(rec.cameras[cid]) for cid in used}
+    models = sorted({k["camera_model"] for k in per_cam.values()})
+    if len(models) != 1:
         raise PipelineError("pipeline_error", details={
-            "reason": "transforms.json needs exactly one camera",
-            "cameras": [c.model_name for c in cams]})
+            "reason": "transforms.json needs one nerfstudio camera model for every frame",
+            "camera_models": models})
     applied = np.array(NERFSTUDIO_APPLIED_TRANSFORM)
-    out = intrinsics(cams[0])
+    several = len(per_cam) > 1
+    out: dict[str, Any] = ({"camera_model": models[0]} if several
+                           else dict(per_cam[used[0]]))
     out["frames"] = [
         {"file_path": f"{image_prefix}{rec.images[i].name}",
          "transform_matrix": transform_matrix(rec.images[i], applied).tolist(),
-         "colmap_im_id": int(i)}
-        for i in sorted(rec.reg_image_ids(), key=lambda i: rec.images[i].name)]
+         "colmap_im_id": int(i),
+         **(per_cam[int(rec.images[i].camera_id)] if several else {})}
+        for i in ids]
     out["applied_transform"] = applied.tolist()
     out["ply_file_path"] = ply_name
     pts = list(rec.points3D.values())

@@ -197,12 +197,13 @@ def _stage_frames(ws: Workspace, job: dict, progress: Progress, t0: float) -> di
         return {"frames_extracted": len(photo_res["frames"]),
                 "num_decoded": photo_res["num_decoded"], "video": photo_res["video"],
                 "input_kind": "images", "warnings": photo_res["warnings"]}
+    ahead = clip_checks.MotionLookAhead()  # the motion check's tracking, done while decoding
     res = frame_select.extract_frames(job["input"], ws.frames_dir, preset.max_frames,
                                       max_image_size=preset.max_image_size,
-                                      progress=lambda f, m: progress(0.9 * f, m))
+                                      progress=lambda f, m: progress(0.9 * f, m), motion=ahead)
     progress(0.9, "Checking camera motion and parallax...")
     # Degenerate clips (too short, dark, blurry, static, tripod pan...) are named here.
-    diag = clip_checks.diagnose(res, ws.frames_dir)
+    diag = clip_checks.diagnose(res, ws.frames_dir, ahead.tracks_for(res, ws.frames_dir))
     res["motion"], res["parallax"], res["diagnosis"] = (
         dict(diag["motion"]) if diag["motion"] else None, diag["parallax"], diag["error"])
     write_json_atomic(ws.frames_json, res)  # kept on failure: served at GET /jobs/{id}/frames
@@ -229,24 +230,32 @@ def _stage_features(ws: Workspace, job: dict, progress: Progress, t0: float) -> 
     from . import sfm_features
 
     _require(ws, "frames")
-    return sfm_features.extract_features(ws.database, ws.frames_dir, job["preset"],
-                                         use_gpu=bool(job["use_gpu"]), progress=progress,
-                                         sift_options=_sift_options(job)).to_dict()
+    groups = sfm_features.camera_groups(read_json(ws.frames_json)["frames"])  # photo sets
+    summary = sfm_features.extract_features(ws.database, ws.frames_dir, job["preset"],
+                                            use_gpu=bool(job["use_gpu"]), progress=progress,
+                                            sift_options=_sift_options(job), groups=groups)
+    return {**summary.to_dict(), **sfm_features.camera_ids(ws.database, groups)}
 
 
 def _stage_matching(ws: Workspace, job: dict, progress: Progress, t0: float) -> dict:
     from . import sfm_features
+    from .ladder import EXHAUSTIVE_MAX_PAIRS
 
     _require(ws, "features")
     threads = {"num_threads": 1} if _repeatable(job) else {}
-    return sfm_features.match_sequential(ws.database, use_gpu=bool(job["use_gpu"]),
-                                         progress=progress, **threads).to_dict()
+    order = read_json(ws.frames_json).get("order")  # photo sets (issue 15); videos: None
+    if order is None:
+        return sfm_features.match_sequential(ws.database, use_gpu=bool(job["use_gpu"]),
+                                             progress=progress, **threads).to_dict()
+    got = sfm_features.match_photos(ws.database, bool(order["ordered"]), EXHAUSTIVE_MAX_PAIRS,
+                                    use_gpu=bool(job["use_gpu"]), progress=progress, **threads)
+    return {**got.to_dict(), "order": order}
 
 
 def _stage_mapping(ws: Workspace, job: dict, progress: Progress, t0: float) -> dict:
     """Map with checks and the bounded recovery ladder (:mod:`.ladder`, issue 4); a failure is
     named after blur when the frames' sharpness explains it (:func:`.ladder.name_failure`)."""
-    from . import ladder
+    from . import ladder, sfm_features
 
     _require(ws, "matching")
     frames = read_json(ws.frames_json)
@@ -274,7 +283,9 @@ def _stage_mapping(ws: Workspace, job: dict, progress: Progress, t0: float) -> d
         summary = ladder.run_ladder(
             ws.database, ws.frames_dir, ws.sparse_dir, len(frames["frames"]),
             quality=preset.quality, use_gpu=bool(job["use_gpu"]),
-            focal_prior_px=frames.get("focal_prior_px"), progress=progress,
+            focal_prior_px=sfm_features.focal_priors(ws.database, frames),
+            matching=str(_require(ws, "matching")["summary"].get("method", "sequential")),
+            progress=progress,
             more_frames=more_frames if is_video else None, **repeatable)
     except PipelineError as exc:
         raise ladder.name_failure(exc, frames["frames"]) from None

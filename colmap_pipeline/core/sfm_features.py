@@ -8,7 +8,11 @@ Facts used here (checked on pycolmap 4.2.1, CPU build):
 
 * ``extract_features`` with ``CameraMode.SINGLE`` creates one camera per call; later calls share
   it when ``ImageReaderOptions.existing_camera_id`` names it, so extraction can run in chunks of
-  images (real progress) and still end with one camera in the database.
+  images (real progress) and still end with one camera in the database (or one per photo
+  group, each group extracted this way into the same database; ``CameraMode.PER_IMAGE`` gives
+  every image of a call its own camera).
+* ``VocabTreePairGenerator`` reads the vocabulary that :func:`build_own_vocabulary` writes (a
+  ``VisualIndex``), as ``SequentialPairGenerator``'s loop detection does.
 * ``match_image_pairs`` on the pairs of ``SequentialPairGenerator`` gives the same verified pairs
   as ``match_sequential`` and can run in chunks (real progress).
 * ``SequentialPairingOptions.quadratic_overlap`` gives the distances 1, 2, 4, ... only (up to
@@ -20,7 +24,7 @@ import math
 import os
 import statistics
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -62,6 +66,12 @@ TARGET_CHUNKS = 10
 LOOP_VOCAB_WORDS = 256
 LOOP_VOCAB_SAMPLE = 20000
 LOOP_NUM_IMAGES = 8
+#: Unordered photo sets too large for exhaustive matching: each photo is paired with its
+#: ``RETRIEVAL_NUM_IMAGES`` most similar photos by the same own vocabulary (no time
+#: neighbours to add; COLMAP's ``VocabTreePairingOptions.num_images`` default 100 is meant for
+#: collections of thousands; 51-300 photos here: 20 gives at most 20 n pairs, against
+#: n (n - 1) / 2 for exhaustive, 1,275-44,850).
+RETRIEVAL_NUM_IMAGES = 20
 #: Overrides of pycolmap's ``FeatureMatchingOptions`` (the :data:`SIFT_MATCHING_KEYS` go to its
 #: ``sift`` part) and ``TwoViewGeometryOptions`` (the :data:`RANSAC_KEYS` go to its ``ransac``
 #: part). Empty = COLMAP's defaults: with ~800 keypoints a frame, no watermark detection and
@@ -81,7 +91,7 @@ class FeatureSummary:
 
     Attributes:
         images: images in the database.
-        cameras: cameras in the database (1: one shared camera).
+        cameras: cameras in the database (1: one shared camera; a photo set: one per group).
         keypoints: SIFT keypoints over all images.
         mean_keypoints_per_image: keypoints / images.
         images_without_features: images with 0 keypoints.
@@ -110,6 +120,10 @@ class MatchSummary:
         verified_pairs: pairs with a verified two-view geometry in the database.
         inlier_matches: verified (inlier) matches over all pairs.
         device: ``cpu`` or ``cuda``.
+        method: how the pairs were chosen: ``sequential`` (neighbours in time: videos, ordered
+            photo sets), ``exhaustive`` (every pair of an unordered set), ``retrieval`` (an
+            unordered set too large for that: pairs from the job's own vocabulary), or
+            ``pairs`` (a given list).
     """
 
     image_pairs: int
@@ -117,6 +131,7 @@ class MatchSummary:
     verified_pairs: int
     inlier_matches: int
     device: str
+    method: str = "pairs"
 
     def to_dict(self) -> dict[str, object]:
         """Plain dict (the matching stage's checkpoint summary)."""
@@ -202,32 +217,92 @@ def _extraction_options(preset: Preset, dev: pycolmap.Device, num_threads: int,
     return ext
 
 
-def _feature_summary(database_path: PathLike, dev: pycolmap.Device) -> FeatureSummary:
+def _feature_summary(database_path: PathLike, dev: pycolmap.Device,
+                     expected_cameras: int = 1) -> FeatureSummary:
     with pycolmap.Database.open(str(database_path)) as db:
         images = db.read_all_images()
         per_image = [db.num_keypoints_for_image(im.image_id) for im in images]
         num_cameras = db.num_cameras()
-    if num_cameras != 1:
+    if num_cameras != expected_cameras:
         raise PipelineError("pipeline_error", details={
-            "reason": "feature extraction did not end with one shared camera",
-            "cameras": num_cameras})
+            "reason": "feature extraction did not end with one camera per camera group",
+            "cameras": num_cameras, "expected_cameras": expected_cameras})
     return FeatureSummary(
         images=len(images), cameras=num_cameras, keypoints=int(sum(per_image)),
         mean_keypoints_per_image=round(sum(per_image) / max(1, len(per_image)), 1),
         images_without_features=int(sum(1 for n in per_image if n == 0)), device=dev.name)
 
 
+def camera_groups(frames: Sequence[Mapping[str, Any]]) -> list[list[str]] | None:
+    """The frame files of ``frames.json``'s ``frames`` grouped by their ``camera`` index (a
+    photo set, :func:`.photos.prepare_photo_frames`), in index order; ``None`` when no frame
+    names a camera (a video: one shared camera)."""
+    if not frames or not any("camera" in f for f in frames):
+        return None
+    groups: dict[int, list[str]] = {}
+    for f in frames:
+        groups.setdefault(int(f.get("camera", 0)), []).append(str(f["file"]))
+    return [groups[k] for k in sorted(groups)]
+
+
+def _camera_of(database_path: PathLike, name: str) -> int:
+    with pycolmap.Database.open(str(database_path)) as db:
+        return _camera_in(db, name)
+
+
+def _camera_in(db: pycolmap.Database, name: str) -> int:
+    """Camera id of image ``name``; PipelineError("pipeline_error") when it is absent."""
+    im = db.read_image_with_name(name)
+    if im is None:
+        raise PipelineError("pipeline_error", details={"reason": "image not in the database",
+                                                       "image": name})
+    return int(im.camera_id)
+
+
+def camera_ids(database_path: PathLike,
+               groups: Sequence[Sequence[str]] | None) -> dict[str, list[int]]:
+    """``{"camera_ids": [COLMAP camera id of each group]}`` (the features stage's record of
+    which camera each photo group got, in :func:`camera_groups` order); ``{}`` without groups."""
+    if not groups:
+        return {}
+    with pycolmap.Database.open(str(database_path)) as db:
+        return {"camera_ids": [_camera_in(db, g[0]) for g in groups]}
+
+
+def focal_priors(database_path: PathLike,
+                 frames_json: Mapping[str, Any]) -> float | dict[int, float] | None:
+    """The mapping stage's focal prior(s) (px at the frames' size; ``sfm_mapping.FocalPriors``):
+    ``frames.json``'s ``focal_prior_px`` for a video or a photo set of one camera; for several
+    cameras, ``{COLMAP camera id: px}`` of each camera whose group has an EXIF prior (the
+    database tells which camera each group's photos got), ``None`` when none has."""
+    cams = frames_json.get("cameras") or []
+    if len(cams) <= 1:
+        v = frames_json.get("focal_prior_px")
+        return float(v) if v else None
+    out: dict[int, float] = {}
+    with pycolmap.Database.open(str(database_path)) as db:
+        for cam in cams:
+            if cam.get("focal_prior_px") and cam.get("frames"):
+                cid = _camera_in(db, cam["frames"][0])
+                out[cid] = float(cam["focal_prior_px"])
+    return out or None
+
+
 def extract_features(database_path: PathLike, image_dir: PathLike, preset: Preset,
                      use_gpu: bool = False, progress: Progress = no_progress,
                      num_threads: int = -1, names: list[str] | None = None,
-                     sift_options: Mapping[str, Any] | None = None) -> FeatureSummary:
+                     sift_options: Mapping[str, Any] | None = None,
+                     groups: Sequence[Sequence[str]] | None = None) -> FeatureSummary:
     """Detect SIFT features (Lowe, IJCV 2004; COLMAP's SIFT) in every image of ``image_dir``.
 
-    One shared camera (``CameraMode.SINGLE``, model :data:`CAMERA_MODEL`, focal length
-    initialised from COLMAP's default 1.2 x max(width, height)). Images are downscaled
+    Cameras: one shared camera for all images (a video), or one per group of ``groups`` (a
+    photo set, issue 15): model :data:`CAMERA_MODEL`, focal length initialised from COLMAP's
+    default 1.2 x max(width, height) (the frames carry no EXIF). Each group is extracted with
+    ``CameraMode.SINGLE``: its first chunk creates the group's camera, later chunks reuse it
+    through ``existing_camera_id``; groups of one image are extracted together with
+    ``CameraMode.PER_IMAGE`` (one camera each, no call per image). Images are downscaled
     internally to ``preset.max_image_size`` px (longest side) and keep at most
-    ``preset.max_num_features`` features. Extraction runs in chunks of images (the first chunk
-    creates the camera, later ones reuse it through ``existing_camera_id``) so that
+    ``preset.max_num_features`` features. Extraction runs in chunks of images so that
     ``progress`` reports real work.
 
     Args:
@@ -237,54 +312,79 @@ def extract_features(database_path: PathLike, image_dir: PathLike, preset: Prese
         use_gpu: use CUDA SIFT when pycolmap was built with CUDA (ignored otherwise).
         progress: ``progress(fraction, message)``.
         num_threads: CPU threads (-1 = all cores).
-        names: only these files of ``image_dir``, added to the database's existing camera
-            (the ladder's ``more_frames`` rung); default: every image, new camera.
+        names: only these files of ``image_dir``, added to the database's existing (first)
+            camera (the ladder's ``more_frames`` rung, videos); default: every image.
         sift_options: overrides of pycolmap's ``SiftExtractionOptions`` (e.g.
             ``{"first_octave": 0}``, :data:`..presets.VIDEO_SIFT_OPTIONS`); default: none.
+        groups: file names per camera (:func:`camera_groups`); default (and with ``names``):
+            one camera for all.
 
     Returns:
         the database's totals after extraction.
 
     Raises:
         PipelineError("too_few_frames"): ``image_dir`` holds no image.
-        PipelineError("pipeline_error"): the database does not end with exactly one camera.
+        PipelineError("pipeline_error"): the database does not end with one camera per group.
     """
-    camera_id = -1
-    if names is None:
-        names = list_images(image_dir)
-    else:
+    camera_id, cameras_before = -1, 0
+    if names is not None:
         names = list(names)
         camera_id = int(read_camera(database_path).camera_id) if names else -1
-    if not names:
+        cameras_before = _num_cameras(database_path) if names else 0
+        groups = [names]
+    elif groups is None:
+        groups = [list_images(image_dir)]
+    shared = [list(g) for g in groups if len(g) > 1 or len(groups) == 1]
+    singles = [g[0] for g in groups if len(g) == 1 and len(groups) > 1]
+    total = sum(len(g) for g in shared) + len(singles)
+    if not total:
         raise PipelineError("too_few_frames", details={"images": 0})
     dev = device(use_gpu)
     ext = _extraction_options(preset, dev, num_threads, sift_options or {})
-    done = 0
-    progress(0.0, f"Detecting features in images (0/{len(names)})...")
     threads = num_threads if num_threads > 0 else (os.cpu_count() or 1)
-    for chunk in _chunks(names, MIN_IMAGES_PER_CHUNK, TARGET_IMAGE_CHUNKS, multiple_of=threads):
+    done = 0
+    progress(0.0, f"Detecting features in images (0/{total})...")
+
+    def run(chunk: list[str], mode: pycolmap.CameraMode, cam: int) -> None:
+        nonlocal done
         reader = pycolmap.ImageReaderOptions()
         reader.camera_model = CAMERA_MODEL
-        if camera_id != -1:
-            reader.existing_camera_id = camera_id
-        pycolmap.extract_features(database_path, image_dir, image_names=chunk,
-                                  camera_mode=pycolmap.CameraMode.SINGLE,
+        if cam != -1:
+            reader.existing_camera_id = cam
+        pycolmap.extract_features(database_path, image_dir, image_names=chunk, camera_mode=mode,
                                   reader_options=reader, extraction_options=ext, device=dev)
-        if camera_id == -1:
-            camera_id = int(read_camera(database_path).camera_id)
         done += len(chunk)
-        progress(done / len(names), f"Detecting features in images ({done}/{len(names)})...")
-    return _feature_summary(database_path, dev)
+        progress(done / total, f"Detecting features in images ({done}/{total})...")
+
+    for group in shared:
+        cam = camera_id
+        for chunk in _chunks(group, MIN_IMAGES_PER_CHUNK, TARGET_IMAGE_CHUNKS,
+                             multiple_of=threads):
+            run(chunk, pycolmap.CameraMode.SINGLE, cam)
+            if cam == -1:
+                cam = _camera_of(database_path, chunk[0])
+    for chunk in _chunks(singles, MIN_IMAGES_PER_CHUNK, TARGET_IMAGE_CHUNKS,
+                         multiple_of=threads):
+        run(chunk, pycolmap.CameraMode.PER_IMAGE, -1)
+    expected = len(shared) + len(singles) if names is None else cameras_before
+    return _feature_summary(database_path, dev, expected)
 
 
-def _match_totals(db: pycolmap.Database, image_pairs: int, dev: pycolmap.Device) -> MatchSummary:
+def _num_cameras(database_path: PathLike) -> int:
+    with pycolmap.Database.open(str(database_path)) as db:
+        return int(db.num_cameras())
+
+
+def _match_totals(db: pycolmap.Database, image_pairs: int, dev: pycolmap.Device,
+                  method: str = "pairs") -> MatchSummary:
     return MatchSummary(image_pairs=image_pairs, matched_pairs=db.num_matched_image_pairs(),
                         verified_pairs=db.num_verified_image_pairs(),
-                        inlier_matches=db.num_inlier_matches(), device=dev.name)
+                        inlier_matches=db.num_inlier_matches(), device=dev.name, method=method)
 
 
 def _match_pairs(database_path: PathLike, pairs: list[Pair], id_to_name: dict[int, str],
-                 use_gpu: bool, progress: Progress, num_threads: int) -> MatchSummary:
+                 use_gpu: bool, progress: Progress, num_threads: int,
+                 method: str = "pairs") -> MatchSummary:
     """Match and verify ``pairs`` (image ids) in chunks with ``match_image_pairs``."""
     dev = device(use_gpu)
     matching = pycolmap.FeatureMatchingOptions()
@@ -314,7 +414,7 @@ def _match_pairs(database_path: PathLike, pairs: list[Pair], id_to_name: dict[in
     finally:
         os.unlink(list_path)
     with pycolmap.Database.open(str(database_path)) as db:
-        return _match_totals(db, len(pairs), dev)
+        return _match_totals(db, len(pairs), dev, method)
 
 
 def sequential_pairs(database_path: PathLike, overlap: int = SEQUENTIAL_OVERLAP,
@@ -356,7 +456,58 @@ def match_sequential(database_path: PathLike, use_gpu: bool = False,
     if not pairs:
         raise PipelineError("reconstruction_failed", details={
             "reason": "no image pairs to match", "images": len(id_to_name)})
-    return _match_pairs(database_path, pairs, id_to_name, use_gpu, progress, num_threads)
+    return _match_pairs(database_path, pairs, id_to_name, use_gpu, progress, num_threads,
+                        "sequential")
+
+
+def retrieval_pairs(database_path: PathLike, num_images: int = RETRIEVAL_NUM_IMAGES) -> list[Pair]:
+    """Pairs of an unordered set by image retrieval: a vocabulary built from this database's own
+    descriptors (:func:`build_own_vocabulary`, the ladder's ``loop_closure`` rung uses the same)
+    and COLMAP's ``VocabTreePairGenerator`` (every image with its ``num_images`` most similar
+    images). The vocabulary file lives beside the database and is removed."""
+    fd, vocab = tempfile.mkstemp(prefix=".vocab_", suffix=".bin",
+                                 dir=os.path.dirname(os.path.abspath(database_path)))
+    os.close(fd)
+    try:
+        build_own_vocabulary(database_path, vocab)
+        pairing = pycolmap.VocabTreePairingOptions()
+        pairing.num_images = int(num_images)
+        pairing.vocab_tree_path = vocab
+        with pycolmap.Database.open(str(database_path)) as db:
+            seen = {(min(int(a), int(b)), max(int(a), int(b)))
+                    for a, b in pycolmap.VocabTreePairGenerator(pairing, db).all_pairs()
+                    if a != b}
+    finally:
+        os.unlink(vocab)
+    return sorted(seen)
+
+
+def match_photos(database_path: PathLike, ordered: bool, max_exhaustive_pairs: int,
+                 use_gpu: bool = False, progress: Progress = no_progress,
+                 num_threads: int = -1) -> MatchSummary:
+    """Match a photo set as its order allows (issue 15): an ordered set
+    (:func:`.photos.photo_order`) like a video (:func:`match_sequential`); an unordered one
+    exhaustively (:func:`all_pairs`) while n (n - 1) / 2 <= ``max_exhaustive_pairs`` (the
+    ladder's ``EXHAUSTIVE_MAX_PAIRS``), else by retrieval (:func:`retrieval_pairs`). The
+    summary's ``method`` and ``image_pairs`` say which, and how many pairs.
+
+    Raises:
+        PipelineError("reconstruction_failed"): no image pair could be formed (< 2 images).
+    """
+    if ordered:
+        return match_sequential(database_path, use_gpu, progress, num_threads)
+    id_to_name = image_names(database_path)
+    n = len(id_to_name)
+    if n * (n - 1) // 2 <= max_exhaustive_pairs:
+        method, pairs = "exhaustive", all_pairs(database_path)
+    else:
+        progress(0.0, f"Building a vocabulary from the photos' features ({n} photos)...")
+        method, pairs = "retrieval", retrieval_pairs(database_path)
+    if not pairs:
+        raise PipelineError("reconstruction_failed", details={
+            "reason": "no image pairs to match", "images": n})
+    return _match_pairs(database_path, pairs, id_to_name, use_gpu, progress, num_threads,
+                        method)
 
 
 def match_new_pairs(database_path: PathLike, pairs: list[Pair], use_gpu: bool = False,

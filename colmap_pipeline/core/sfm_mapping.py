@@ -91,15 +91,35 @@ def camera_plausible(cam: pycolmap.Camera) -> bool:
                 and all(abs(k) <= MAX_ABS_RADIAL for k in extra))
 
 
+def _focal_disagrees(stats: Mapping[str, Any], prior: FocalPriors) -> bool:
+    """Whether a camera's focal length is off its metadata prior by more than
+    ``FOCAL_PRIOR_TOLERANCE`` (one prior: the first camera's; per camera: each camera that has
+    registered images and a prior)."""
+    if not prior:
+        return False
+    if isinstance(prior, Mapping):
+        by_cam = stats.get("focal_px_by_camera")
+        if by_cam is None:  # one camera in the model
+            if len(prior) != 1 or not stats.get("focal_px"):
+                return False
+            by_cam = {str(k): stats["focal_px"] for k in prior}
+        pairs = [(float(f), prior_for(prior, int(k))) for k, f in by_cam.items()]
+    else:
+        pairs = [(float(stats["focal_px"]), float(prior))] if stats.get("focal_px") else []
+    return any(p and abs(f / p - 1.0) > FOCAL_PRIOR_TOLERANCE for f, p in pairs)
+
+
 def check_model(stats: Mapping[str, Any], num_frames: int,
-                focal_prior_px: float | None = None) -> ModelCheck:
+                focal_prior_px: FocalPriors = None) -> ModelCheck:
     """Judge one model's statistics.
 
     Args:
         stats: ``{"registered_images", "points3d", "mean_reprojection_error_px" (px),
-            "camera_plausible", "focal_px"? (px)}``; a missing value fails its check.
+            "camera_plausible", "focal_px"? (px), "focal_px_by_camera"? ({camera id: px})}``;
+            a missing value fails its check.
         num_frames: frames selected for SfM.
-        focal_prior_px: focal length from metadata (px at the frames' size), or ``None``.
+        focal_prior_px: focal length from metadata (px at the frames' size): one for every
+            camera, one per camera id (:data:`FocalPriors`), or ``None``.
 
     Returns:
         the verdict: ``failures`` (empty when passed) names any of ``implausible_intrinsics``,
@@ -112,8 +132,7 @@ def check_model(stats: Mapping[str, Any], num_frames: int,
     failures = []
     if not stats.get("camera_plausible", False):
         failures.append("implausible_intrinsics")
-    if focal_prior_px and stats.get("focal_px") and (
-            abs(float(stats["focal_px"]) / float(focal_prior_px) - 1.0) > FOCAL_PRIOR_TOLERANCE):
+    if _focal_disagrees(stats, focal_prior_px):
         failures.append("focal_disagrees_with_metadata")
     if float(stats.get("mean_reprojection_error_px", 1e9)) > MAX_MEAN_REPROJECTION_ERROR_PX:
         failures.append("reprojection_error")
@@ -152,6 +171,11 @@ def _model_stats(rec: pycolmap.Reconstruction) -> dict[str, Any]:
                    focal_px=round(float(cam.mean_focal_length()), 3),
                    focal_ratio=round(float(cam.mean_focal_length()) / max(1, cam.width), 4),
                    camera_params=[round(float(v), 6) for v in cam.params])
+    if len(cams) > 1:  # several cameras (photo sets): each one that has registered images
+        used = {int(rec.images[i].camera_id) for i in rec.reg_image_ids()}
+        out["focal_px_by_camera"] = {
+            str(cid): round(float(c.mean_focal_length()), 3)
+            for cid, c in sorted(rec.cameras.items()) if int(cid) in used}
     return out
 
 
@@ -245,7 +269,7 @@ def map_models(database_path: PathLike, image_dir: PathLike, output_dir: PathLik
                num_frames: int, mapper: str = "incremental",
                mapper_options: Mapping[str, Any] | None = None,
                progress: Progress = no_progress, num_threads: int = -1, random_seed: int = -1,
-               focal_prior_px: float | None = None) -> list[ModelSummary]:
+               focal_prior_px: FocalPriors = None) -> list[ModelSummary]:
     """Run SfM once and judge every model it returns; never raises for a failed mapping.
 
     Incremental: Schoenberger & Frahm, CVPR 2016 (``pycolmap.incremental_mapping``); global:
@@ -264,7 +288,7 @@ def map_models(database_path: PathLike, image_dir: PathLike, output_dir: PathLik
         progress: incremental: registered images / frames (never decreasing); global: a
             heartbeat (:data:`HEARTBEAT_S`).
         num_threads, random_seed: -1 = all cores / random; fix both (1, seed) for exact numbers.
-        focal_prior_px: focal length from metadata, for :func:`check_model`.
+        focal_prior_px: focal length(s) from metadata, for :func:`check_model`.
 
     Returns:
         every model with its statistics and checks, sorted by index; ``[]`` when SfM found no
@@ -301,6 +325,37 @@ def map_models(database_path: PathLike, image_dir: PathLike, output_dir: PathLik
 
 # --- camera edits (the ladder's focal_prior and camera_model rungs) --------------------------
 
+#: Focal length prior(s) from metadata, px at the frames' size: one value for every camera (a
+#: video has none; a photo set of one camera), ``{camera id: px}`` (a photo set of several
+#: cameras, issue 15: each camera its own group's EXIF; cameras without EXIF absent), or
+#: ``None``.
+FocalPriors = float | Mapping[int, float] | None
+
+
+def prior_for(focal: FocalPriors, camera_id: int) -> float | None:
+    """The prior (px) of camera ``camera_id``: the one value, its entry, or ``None``."""
+    if isinstance(focal, Mapping):
+        v = focal.get(int(camera_id))
+        return float(v) if v else None
+    return float(focal) if focal else None
+
+
+def prior_record(focal: float | Mapping[Any, float] | None) -> float | dict[str, float] | None:
+    """The prior as recorded in an attempt's settings: px, ``{"<camera id>": px}`` or ``None``
+    (rounded to 0.001 px)."""
+    if isinstance(focal, Mapping):
+        return {str(k): round(float(v), 3) for k, v in sorted(focal.items()) if v}
+    return round(float(focal), 3) if focal else None
+
+
+def prior_text(focal: float | Mapping[Any, float] | None) -> str:
+    """The prior in words: ``"1000 px"``, or ``"500, 420 px (per camera)"``."""
+    if isinstance(focal, Mapping):
+        vals = [f"{float(v):.0f}" for _, v in sorted(focal.items()) if v]
+        return f"{', '.join(vals)} px (per camera)" if len(vals) > 1 else f"{''.join(vals)} px"
+    return f"{float(focal or 0.0):.0f} px"
+
+
 @dataclass(frozen=True)
 class SavedCamera:
     """A database camera as it was before :func:`set_camera_model` replaced it."""
@@ -310,13 +365,14 @@ class SavedCamera:
     has_prior_focal_length: bool
 
 
-def set_camera_model(database_path: PathLike, model_name: str, focal_px: float | None = None,
+def set_camera_model(database_path: PathLike, model_name: str, focal_px: FocalPriors = None,
                      prior: bool = False) -> dict[int, SavedCamera]:
     """Replace every database camera by a fresh ``model_name`` camera of the same size.
 
-    The new camera's focal length is ``focal_px`` or COLMAP's default guess
-    (:data:`DEFAULT_FOCAL_FACTOR` x max(width, height)), the principal point is the image centre
-    and the distortion terms are 0. ``prior=True`` sets ``has_prior_focal_length`` so the
+    Each new camera's focal length is its prior from ``focal_px`` (:func:`prior_for`: one value
+    for all, or each camera its own) or COLMAP's default guess (:data:`DEFAULT_FOCAL_FACTOR` x
+    max(width, height)), the principal point is the image centre and the distortion terms are
+    0. ``prior=True`` sets ``has_prior_focal_length`` on the cameras that have a prior, so the
     incremental mapper trusts the focal length for the initial pair (COLMAP
     ``IncrementalMapper`` uses the prior when set).
 
@@ -328,10 +384,11 @@ def set_camera_model(database_path: PathLike, model_name: str, focal_px: float |
         for cam in db.read_all_cameras():
             old[int(cam.camera_id)] = SavedCamera(
                 cam.model_name, [float(v) for v in cam.params], bool(cam.has_prior_focal_length))
-            f = float(focal_px) if focal_px else DEFAULT_FOCAL_FACTOR * max(cam.width, cam.height)
+            known = prior_for(focal_px, int(cam.camera_id))
+            f = known or DEFAULT_FOCAL_FACTOR * max(cam.width, cam.height)
             new = pycolmap.Camera.create_from_model_name(int(cam.camera_id), model_name, f,
                                                          int(cam.width), int(cam.height))
-            new.has_prior_focal_length = bool(prior)
+            new.has_prior_focal_length = bool(prior and known)
             db.update_camera(new)
     return old
 
@@ -352,13 +409,15 @@ def restore_cameras(database_path: PathLike, saved: Mapping[int, SavedCamera]) -
 
 # --- the chosen model, read back ------------------------------------------------------------
 
-def camera_model(cam: pycolmap.Camera) -> CameraModel:
+def camera_model(cam: pycolmap.Camera, images: int | None = None) -> CameraModel:
     """A pycolmap camera with its parameters named as pycolmap names them (``params_info``:
-    SIMPLE_RADIAL ``f, cx, cy, k``; OPENCV ``fx, fy, cx, cy, k1, k2, p1, p2``), px / unitless."""
+    SIMPLE_RADIAL ``f, cx, cy, k``; OPENCV ``fx, fy, cx, cy, k1, k2, p1, p2``), px / unitless;
+    ``images``: registered images taken with it."""
     names = [n.strip() for n in cam.params_info.split(",")]
     params = {n: round(float(v), 6) for n, v in zip(names, cam.params, strict=False)}
     return CameraModel(camera_id=int(cam.camera_id), model=cam.model_name,
-                       width=int(cam.width), height=int(cam.height), params=params)
+                       width=int(cam.width), height=int(cam.height), params=params,
+                       images=images)
 
 
 @dataclass
@@ -370,7 +429,7 @@ class SparseModelReport:
         mean_reprojection_error_px: px.
         mean_track_length: observations per 3D point.
         mean_observations_per_image: per registered image.
-        cameras: every camera (one for a video).
+        cameras: every camera with registered images (one for a video), with its count.
         registered_image_names: sorted file names.
     """
 
@@ -392,6 +451,10 @@ def summarize_model(model_dir: PathLike) -> SparseModelReport:
     """
     rec = pycolmap.Reconstruction(str(model_dir))
     stats = _model_stats(rec)
+    used: dict[int, int] = {}
+    for i in rec.reg_image_ids():
+        cid = int(rec.images[i].camera_id)
+        used[cid] = used.get(cid, 0) + 1
     return SparseModelReport(
         registered_images=stats["registered_images"], points3d=stats["points3d"],
         observations=int(rec.compute_num_observations()),
@@ -399,7 +462,8 @@ def summarize_model(model_dir: PathLike) -> SparseModelReport:
         mean_track_length=stats["mean_track_length"],
         mean_observations_per_image=round(
             float(rec.compute_mean_observations_per_reg_image()), 4),
-        cameras=[camera_model(c) for _, c in sorted(rec.cameras.items())],
+        cameras=[camera_model(c, used[int(cid)]) for cid, c in sorted(rec.cameras.items())
+                 if used.get(int(cid))],
         registered_image_names=sorted(rec.images[i].name for i in rec.reg_image_ids()))
 
 

@@ -31,11 +31,13 @@ from ..jobs import DuplicateKey, Job, JobStore
 from ..layout import DataDir, JobDir
 from ..presets import Quality
 from ..runner.executor import run_json_command
+from ..runner.webhook_targets import MAX_URL_LEN
 from ..storage import job_sync, store_input
 from . import photo_intake
 from .multipart import ReceivedFiles, receive_files
 from .problems import validation_problems
 from .upload_body import UploadBody
+from .webhook_url import job_webhook_url
 
 #: seconds the probe child may take for one upload
 PROBE_TIMEOUT_S = 60.0
@@ -68,6 +70,10 @@ class UploadForm(BaseModel):
     user_email: str | None = Field(None, max_length=MAX_EMAIL_LEN,
                                    description="owner's e-mail (optional)",
                                    json_schema_extra={"format": "email"})
+    webhook_url: str | None = Field(
+        None, max_length=MAX_URL_LEN, description="http(s) URL told when the job completes, "
+        "fails or is cancelled (signed Standard Webhooks POST; optional, default WEBHOOK_URL)",
+        json_schema_extra={"format": "uri"})
 
     @field_validator("project_id", "scan_name")
     @classmethod
@@ -313,6 +319,7 @@ class _Request:
     key: str | None
     fingerprint: str
     owner: str | None
+    webhook_url: str | None = None
 
 
 async def _insert(store: JobStore, settings: Settings, req: _Request, kind: _Kind) -> Accepted:
@@ -330,7 +337,8 @@ async def _insert(store: JobStore, settings: Settings, req: _Request, kind: _Kin
             "input_filename": installed.input_filename,
             "input_bytes": req.received.total_bytes, "input_sha256": req.input_sha256,
             "video_info": installed.video_info, "idempotency_key": req.key,
-            "request_fingerprint": req.fingerprint, "owner": req.owner})
+            "request_fingerprint": req.fingerprint, "owner": req.owner,
+            "webhook_url": req.webhook_url})
     except DuplicateKey:
         await asyncio.to_thread(job_sync(settings, job_id).discard)  # folder + objects
         existing = (await store.find_by_idempotency_key(req.key, req.owner) if req.key
@@ -365,9 +373,10 @@ async def _accept(body: UploadBody, store: JobStore, settings: Settings,
             existing = await store.find_by_idempotency_key(key, body.owner)
             if existing is not None:
                 return _replay(existing, fingerprint, kind)
+        hook = await job_webhook_url(form.webhook_url, settings)  # 422 for a refused target
         return await _insert(store, settings,
-                             _Request(received, form, digest, key, fingerprint, body.owner),
-                             kind)
+                             _Request(received, form, digest, key, fingerprint, body.owner,
+                                      hook), kind)
     finally:
         await asyncio.to_thread(_remove, received)
 

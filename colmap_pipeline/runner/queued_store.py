@@ -16,9 +16,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
-from ..jobs import TRANSITIONS, Intent, Job, JobStatus, JobStore
+from ..jobs import (
+    EVENT_PAGE,
+    TRANSITIONS,
+    EventWaiter,
+    Intent,
+    Job,
+    JobEvent,
+    JobStatus,
+    JobStore,
+)
 from .queue import JobQueue, OnPending
 
 log = logging.getLogger("colmap_worker.queue")
@@ -146,6 +156,20 @@ class QueuedStore:
     async def job_ids_with_files(self) -> set[str]:
         """The store's jobs with files."""
         return await self.inner.job_ids_with_files()
+
+    # --- events (issue 16) ---
+    async def events_after(self, job_id: str, after_id: int,
+                           limit: int = EVENT_PAGE) -> list[JobEvent]:
+        """The store's events of the job after ``after_id``."""
+        return await self.inner.events_after(job_id, after_id, limit)
+
+    async def latest_event(self, job_id: str) -> JobEvent | None:
+        """The store's newest event of the job."""
+        return await self.inner.latest_event(job_id)
+
+    def event_waiter(self, job_id: str) -> AbstractAsyncContextManager[EventWaiter]:
+        """The store's waiter for the job's new events (``LISTEN``/``NOTIFY``)."""
+        return self.inner.event_waiter(job_id)
 
     def __getattr__(self, name: str) -> Any:
         """Anything else the store offers (``transaction``, ``pool``, ``conninfo`` …)."""

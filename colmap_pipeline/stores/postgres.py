@@ -14,6 +14,10 @@ append-only :data:`MIGRATIONS` and every write mirror the SQLite store
 - **Progress** is ``GREATEST(progress, new)``, written only while ``processing``.
 - **Idempotency-Key** is unique among one owner's live jobs: a partial unique index on
   ``(key, COALESCE(owner, ''))`` for the non-null keys (a delete clears the key).
+- **Events** (issue 16): every write that changes a job inserts its events into
+  ``job_events`` and sends ``NOTIFY job_events, 'JOB_ID'`` in the same transaction; each store
+  keeps one ``LISTEN`` connection (opened at the first stream) that wakes the streams of this
+  replica, whichever replica wrote.
 
 Types: JSON columns are ``JSONB`` (a :class:`~colmap_pipeline.jobs.Job` reads back equal: JSONB
 keeps values, numbers and list order, not an object's key order); times stay ISO-8601 text as
@@ -31,6 +35,7 @@ pool timeout, deadlock, serialization failure) is
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -42,26 +47,40 @@ from psycopg_pool import AsyncConnectionPool
 
 from ..jobs import (
     COLUMNS,
+    DELIVERY_COLUMNS,
+    EVENT_PAGE,
     JSON_COLUMNS,
     MAX_PAGE_BOUND,
+    PRUNE_EVENTS_ON,
     TERMINAL,
     TRANSITIONS,
+    WEBHOOK_EVENTS,
     WITH_FILES,
+    DeliveryState,
     DuplicateKey,
+    EventKind,
     Intent,
     Job,
+    JobEvent,
     JobStatus,
     Stamp,
     StoreError,
     StoreUnavailable,
+    WebhookDelivery,
+    attempt_event,
     encode_json,
+    event_state,
+    new_delivery_id,
     new_job_record,
     planned_changes,
+    transition_events,
     utcnow,
+    webhook_delivery_row,
 )
 from .schema import POSTGRES_MIGRATIONS, list_filter
 
 T = TypeVar("T")
+log = logging.getLogger("colmap_worker.store")
 Conn = psycopg.AsyncConnection[Any]
 #: what :meth:`PostgresJobStore.create_job` runs in the insert's transaction (the queue's defer)
 InTransaction = Callable[[Conn, Job], Awaitable[None]]
@@ -93,6 +112,17 @@ BY_IDEMPOTENCY_KEY = ("idempotency_key = %s AND owner IS NOT DISTINCT FROM %s "
                       "AND status <> 'deleted'")
 
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM jobs"
+#: what a write returns to build its events (:func:`~colmap_pipeline.jobs.transition_events`)
+_EVENT_COLUMNS = ("status", "progress", "current_stage", "message", "attempt", "updated_at",
+                  "error_code", "error_message", "error_hint", "results")
+_EVENT_RETURNING = f"RETURNING {', '.join(_EVENT_COLUMNS)}"
+#: the ``LISTEN``/``NOTIFY`` channel of new job events; the payload is the job id
+EVENT_CHANNEL = "job_events"
+#: seconds between two looks for new events while the listening connection is down
+EVENT_POLL_S = 0.5
+#: first and longest wait (s) before the listening connection is opened again after it was
+#: lost (doubling in between)
+LISTEN_RETRY_MIN_S, LISTEN_RETRY_MAX_S = 0.25, 5.0
 _RETURNING = f"RETURNING {', '.join(COLUMNS)}"
 _TERMINAL = sorted(s.value for s in TERMINAL)
 _WITH_FILES = sorted(s.value for s in WITH_FILES)
@@ -160,9 +190,36 @@ async def _apply(c: Conn, job_id: str, intent: Intent, changes: Mapping[str, Any
         values.append(record)
     sources = sorted(s.value for s in TRANSITIONS[intent].sources)
     cur = await c.execute(f"UPDATE jobs SET {', '.join(sets)} "  # columns: SETTABLE only
-                          "WHERE job_id = %s AND status = ANY(%s)",
+                          f"WHERE job_id = %s AND status = ANY(%s) {_EVENT_RETURNING}",
                           [*values, job_id, sources])
-    return cur.rowcount == 1
+    row = await cur.fetchone()
+    if row is None:
+        return False
+    await _insert_events(c, job_id, transition_events(
+        _event_row(row), intent=intent, record=record.obj if record is not None else None))
+    if intent in PRUNE_EVENTS_ON:
+        await c.execute("DELETE FROM job_events WHERE job_id = %s AND event_id < "
+                        "(SELECT MAX(event_id) FROM job_events WHERE job_id = %s)",
+                        [job_id, job_id])
+    await PostgresJobStore._queue_webhook_tx(c, job_id)  # issue 16: the outbox row, same commit
+    return True
+
+
+def _event_row(row: tuple[Any, ...]) -> dict[str, Any]:
+    """A row returned as :data:`_EVENT_RETURNING` as a mapping (psycopg decoded ``results``)."""
+    return dict(zip(_EVENT_COLUMNS, row, strict=True))
+
+
+async def _insert_events(c: Conn, job_id: str,
+                         events: list[tuple[EventKind, dict[str, Any]]]) -> None:
+    """Insert ``events`` of ``job_id`` in order and ``NOTIFY`` :data:`EVENT_CHANNEL`, inside
+    the caller's transaction (the notification is delivered at its commit, never before)."""
+    now = utcnow()
+    async with c.cursor() as cur:
+        await cur.executemany(
+            "INSERT INTO job_events (job_id, created_at, kind, data) VALUES (%s, %s, %s, %s)",
+            [(job_id, now, str(kind), _jsonb(data)) for kind, data in events])
+    await c.execute("SELECT pg_notify(%s, %s)", [EVENT_CHANNEL, job_id])
 
 
 async def _first(c: Conn, where: str, args: list[Any]) -> Job | None:
@@ -217,6 +274,7 @@ class PostgresJobStore:
             name="jobstore")
         self._closed = False
         self._abandoned: set[asyncio.Future[bool]] = set()  # late pings still cleaning up
+        self._listener = _EventListener(conninfo)  # opens its connection on first use
 
     # ---- opening and closing ----------------------------------------------------------------
     @classmethod
@@ -244,6 +302,7 @@ class PostgresJobStore:
         """Close every pooled connection. Later calls raise ``StoreUnavailable``."""
         if not self._closed:
             self._closed = True
+            await self._listener.close()
             await self.pool.close()
 
     # ---- running calls ----------------------------------------------------------------------
@@ -394,6 +453,7 @@ class PostgresJobStore:
             inserted = await (await c.execute(sql, values)).fetchone()
             assert inserted is not None  # INSERT … RETURNING gives the row
             out = _to_job(inserted)
+            await _insert_events(c, out.job_id, transition_events(vars(out), intent=None))
             if in_transaction is not None:
                 await in_transaction(c, out)
             return out
@@ -434,11 +494,15 @@ class PostgresJobStore:
 
         async def tx(c: Conn) -> bool:
             cur = await c.execute(
-                """UPDATE jobs SET progress = GREATEST(progress, %s), current_stage = %s,
-                          message = %s, updated_at = %s
-                   WHERE job_id = %s AND status = 'processing'""",
+                f"""UPDATE jobs SET progress = GREATEST(progress, %s), current_stage = %s,
+                       message = %s, updated_at = %s
+                    WHERE job_id = %s AND status = 'processing' {_EVENT_RETURNING}""",
                 [value, current_stage, message, utcnow(), job_id])
-            return cur.rowcount == 1
+            row = await cur.fetchone()
+            if row is None:
+                return False
+            await _insert_events(c, job_id, [(EventKind.PROGRESS, event_state(_event_row(row)))])
+            return True
         return await self._tx(tx)
 
     async def append_attempt(self, job_id: str, record: Mapping[str, Any]) -> bool:
@@ -448,9 +512,14 @@ class PostgresJobStore:
 
         async def tx(c: Conn) -> bool:
             cur = await c.execute(
-                """UPDATE jobs SET attempts = attempts || jsonb_build_array(%s::jsonb),
-                          updated_at = %s WHERE job_id = %s""", [value, utcnow(), job_id])
-            return cur.rowcount == 1
+                f"""UPDATE jobs SET attempts = attempts || jsonb_build_array(%s::jsonb),
+                       updated_at = %s WHERE job_id = %s {_EVENT_RETURNING}""",
+                [value, utcnow(), job_id])
+            row = await cur.fetchone()
+            if row is None:
+                return False
+            await _insert_events(c, job_id, [attempt_event(_event_row(row), dict(record))])
+            return True
         return await self._tx(tx)
 
     async def requeue_processing(self) -> list[str]:
@@ -481,10 +550,245 @@ class PostgresJobStore:
 
         async def tx(c: Conn) -> int:
             cur = await c.execute(
-                """UPDATE jobs SET attempt = attempt + 1, auto_retries = auto_retries + %s,
-                          started_at = %s, updated_at = %s
-                   WHERE job_id = %s AND status = 'processing' RETURNING attempt""",
+                f"""UPDATE jobs SET attempt = attempt + 1, auto_retries = auto_retries + %s,
+                       started_at = %s, updated_at = %s
+                    WHERE job_id = %s AND status = 'processing' {_EVENT_RETURNING}""",
                 [1 if auto_retry else 0, now, now, job_id])
             row = await cur.fetchone()
-            return int(row[0]) if row else 0
+            if row is None:
+                return 0
+            state = _event_row(row)
+            await _insert_events(c, job_id, [attempt_event(state, None)])
+            return int(state["attempt"])
         return await self._tx(tx)
+
+    # --- events (issue 16) ---
+    async def events_after(self, job_id: str, after_id: int,
+                           limit: int = EVENT_PAGE) -> list[JobEvent]:
+        """The job's events with ``event_id > after_id``, oldest first, at most ``limit``
+        (clamped to ``1 .. EVENT_PAGE``); one query on the index ``job_events_job``."""
+        limit = max(1, min(int(limit), EVENT_PAGE))
+        after = max(-1, min(int(after_id), MAX_PAGE_BOUND))
+
+        async def q(c: Conn) -> list[JobEvent]:
+            cur = await c.execute(
+                "SELECT event_id, job_id, created_at, kind, data FROM job_events "
+                "WHERE job_id = %s AND event_id > %s ORDER BY event_id LIMIT %s",
+                [job_id, after, limit])
+            return [_to_event(r) for r in await cur.fetchall()]
+        return await self._tx(q)
+
+    async def latest_event(self, job_id: str) -> JobEvent | None:
+        """The job's newest event, or ``None``."""
+        async def q(c: Conn) -> JobEvent | None:
+            cur = await c.execute(
+                "SELECT event_id, job_id, created_at, kind, data FROM job_events "
+                "WHERE job_id = %s ORDER BY event_id DESC LIMIT 1", [job_id])
+            row = await cur.fetchone()
+            return _to_event(row) if row else None
+        return await self._tx(q)
+
+    async def has_events_after(self, job_id: str, after_id: int) -> bool:
+        """Whether the job has an event newer than ``after_id`` (one indexed query)."""
+        after = max(-1, min(int(after_id), MAX_PAGE_BOUND))
+
+        async def q(c: Conn) -> bool:
+            cur = await c.execute("SELECT 1 FROM job_events WHERE job_id = %s AND event_id > %s "
+                                  "LIMIT 1", [job_id, after])
+            return await cur.fetchone() is not None
+        return await self._tx(q)
+
+    @asynccontextmanager
+    async def event_waiter(self, job_id: str) -> AsyncIterator[_NotifiedWaiter]:
+        """A waiter woken by ``NOTIFY`` on :data:`EVENT_CHANNEL` (this replica's one listening
+        connection, opened at the first subscription); it polls every :data:`EVENT_POLL_S` s
+        while that connection is down. Raises: StoreUnavailable when the store is closed."""
+        if self._closed:
+            raise StoreUnavailable("the job store is closed")
+        waiter = _NotifiedWaiter(self, job_id)
+        self._listener.subscribe(waiter)
+        try:
+            yield waiter
+        finally:
+            self._listener.unsubscribe(waiter)
+
+
+    # --- webhooks (issue 16) ---
+    @staticmethod
+    async def _queue_webhook_tx(c: Conn, job_id: str) -> None:
+        """Inside a transition's transaction: the outbox row of the job's terminal event when
+        it has a ``webhook_url`` (:func:`~colmap_pipeline.jobs.webhook_delivery_row`), so the
+        delivery is committed with the status or not at all."""
+        cur = await c.execute("SELECT status FROM jobs WHERE job_id = %s "
+                              "AND webhook_url IS NOT NULL", [job_id])
+        hit = await cur.fetchone()
+        if hit is None or JobStatus(hit[0]) not in WEBHOOK_EVENTS:
+            return
+        job = await _first(c, "job_id = %s", [job_id])
+        row = webhook_delivery_row(vars(job), new_delivery_id(), utcnow()) if job else None
+        if row is None:
+            return
+        row["payload"], row["attempts"] = _jsonb(row["payload"]), _jsonb([])
+        await c.execute(f"INSERT INTO webhook_deliveries ({', '.join(DELIVERY_COLUMNS)}) "
+                        f"VALUES ({', '.join('%s' for _ in DELIVERY_COLUMNS)})",
+                        [row[k] for k in DELIVERY_COLUMNS])
+
+    async def webhook_deliveries(self, job_id: str) -> list[WebhookDelivery]:
+        """The job's webhook deliveries, oldest first, each with its attempts."""
+        async def q(c: Conn) -> list[WebhookDelivery]:
+            cur = await c.execute(
+                f"SELECT {', '.join(DELIVERY_COLUMNS)} FROM webhook_deliveries "
+                "WHERE job_id = %s ORDER BY created_at, delivery_id", [job_id])
+            return [_to_delivery(r) for r in await cur.fetchall()]
+        return await self._tx(q)
+
+    async def claim_webhook_delivery(self, now: str,
+                                     lease_until: str) -> WebhookDelivery | None:
+        """Claim the oldest due delivery (see the protocol): ``tries`` + 1, due again at
+        ``lease_until``; it, or None. ``FOR UPDATE SKIP LOCKED``: replicas claiming at once
+        take different rows, never the same try."""
+        async def tx(c: Conn) -> WebhookDelivery | None:
+            cur = await c.execute(
+                f"""UPDATE webhook_deliveries SET tries = tries + 1, next_try_at = %s,
+                           updated_at = %s
+                    WHERE delivery_id = (
+                        SELECT delivery_id FROM webhook_deliveries
+                        WHERE state = 'pending' AND next_try_at <= %s
+                        ORDER BY next_try_at, delivery_id LIMIT 1 FOR UPDATE SKIP LOCKED)
+                    RETURNING {', '.join(DELIVERY_COLUMNS)}""", [lease_until, now, now])
+            row = await cur.fetchone()
+            return _to_delivery(row) if row else None
+        return await self._tx(tx)
+
+    async def record_webhook_try(self, delivery_id: str, tries: int,
+                                 attempt: Mapping[str, Any], *, state: str,
+                                 next_try_at: str | None) -> bool:
+        """Append ``attempt`` and set ``state``/``next_try_at`` while the delivery is still
+        ``pending`` at try ``tries``; whether it was."""
+        value = DeliveryState(state).value
+
+        async def tx(c: Conn) -> bool:
+            cur = await c.execute(
+                """UPDATE webhook_deliveries
+                      SET attempts = attempts || jsonb_build_array(%s::jsonb), state = %s,
+                          next_try_at = %s, updated_at = %s
+                    WHERE delivery_id = %s AND tries = %s AND state = 'pending'""",
+                [_jsonb(dict(attempt)), value, next_try_at, utcnow(), delivery_id, tries])
+            return cur.rowcount == 1
+        return await self._tx(tx)
+
+def _to_event(row: tuple[Any, ...]) -> JobEvent:
+    """A :class:`~colmap_pipeline.jobs.JobEvent` from ``(event_id, job_id, created_at, kind,
+    data)`` (psycopg decoded the JSONB)."""
+    return JobEvent(event_id=int(row[0]), job_id=row[1], created_at=row[2],
+                    kind=EventKind(row[3]), data=row[4])
+
+
+class _NotifiedWaiter:
+    """:class:`~colmap_pipeline.jobs.EventWaiter` of the PostgreSQL store: ``flag`` is set by
+    the listener on a notification for ``job_id`` (and on every (re)connection)."""
+
+    def __init__(self, store: PostgresJobStore, job_id: str) -> None:
+        self.store, self.job_id = store, job_id
+        self.flag = asyncio.Event()
+
+    async def wait(self, after_id: int, timeout_s: float) -> bool:
+        """True at once when notified since the last call; else wait up to ``timeout_s`` s
+        for a notification (polling while the listener is down); whether one came."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout_s)
+        while True:
+            if self.flag.is_set():
+                self.flag.clear()
+                return True
+            left = deadline - loop.time()
+            if not self.store._listener.connected:
+                if await self.store.has_events_after(self.job_id, after_id):
+                    return True
+                if left <= 0:
+                    return False
+                try:  # a notification (the listener is back) or the next poll
+                    await asyncio.wait_for(self.flag.wait(), min(EVENT_POLL_S, left))
+                except TimeoutError:
+                    pass
+                continue
+            if left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self.flag.wait(), left)
+            except TimeoutError:
+                return False
+
+
+class _EventListener:
+    """One ``LISTEN`` connection per store (not pooled), opened at the first subscription and
+    kept until the store closes. Each notification on :data:`EVENT_CHANNEL` sets the flags of
+    the waiters of its job; a lost connection is opened again (backoff up to
+    :data:`LISTEN_RETRY_MAX_S`), and every waiter is woken when it is (back), since
+    notifications sent meanwhile are lost."""
+
+    def __init__(self, conninfo: str) -> None:
+        self._conninfo = conninfo
+        self._subs: dict[str, set[_NotifiedWaiter]] = {}
+        self._task: asyncio.Task[None] | None = None
+        #: the connection is open and listening
+        self.connected = False
+
+    def subscribe(self, waiter: _NotifiedWaiter) -> None:
+        """Wake ``waiter`` on its job's notifications (starts the listener if needed)."""
+        self._subs.setdefault(waiter.job_id, set()).add(waiter)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="job-events-listener")
+
+    def unsubscribe(self, waiter: _NotifiedWaiter) -> None:
+        """Stop waking ``waiter``."""
+        subs = self._subs.get(waiter.job_id)
+        if subs is not None:
+            subs.discard(waiter)
+            if not subs:
+                del self._subs[waiter.job_id]
+
+    def _wake_all(self) -> None:
+        for subs in self._subs.values():
+            for waiter in subs:
+                waiter.flag.set()
+
+    async def _run(self) -> None:
+        delay = LISTEN_RETRY_MIN_S
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self._conninfo, autocommit=True, connect_timeout=5, **CONNECTION_OPTIONS)
+                async with conn:
+                    await conn.execute(f"LISTEN {EVENT_CHANNEL}")  # a constant of this module
+                    self.connected, delay = True, LISTEN_RETRY_MIN_S
+                    self._wake_all()  # what was committed before we listened
+                    async for note in conn.notifies():
+                        for waiter in self._subs.get(note.payload, ()):
+                            waiter.flag.set()
+            except (psycopg.Error, OSError) as exc:
+                log.warning("job events: the LISTEN connection failed (%s); again in %.1f s",
+                            exc, delay)
+            finally:
+                self.connected = False
+            self._wake_all()  # the waiters poll until the connection is back
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, LISTEN_RETRY_MAX_S)
+
+    async def close(self) -> None:
+        """Stop listening and close the connection."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+
+def _to_delivery(row: tuple[Any, ...]) -> WebhookDelivery:
+    """A :class:`~colmap_pipeline.jobs.WebhookDelivery` from a row in ``DELIVERY_COLUMNS``
+    order (psycopg has decoded the JSONB columns; webhooks, issue 16)."""
+    data = dict(zip(DELIVERY_COLUMNS, row, strict=True))
+    data["state"] = DeliveryState(data["state"])
+    return WebhookDelivery(**data)

@@ -72,6 +72,38 @@ SQLITE_MIGRATIONS: list[str] = [
         ON jobs(idempotency_key, COALESCE(owner, '')) WHERE idempotency_key IS NOT NULL;
     CREATE INDEX jobs_owner_status_created ON jobs(owner, status, created_at);
     """,
+    # 4 -> 5 (issue 16): every change of a job as an event (status, progress, stage, message,
+    # ladder attempt, warning); ``event_id`` only grows (the SSE id, ``Last-Event-ID``)
+    """
+    CREATE TABLE job_events (
+        event_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        data TEXT NOT NULL
+    );
+    CREATE INDEX job_events_job ON job_events(job_id, event_id);
+    """,
+    # 5 -> 6 (issue 16): webhooks: the per-job target, and one row per delivery (the outbox:
+    # written with the terminal transition, retried until delivered or given up)
+    """
+    ALTER TABLE jobs ADD COLUMN webhook_url TEXT;
+    CREATE TABLE webhook_deliveries (
+        delivery_id TEXT PRIMARY KEY,
+        job_id TEXT NOT NULL,
+        event_type TEXT NOT NULL,
+        url TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        state TEXT NOT NULL,
+        tries INTEGER NOT NULL DEFAULT 0,
+        next_try_at TEXT,
+        attempts TEXT NOT NULL DEFAULT '[]',
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE INDEX webhook_deliveries_due ON webhook_deliveries(state, next_try_at);
+    CREATE INDEX webhook_deliveries_job ON webhook_deliveries(job_id, created_at);
+    """,
 ]
 
 #: PostgreSQL: the same steps as :data:`SQLITE_MIGRATIONS` in its own types (JSONB, BIGINT,
@@ -132,6 +164,36 @@ POSTGRES_MIGRATIONS: list[str] = [
     CREATE UNIQUE INDEX jobs_owner_idempotency_key
         ON jobs(idempotency_key, (COALESCE(owner, ''))) WHERE idempotency_key IS NOT NULL;
     CREATE INDEX jobs_owner_status_created ON jobs(owner, status, created_at, seq);
+    """,
+    # 4 -> 5: job events (``event_id`` only grows: the SSE id)
+    """
+    CREATE TABLE job_events (
+        event_id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        job_id TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        data JSONB NOT NULL
+    );
+    CREATE INDEX job_events_job ON job_events(job_id, event_id);
+    """,
+    # 5 -> 6: webhooks: the per-job target and the delivery outbox
+    """
+    ALTER TABLE jobs ADD COLUMN webhook_url TEXT;
+    CREATE TABLE webhook_deliveries (
+        delivery_id TEXT PRIMARY KEY,
+        job_id TEXT NOT NULL,
+        event_type TEXT NOT NULL,
+        url TEXT NOT NULL,
+        payload JSONB NOT NULL,
+        state TEXT NOT NULL,
+        tries INTEGER NOT NULL DEFAULT 0,
+        next_try_at TEXT,
+        attempts JSONB NOT NULL DEFAULT '[]'::jsonb,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE INDEX webhook_deliveries_due ON webhook_deliveries(state, next_try_at);
+    CREATE INDEX webhook_deliveries_job ON webhook_deliveries(job_id, created_at);
     """,
 ]
 

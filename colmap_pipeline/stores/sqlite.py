@@ -21,6 +21,10 @@ Rows come back as :class:`~colmap_pipeline.jobs.Job`. Status changes go through
 ``OperationalError``, ``DatabaseError`` and ``OSError`` are ``StoreUnavailable``; any other
 ``sqlite3.Error`` is ``StoreError``. The schema is versioned: :data:`MIGRATIONS` are applied in
 order at :meth:`SqliteJobStore.open` and are append-only.
+
+Events (issue 16): every write that changes a job also inserts its events into ``job_events``
+(:func:`~colmap_pipeline.jobs.transition_events`) in the same transaction; a stream waiting
+for new ones polls every :data:`EVENT_POLL_S` s on a reader thread (one indexed query).
 """
 from __future__ import annotations
 
@@ -29,29 +33,43 @@ import functools
 import json
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ..jobs import (
     COLUMNS,
+    DELIVERY_COLUMNS,
+    EVENT_PAGE,
     JSON_COLUMNS,
     MAX_PAGE_BOUND,
+    PRUNE_EVENTS_ON,
     TERMINAL,
     TRANSITIONS,
+    WEBHOOK_EVENTS,
     WITH_FILES,
+    DeliveryState,
     DuplicateKey,
+    EventKind,
     Intent,
     Job,
+    JobEvent,
     JobStatus,
     Stamp,
     StoreError,
     StoreUnavailable,
+    WebhookDelivery,
+    attempt_event,
     encode_json,
+    event_state,
+    new_delivery_id,
     new_job_record,
     planned_changes,
+    transition_events,
     utcnow,
+    webhook_delivery_row,
 )
 from .schema import SQLITE_MIGRATIONS, list_filter
 
@@ -68,6 +86,12 @@ BUSY_TIMEOUT_S = 30.0
 BY_IDEMPOTENCY_KEY = "idempotency_key = ? AND owner IS ? AND status != 'deleted'"
 
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM jobs"
+#: what a write returns to build its events (:func:`~colmap_pipeline.jobs.transition_events`)
+_EVENT_COLUMNS = ("status", "progress", "current_stage", "message", "attempt", "updated_at",
+                  "error_code", "error_message", "error_hint", "results")
+_EVENT_RETURNING = f"RETURNING {', '.join(_EVENT_COLUMNS)}"
+#: seconds between two looks for new events of a job a stream waits on (SQLite mode polls)
+EVENT_POLL_S = 0.5
 _TERMINAL = tuple(sorted(s.value for s in TERMINAL))
 _WITH_FILES = tuple(sorted(s.value for s in WITH_FILES))
 
@@ -107,6 +131,29 @@ def _first(c: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> Job | No
     """The first job matching ``where`` (SQL written here, never by a client), or None."""
     rows = c.execute(f"{_SELECT} WHERE {where} LIMIT 1", args).fetchall()
     return _to_job(rows[0]) if rows else None
+
+
+def _event_row(row: tuple[Any, ...]) -> dict[str, Any]:
+    """A row returned as :data:`_EVENT_RETURNING` as a mapping (``results`` decoded)."""
+    out = dict(zip(_EVENT_COLUMNS, row, strict=True))
+    if out["results"] is not None:
+        out["results"] = json.loads(out["results"])
+    return out
+
+
+def _insert_events(c: sqlite3.Connection, job_id: str,
+                   events: list[tuple[EventKind, dict[str, Any]]]) -> None:
+    """Insert ``events`` of ``job_id`` in order (inside the caller's transaction)."""
+    now = utcnow()
+    c.executemany("INSERT INTO job_events (job_id, created_at, kind, data) VALUES (?, ?, ?, ?)",
+                  [(job_id, now, str(kind), encode_json(data)) for kind, data in events])
+
+
+def _to_event(row: tuple[Any, ...]) -> JobEvent:
+    """A :class:`~colmap_pipeline.jobs.JobEvent` from ``(event_id, job_id, created_at, kind,
+    data)``."""
+    return JobEvent(event_id=int(row[0]), job_id=row[1], created_at=row[2],
+                    kind=EventKind(row[3]), data=json.loads(row[4]))
 
 
 def _version_row(c: sqlite3.Connection) -> int:
@@ -355,7 +402,9 @@ class SqliteJobStore:
 
         def tx(c: sqlite3.Connection) -> Job:
             c.execute(sql, row)
-            return _to_job(c.execute(f"{_SELECT} WHERE rowid = last_insert_rowid()").fetchall()[0])
+            job = _to_job(c.execute(f"{_SELECT} WHERE rowid = last_insert_rowid()").fetchall()[0])
+            _insert_events(c, job.job_id, transition_events(vars(job), intent=None))
+            return job
         return await self._write(tx)
 
     async def apply(self, job_id: str, intent: Intent, *,
@@ -379,10 +428,19 @@ class SqliteJobStore:
             sets.append("attempts = json_insert(attempts, '$[#]', json(?))")
             values.append(record)
         sources = sorted(s.value for s in TRANSITIONS[intent].sources)
-        cur = c.execute(f"UPDATE jobs SET {', '.join(sets)} "
-                        f"WHERE job_id = ? AND status IN ({_marks(sources)})",
-                        [*values, job_id, *sources])
-        return cur.rowcount == 1
+        rows = c.execute(f"UPDATE jobs SET {', '.join(sets)} "
+                         f"WHERE job_id = ? AND status IN ({_marks(sources)}) {_EVENT_RETURNING}",
+                         [*values, job_id, *sources]).fetchall()
+        if len(rows) != 1:
+            return False
+        _insert_events(c, job_id, transition_events(
+            _event_row(rows[0]), intent=intent,
+            record=json.loads(record) if record is not None else None))
+        if intent in PRUNE_EVENTS_ON:
+            c.execute("DELETE FROM job_events WHERE job_id = ? AND event_id < "
+                      "(SELECT MAX(event_id) FROM job_events WHERE job_id = ?)", (job_id, job_id))
+        SqliteJobStore._queue_webhook_tx(c, job_id)  # issue 16: the outbox row, same commit
+        return True
 
     async def claim_next_pending(self) -> Job | None:
         """Apply ``claim`` to the oldest ``pending`` job in one transaction; it, or None."""
@@ -401,19 +459,32 @@ class SqliteJobStore:
         """Record progress of a ``processing`` job: ``progress`` (0-100, clamped) is stored as
         ``max(stored, progress)``, so it never goes backwards. Whether it was processing."""
         value = max(0, min(100, int(progress)))
-        return await self._write(lambda c: c.execute(
-            """UPDATE jobs SET progress = MAX(progress, ?), current_stage = ?, message = ?,
-                      updated_at = ?
-               WHERE job_id = ? AND status = 'processing'""",
-            (value, current_stage, message, utcnow(), job_id)).rowcount == 1)
+
+        def tx(c: sqlite3.Connection) -> bool:
+            rows = c.execute(
+                f"""UPDATE jobs SET progress = MAX(progress, ?), current_stage = ?, message = ?,
+                       updated_at = ?
+                    WHERE job_id = ? AND status = 'processing' {_EVENT_RETURNING}""",
+                (value, current_stage, message, utcnow(), job_id)).fetchall()
+            if rows:
+                _insert_events(c, job_id, [(EventKind.PROGRESS, event_state(_event_row(rows[0])))])
+            return len(rows) == 1
+        return await self._write(tx)
 
     async def append_attempt(self, job_id: str, record: Mapping[str, Any]) -> bool:
         """Append one attempt record (a JSON object) to the job's ``attempts``; False for an
         unknown job."""
         text = encode_json(dict(record))
-        return await self._write(lambda c: c.execute(
-            """UPDATE jobs SET attempts = json_insert(attempts, '$[#]', json(?)), updated_at = ?
-               WHERE job_id = ?""", (text, utcnow(), job_id)).rowcount == 1)
+
+        def tx(c: sqlite3.Connection) -> bool:
+            rows = c.execute(
+                f"""UPDATE jobs SET attempts = json_insert(attempts, '$[#]', json(?)),
+                       updated_at = ?
+                    WHERE job_id = ? {_EVENT_RETURNING}""", (text, utcnow(), job_id)).fetchall()
+            if rows:
+                _insert_events(c, job_id, [attempt_event(_event_row(rows[0]), json.loads(text))])
+            return len(rows) == 1
+        return await self._write(tx)
 
     async def requeue_processing(self) -> list[str]:
         """At boot: jobs left ``processing`` by a dead server go back to ``pending``
@@ -440,9 +511,131 @@ class SqliteJobStore:
 
         def tx(c: sqlite3.Connection) -> int:
             rows = c.execute(  # fetchall: a RETURNING statement must finish before COMMIT
-                """UPDATE jobs SET attempt = attempt + 1, auto_retries = auto_retries + ?,
-                          started_at = ?, updated_at = ?
-                   WHERE job_id = ? AND status = 'processing' RETURNING attempt""",
+                f"""UPDATE jobs SET attempt = attempt + 1, auto_retries = auto_retries + ?,
+                       started_at = ?, updated_at = ?
+                    WHERE job_id = ? AND status = 'processing' {_EVENT_RETURNING}""",
                 (1 if auto_retry else 0, now, now, job_id)).fetchall()
-            return int(rows[0][0]) if rows else 0
+            if not rows:
+                return 0
+            state = _event_row(rows[0])
+            _insert_events(c, job_id, [attempt_event(state, None)])
+            return int(state["attempt"])
         return await self._write(tx)
+
+    # --- events (issue 16) ---
+    async def events_after(self, job_id: str, after_id: int,
+                           limit: int = EVENT_PAGE) -> list[JobEvent]:
+        """The job's events with ``event_id > after_id``, oldest first, at most ``limit``
+        (clamped to ``1 .. EVENT_PAGE``); one query on the index ``job_events_job``."""
+        limit = max(1, min(int(limit), EVENT_PAGE))
+        after = max(-1, min(int(after_id), MAX_PAGE_BOUND))
+        rows = await self._read(lambda c: c.execute(
+            "SELECT event_id, job_id, created_at, kind, data FROM job_events "
+            "WHERE job_id = ? AND event_id > ? ORDER BY event_id LIMIT ?",
+            (job_id, after, limit)).fetchall())
+        return [_to_event(r) for r in rows]
+
+    async def latest_event(self, job_id: str) -> JobEvent | None:
+        """The job's newest event, or ``None``."""
+        rows = await self._read(lambda c: c.execute(
+            "SELECT event_id, job_id, created_at, kind, data FROM job_events "
+            "WHERE job_id = ? ORDER BY event_id DESC LIMIT 1", (job_id,)).fetchall())
+        return _to_event(rows[0]) if rows else None
+
+    @asynccontextmanager
+    async def event_waiter(self, job_id: str) -> AsyncIterator[_PollingWaiter]:
+        """A waiter that polls for the job's new events every :data:`EVENT_POLL_S` seconds
+        (one indexed query on a reader thread; another process may have written them)."""
+        yield _PollingWaiter(self, job_id)
+
+    async def has_events_after(self, job_id: str, after_id: int) -> bool:
+        """Whether the job has an event newer than ``after_id`` (one indexed query)."""
+        after = max(-1, min(int(after_id), MAX_PAGE_BOUND))
+        return await self._read(lambda c: c.execute(
+            "SELECT 1 FROM job_events WHERE job_id = ? AND event_id > ? LIMIT 1",
+            (job_id, after)).fetchone() is not None)
+
+
+    # --- webhooks (issue 16) ---
+    @staticmethod
+    def _queue_webhook_tx(c: sqlite3.Connection, job_id: str) -> None:
+        """Inside a transition's transaction: the outbox row of the job's terminal event when
+        it has a ``webhook_url`` (:func:`~colmap_pipeline.jobs.webhook_delivery_row`), so the
+        delivery is committed with the status or not at all."""
+        hit = c.execute("SELECT status FROM jobs WHERE job_id = ? AND webhook_url IS NOT NULL",
+                        (job_id,)).fetchone()
+        if hit is None or JobStatus(hit[0]) not in WEBHOOK_EVENTS:
+            return
+        job = _first(c, "job_id = ?", (job_id,))
+        row = webhook_delivery_row(vars(job), new_delivery_id(), utcnow()) if job else None
+        if row is None:
+            return
+        row["payload"], row["attempts"] = encode_json(row["payload"]), encode_json([])
+        c.execute(f"INSERT INTO webhook_deliveries ({', '.join(DELIVERY_COLUMNS)}) "
+                  f"VALUES ({_marks(DELIVERY_COLUMNS)})", [row[k] for k in DELIVERY_COLUMNS])
+
+    async def webhook_deliveries(self, job_id: str) -> list[WebhookDelivery]:
+        """The job's webhook deliveries, oldest first, each with its attempts."""
+        return await self._read(lambda c: [_to_delivery(r) for r in c.execute(
+            f"SELECT {', '.join(DELIVERY_COLUMNS)} FROM webhook_deliveries WHERE job_id = ? "
+            "ORDER BY created_at, rowid", (job_id,))])
+
+    async def claim_webhook_delivery(self, now: str,
+                                     lease_until: str) -> WebhookDelivery | None:
+        """Claim the oldest due delivery (see the protocol): ``tries`` + 1, due again at
+        ``lease_until``; it, or None. One transaction on the single writer."""
+        def tx(c: sqlite3.Connection) -> WebhookDelivery | None:
+            due = c.execute("SELECT delivery_id, tries FROM webhook_deliveries "
+                            "WHERE state = 'pending' AND next_try_at <= ? "
+                            "ORDER BY next_try_at, rowid LIMIT 1", (now,)).fetchone()
+            if due is None:
+                return None
+            rows = c.execute(
+                f"""UPDATE webhook_deliveries SET tries = tries + 1, next_try_at = ?,
+                           updated_at = ?
+                    WHERE delivery_id = ? AND tries = ? AND state = 'pending'
+                    RETURNING {', '.join(DELIVERY_COLUMNS)}""",
+                (lease_until, now, due[0], due[1])).fetchall()
+            return _to_delivery(rows[0]) if rows else None
+        return await self._write(tx)
+
+    async def record_webhook_try(self, delivery_id: str, tries: int,
+                                 attempt: Mapping[str, Any], *, state: str,
+                                 next_try_at: str | None) -> bool:
+        """Append ``attempt`` and set ``state``/``next_try_at`` while the delivery is still
+        ``pending`` at try ``tries``; whether it was."""
+        text, value = encode_json(dict(attempt)), DeliveryState(state).value
+        return await self._write(lambda c: c.execute(
+            """UPDATE webhook_deliveries
+                  SET attempts = json_insert(attempts, '$[#]', json(?)), state = ?,
+                      next_try_at = ?, updated_at = ?
+                WHERE delivery_id = ? AND tries = ? AND state = 'pending'""",
+            (text, value, next_try_at, utcnow(), delivery_id, tries)).rowcount == 1)
+
+class _PollingWaiter:
+    """:class:`~colmap_pipeline.jobs.EventWaiter` of the SQLite store: polls."""
+
+    def __init__(self, store: SqliteJobStore, job_id: str) -> None:
+        self._store, self._job_id = store, job_id
+
+    async def wait(self, after_id: int, timeout_s: float) -> bool:
+        """Look every :data:`EVENT_POLL_S` s for an event newer than ``after_id``, at most
+        ``timeout_s`` s (at least one look); whether one came."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout_s)
+        while True:
+            if await self._store.has_events_after(self._job_id, after_id):
+                return True
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(EVENT_POLL_S, left))
+
+
+def _to_delivery(row: tuple[Any, ...]) -> WebhookDelivery:
+    """A :class:`~colmap_pipeline.jobs.WebhookDelivery` from a row in ``DELIVERY_COLUMNS``
+    order (webhooks, issue 16)."""
+    data = dict(zip(DELIVERY_COLUMNS, row, strict=True))
+    data["payload"], data["attempts"] = json.loads(data["payload"]), json.loads(data["attempts"])
+    data["state"] = DeliveryState(data["state"])
+    return WebhookDelivery(**data)

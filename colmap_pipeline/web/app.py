@@ -19,7 +19,16 @@ from starlette.types import Lifespan
 
 from .. import __version__
 from ..config import Settings
-from . import artifacts, routes_jobs, routes_service, routes_uploads
+from . import (
+    artifacts,
+    metrics,
+    routes_events,
+    routes_jobs,
+    routes_service,
+    routes_uploads,
+    routes_webhooks,
+    ui,
+)
 from .auth import KeyRing, check_cors
 from .docs import install_docs
 from .errors import install_error_handlers, method_table
@@ -58,12 +67,15 @@ def build_app(settings: Settings, lifespan: Lifespan[FastAPI] | None = None) -> 
                        allow_credentials=settings.cors_allow_credentials,
                        allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(HeadAsGet)  # HEAD on every GET route (FastAPI adds none)
+    metrics.install_metrics(app)  # HTTP latency by route (a middleware), /metrics registry
     app.add_middleware(SecurityHeaders)  # outermost: every answer, errors and 404s included
-    routers = [m.router for m in (routes_service, routes_uploads, routes_jobs, artifacts)]
+    routers = [m.router for m in (routes_service, routes_uploads, routes_jobs, artifacts,
+                                     routes_events, routes_webhooks, metrics, ui)]
     for router in routers:
         app.include_router(router)
     app.state.route_methods = method_table(routers)
     install_docs(app, public=settings.docs_public or not keyring.enabled)
+    ui.mount_ui_files(app)  # /ui/... files and three.js, after every route
     return app
 
 

@@ -8,12 +8,13 @@ import shutil
 from pathlib import Path
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
 from .artifacts import request_storage
 from .deps import GpuDep, RunnerDep, SettingsDep, StoreDep, is_draining
 from .schemas import HealthResponse, ReadinessResponse, RootResponse
+from .ui import browser_redirect
 
 router = APIRouter(tags=["service"])
 
@@ -34,9 +35,13 @@ def writable(path: Path) -> bool:
         return False
 
 
-@router.get("/", response_model=RootResponse, summary="Service identity")
-async def root(gpu: GpuDep) -> RootResponse:
-    """Identity of the service: name, status, version and whether a GPU is used."""
+@router.get("/", response_model=RootResponse, summary="Service identity",
+            responses={307: {"description": "a browser (Accept prefers text/html): to /ui"}})
+async def root(request: Request, gpu: GpuDep) -> RootResponse | Response:
+    """Identity of the service: name, status, version and whether a GPU is used; a browser
+    (``Accept`` prefers ``text/html``) is sent on to the web page ``/ui`` (307)."""
+    if (to_page := browser_redirect(request)) is not None:
+        return to_page
     return RootResponse(version=__version__, gpu_enabled=gpu.enabled,
                         pycolmap_version=gpu.pycolmap_version,
                         gpu=await asyncio.to_thread(gpu.public))

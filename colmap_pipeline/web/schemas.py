@@ -150,6 +150,9 @@ class JobPublic(BaseModel):
         default_factory=list, description=f"the newest {MAX_ATTEMPT_RECORDS} runs of the job, "
         "oldest first (attempts_total counts them all)")
     attempts_total: int = Field(0, description="number of run records the job has")
+    events_url: str | None = Field(None, description="the job's live events (Server-Sent "
+                                   "Events, GET /jobs/{job_id}/events); signed like artifact "
+                                   "URLs while API keys are on, so an EventSource can open it")
 
     @classmethod
     def from_job(cls, job: Job, queue_position: int | None = None, *,
@@ -183,7 +186,8 @@ class JobPublic(BaseModel):
             started_at=job.started_at, finished_at=job.finished_at, attempt=job.attempt,
             input_bytes=job.input_bytes, input_sha256=job.input_sha256,
             video=_parse(VideoProbe, job.video_info, job.job_id), error=error, results=results,
-            artifacts=artifacts, attempts=records, attempts_total=len(job.attempts))
+            artifacts=artifacts, attempts=records, attempts_total=len(job.attempts),
+            events_url=link(f"/jobs/{job.job_id}/events"))
 
 
 def _parse(model: type[_M], data: Any, job_id: str) -> _M | None:
