@@ -26,7 +26,8 @@ class _Open(BaseModel):
 class JobWarning(_Open):
     """Something the user should know about a job that still completed."""
 
-    code: str = Field(description="stable code, e.g. video_truncated, focal_metadata_ignored")
+    code: str = Field(description="stable code, e.g. video_truncated, focal_metadata_ignored, "
+                      "partial_reconstruction, moving_content")
     message: str = Field(description="what happened, with its numbers, e.g. 'decoded 0.40 s "
                          "of 1.33 s'")
     details: dict[str, Any] = Field(default_factory=dict, description="the numbers behind it")

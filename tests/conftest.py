@@ -182,3 +182,16 @@ def gcs_bucket(gcs_emulator, monkeypatch):
     set in the environment too (for servers started by the test)."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator.url)
     return {"storage_bucket": gcs_emulator.new_bucket(), "storage_emulator_host": gcs_emulator.url}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give schemathesis' per-operation items (``tests/test_fuzz.py``) their own node ids.
+
+    schemathesis 4.32 names each item ``test_x[GET /health]`` but leaves every node id at
+    ``...::test_x``; pytest-xdist schedules items by node id, so with ``-n 2`` it ran only the
+    first operation. The id is made from the item's own name (``...::test_x[GET /health]``).
+    """
+    for item in items:
+        head, _, last = item.nodeid.rpartition("::")
+        if head and last != item.name and item.name.startswith(last + "["):
+            item._id = item.parent.id.child(item.name)  # what pytest computes for others

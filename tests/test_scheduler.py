@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 from runner_harness import (
@@ -145,7 +146,11 @@ async def test_crash_at_stage_then_resume(tmp_path, fake_stages, stage):
     assert sorted(mtimes) == sorted(done_before)
     children = stage_children(ws.root)
     assert len(children) == 1
-    job = await get(store, "job-1")
+    async def recorded() -> Any:  # the parent records the group just after the spawn
+        job = await get(store, "job-1")
+        return job if job.pgid is not None else None
+
+    job = await until(recorded, 10, "the child's process group to be recorded")
     assert job.status == "processing" and job.pgid == next(iter(children))
     await crash(runner, store)
     assert (await get(store, "job-1")).status == "processing"  # as a dead server left it
@@ -216,7 +221,9 @@ async def test_cancel_during_matching_then_retry_completes(tmp_path, fake_stages
         mtimes = checkpoint_mtimes(ws.root)
         t0 = time.monotonic()
         assert await runner.cancel("job-1")
-        assert still_alive(children) == [] and not stage_children(ws.root)
+        # gone within 5 s (a killed child may take a moment to be reaped on a loaded machine)
+        await until(lambda: still_alive(children) == [] and not stage_children(ws.root), 5,
+                    "the cancelled stage child to be gone")
         assert time.monotonic() - t0 < 5
         job = await get(store, "job-1")
         assert job.status == "cancelled" and job.finished_at

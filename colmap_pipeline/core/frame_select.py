@@ -372,6 +372,18 @@ def _fail_if_too_few(run: DecodePass, out: Path, warnings: list[StageWarning],
 
 # --- selection ------------------------------------------------------------------------------
 
+def _ahead_result(c: _Candidate) -> tuple[np.ndarray, float | None] | None:
+    """The look-ahead's result for ``c``; ``None`` without one or when it failed (then
+    :func:`_reject` does the work itself, and meets any error there)."""
+    if c.lookahead is None:
+        return None
+    try:
+        return c.lookahead.result()
+    except Exception:  # noqa: BLE001 - recomputed on this thread
+        log.debug("near-duplicate look-ahead failed", exc_info=True)
+        return None
+
+
 def _reject(candidates: list[_Candidate]) -> float | None:
     """Mark each window candidate ``blurry``, ``near_duplicate`` or kept (time order); returns
     the median candidate sharpness (None without candidates).
@@ -391,7 +403,7 @@ def _reject(candidates: list[_Candidate]) -> float | None:
         if rec["sharpness"] < floor:
             rec["reason"] = "blurry"
             continue
-        ahead = c.lookahead.result() if c.lookahead is not None else None
+        ahead = _ahead_result(c)
         if (last is not None and len(last_pts) >= MOTION_MIN_CORNERS
                 and last.gray.shape == c.gray.shape):
             m = ahead[1] if (ahead is not None and ahead[1] is not None

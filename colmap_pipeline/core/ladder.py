@@ -39,7 +39,8 @@ ladder climbs its rungs (:data:`RUNGS`, in the order of :data:`STEPS`):
 
 Matching rungs add pairs to the database (they stay for later rungs). Every attempt is recorded
 (:class:`..results.MappingAttempt`) with its settings, outcome (size and checks of every model)
-and time; a rung that would not fit in the preset's time budget (``LADDER_BUDGET_S``) is
+and time; a rung that would not fit in the time budget (the preset's ``LADDER_BUDGET_S``,
+capped at 3x the first attempt's time but at least 120 s: :func:`ladder_budget`) is
 recorded as skipped. The best model of all attempts (most registered images among the models
 passing the checks) is the result. Each attempt moves the progress bar and says which it is:
 "attempt 3 of at most 8: camera model OPENCV (112 s of 600 s budget)". A ladder that ends with
@@ -75,7 +76,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,16 @@ CAMERA_MODELS = ("OPENCV", "OPENCV_FISHEYE")
 #: (failed; 94 keypoints per frame, 55 inlier matches over 119 pairs). EuRoC's sharp, static
 #: frames score 60-90.
 BLURRY_FAILURE_SHARPNESS = 50.0
+#: The preset's budget (``LADDER_BUDGET_S``, low 600 s) is a ceiling: the ladder gets at most
+#: ``FIRST_ATTEMPT_FACTOR`` x the first attempt's time, and never less than
+#: ``MIN_BUDGET_S`` (:func:`ladder_budget`), so that a failing input fails within about twice
+#: the time a good one of its size takes (issue 15). A good 30-frame clip at low takes 25-50 s
+#: in all on 2 shared cores, its first mapping attempt 3-8 s (CLI runs of the GoPro walk, the
+#: Karma clip and the fountain photos); a hopeless one stopped 733 s in. Now an input that fails
+#: quickly stops 120 s after its first attempt (about 2.5-3 min in all); one whose attempts are
+#: slow (Karma's took 100-370 s on 5x-shared cores, issue 4) keeps up to 3 of them.
+FIRST_ATTEMPT_FACTOR = 3.0
+MIN_BUDGET_S = 120.0
 #: Rungs that can still help under a diagnosis of the matches (:mod:`.match_diagnostics`):
 #: matching more pairs can join disconnected scenes (nothing else can), wider pairs can show
 #: parallax that near pairs lack; no rung gives a camera that only turns any parallax.
@@ -503,6 +514,13 @@ def _summary(cfg: LadderConfig, st: LadderState, best: Candidate,
         mapping_attempts=st.attempts, match_diagnostics=st.diagnostics)
 
 
+def ladder_budget(ceiling_s: float, first_attempt_s: float) -> float:
+    """The ladder's budget (s) after a first attempt of ``first_attempt_s`` s: ``ceiling_s``
+    (the preset's) capped at max(``MIN_BUDGET_S``, ``FIRST_ATTEMPT_FACTOR`` x
+    ``first_attempt_s``)."""
+    return min(ceiling_s, max(MIN_BUDGET_S, FIRST_ATTEMPT_FACTOR * first_attempt_s))
+
+
 def max_attempts(cfg: LadderConfig, frames: int) -> int:
     """Mapping attempts a run of ``cfg`` makes at most: the first plus each rung's most."""
     st = LadderState(frames=frames)
@@ -532,7 +550,9 @@ def run_ladder(database_path: str | os.PathLike[str], image_dir: str | os.PathLi
             disagree with it fail their checks.
         progress: ``progress(fraction, message)``; every attempt moves it.
         steps: rungs to allow (default :data:`STEPS`, in that order).
-        budget_s: time budget (s) after the first attempt (default ``LADDER_BUDGET_S``).
+        budget_s: time budget (s) after the first attempt; default: the preset's
+            ``LADDER_BUDGET_S`` capped by :func:`ladder_budget` once the first attempt's time
+            is known (an explicit value is used as it is).
         mapper: ``"incremental"`` or ``"global"`` (default ``MAPPER_BY_QUALITY[quality]``).
         num_threads, random_seed: as pycolmap (-1 = all cores / random).
         target_fraction: stop once the best model registers this share of the frames.
@@ -573,8 +593,11 @@ def run_ladder(database_path: str | os.PathLike[str], image_dir: str | os.PathLi
     st.exhaustive_done = matching == "exhaustive"
     la.report(cfg, st, 0.0, "Checking what the matches show...")
     _diagnose(cfg, st)
-    la.map_attempt(cfg, st, Plan("baseline", first, f"mapper {cfg.mapper}"), time.monotonic())
+    base = la.map_attempt(cfg, st, Plan("baseline", first, f"mapper {cfg.mapper}"),
+                          time.monotonic())
     st.ladder_t0 = time.monotonic()
+    if budget_s is None:
+        cfg = replace(cfg, budget_s=ladder_budget(cfg.budget_s, base.elapsed_s))
     _run_rungs(cfg, st, steps)
     warnings = _trust_images(cfg, st)
     error = _diagnosed_failure(cfg, st)  # a narrow code first, even beside a partial model

@@ -6,8 +6,9 @@ motion explains; the matching stage's geometric verification (RANSAC of a fundam
 essential matrix, 4 px) rejects those matches, and the model is of the static part only. The
 user cannot see that from a completed job, so the results say so (``moving_content``).
 
-Measure (:func:`second_motion_share`): for every verified image pair explained by an
-essential/fundamental matrix (COLMAP configuration ``CALIBRATED``/``UNCALIBRATED``; a pair
+Measure (:func:`measure`, :func:`second_motion_inliers`): for every verified image pair
+explained by an essential/fundamental matrix (COLMAP configuration ``CALIBRATED`` /
+``UNCALIBRATED``; a pair
 explained by a homography keeps only the dominant plane's matches as inliers, so its
 rejected matches are the rest of the static scene, not moving content), between images the
 chosen model registered: the matches verification rejected are fitted with a *second*
@@ -89,7 +90,7 @@ class MovingContent:
                 "pair_fraction_threshold": MOVING_PAIR_FRACTION}
 
 
-def second_motion_share(points1: np.ndarray, points2: np.ndarray) -> int:
+def second_motion_inliers(points1: np.ndarray, points2: np.ndarray) -> int:
     """Inliers of one fundamental matrix fitted to the rejected matches ``points1`` ->
     ``points2`` (N x 2 px each): 0 when fewer than :data:`MIN_SECOND_MOTION_MATCHES` fit (or
     fewer are given)."""
@@ -149,7 +150,7 @@ def measure(database_path: str | os.PathLike[str],
                     keypoints[i] = np.asarray(db.read_keypoints(i))[:, :2]
             raw = np.asarray(db.read_matches(a, b))
             rej = _rejected(raw, inl)
-            second = second_motion_share(keypoints[a][rej[:, 0]], keypoints[b][rej[:, 1]]) \
+            second = second_motion_inliers(keypoints[a][rej[:, 0]], keypoints[b][rej[:, 1]]) \
                 if len(rej) else 0
             for k, v in enumerate((1, len(raw), len(rej), second, int(second > 0))):
                 counts[k] += v

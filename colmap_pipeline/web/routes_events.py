@@ -38,7 +38,13 @@ _EVENTS_DOC: dict[int | str, dict[str, Any]] = {
     200: {"description": "text/event-stream: one message per event, id = event_id, data = "
                          "JSON {kind, job_id, event_id, created_at, status, progress, "
                          "current_stage, message, attempt, updated_at, …}",
-          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+          # the schema of one event of the stream (OpenAPI 3.2's ``itemSchema`` convention)
+          "content": {"text/event-stream": {"schema": {
+              "type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string", "contentMediaType": "application/json",
+                                      "description": "the event as JSON"},
+                             "event": {"type": "string"}, "id": {"type": "string"},
+                             "retry": {"type": "integer", "minimum": 0}}}}}},
     204: {"description": "resumed (Last-Event-ID) after the job's last event, and the job is "
                          "done: nothing more will come (an EventSource stops reconnecting)"},
     404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
