@@ -55,6 +55,8 @@ OTHER_NAME, OTHER_KEY = "other", "other-key-2a8d4f6c0e"
 CHECKS = [not_a_server_error, response_schema_conformance, status_code_conformance,
           content_type_conformance, response_headers_conformance]
 PLY = b"ply\nformat ascii 1.0\nelement vertex 0\nend_header\n"
+#: the kept frame's image (the route serves the file as it is; two markers make a JPEG: SOI, EOI)
+JPEG = b"\xff\xd8\xff\xd9"
 #: the frames stage's output of the completed job (one frame kept, one dropped)
 FRAMES_JSON = {"frames": [{"index": 0, "file": "frame_00000.jpg", "timestamp_s": 0.0}],
                "scores": [{"timestamp_s": 0.0, "window": 0, "sharpness": 120.0,
@@ -110,6 +112,8 @@ def _prepare(data_dir: Path) -> None:
         work.artifact("sparse.ply").parent.mkdir(parents=True, exist_ok=True)
         work.artifact("sparse.ply").write_bytes(PLY)
         work.frames_json.write_text(json.dumps(FRAMES_JSON))
+        work.frames_dir.mkdir(parents=True, exist_ok=True)
+        (work.frames_dir / "frame_00000.jpg").write_bytes(JPEG)  # the kept frame's image
     asyncio.run(_make_jobs(data_dir))
 
 
@@ -158,6 +162,8 @@ def _load_schema() -> Any:
             out["job_id"] = _steer(out["job_id"], _targets(ctx.operation))
         if "name" in out:
             out["name"] = _steer(out["name"], ["sparse.ply"])
+        if "file" in out:
+            out["file"] = _steer(out["file"], ["frame_00000.jpg"])
         return out
 
     return loaded
@@ -195,7 +201,7 @@ def test_every_operation_answered_2xx_and_the_other_keys_job_is_untouched(server
     ops = {op for op, _ in SENT}
     accepted = {op for op, code in SENT if 200 <= code < 300}
     print(f"{len(SENT)} cases over {len(ops)} operations")
-    assert len(ops) == len(list(schema.get_all_operations())) == 16
+    assert len(ops) == len(list(schema.get_all_operations())) == 17
     assert ops - accepted == {"POST /upload-video"}
     other = httpx.get(f"{server.url}/jobs/{FOREIGN}", headers={"X-API-Key": OTHER_KEY},
                       timeout=10).json()

@@ -112,7 +112,9 @@ def read_log_lines(ws: Workspace, since: int, limit: int) -> tuple[list[str], bo
     return out, found
 
 
-@router.get("/jobs/{job_id}/log", response_class=PlainTextResponse,
+# Not ``response_class=PlainTextResponse``: FastAPI would then document the JSON error answers
+# (401, 404, 422) as text/plain too; the route returns its PlainTextResponse itself.
+@router.get("/jobs/{job_id}/log",
             responses={200: {"description": f"text/plain, one log line per line; the header "
                              f"{NEXT_LINE_HEADER} is the since of the next call",
                              "content": {"text/plain": {"schema": {"type": "string"}}},
