@@ -72,7 +72,10 @@ DONE, TO_CANCEL, TO_RETRY, TO_DELETE = "fz-done", "fz-pending", "fz-failed", "fz
 FOREIGN = "fz-other"
 #: where a generated ``job_id`` may be steered, by operation (method and last path part)
 TARGETS = {"GET": [DONE, TO_CANCEL, TO_RETRY, FOREIGN], "cancel": [TO_CANCEL, FOREIGN],
-           "retry": [TO_RETRY, FOREIGN], "DELETE": [TO_DELETE, FOREIGN]}
+           "retry": [TO_RETRY, FOREIGN], "DELETE": [TO_DELETE, FOREIGN],
+           # a stream ends after the terminal event: only the completed jobs (the others may be
+           # pending, retried by the fuzzer: their stream would run to the timeout)
+           "events": [DONE, FOREIGN]}
 SERVER_ENV = {"API_KEYS": f"{KEY_NAME}:{KEY},{OTHER_NAME}:{OTHER_KEY}",
               "MAX_REQUESTS_PER_MINUTE": "100000", "MAX_CONCURRENT_JOBS": "0",
               "MAX_PENDING_JOBS_PER_KEY": "0", "URL_SIGNING_SECRET": "fuzz-signing-secret"}
@@ -127,7 +130,8 @@ def _steer(value: Any, choices: list[str]) -> Any:
 def _targets(operation: Any) -> list[str]:
     """The prepared jobs a generated ``job_id`` of ``operation`` may be steered onto."""
     method = operation.method.upper()
-    return TARGETS[method if method in TARGETS else operation.path.rsplit("/", 1)[-1]]
+    last = operation.path.rsplit("/", 1)[-1]
+    return TARGETS[last if last in TARGETS else method]
 
 
 @pytest.fixture(scope="module")

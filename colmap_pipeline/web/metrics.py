@@ -32,6 +32,7 @@ from prometheus_client import generate_latest as render_text
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_fastapi_instrumentator import Instrumentator
+from prometheus_fastapi_instrumentator import metrics as instr_metrics
 
 from ..jobs import JobStatus, JobStore
 from ..runner import metrics as runner_metrics
@@ -97,7 +98,13 @@ def install_metrics(app: FastAPI) -> None:
     scrape = ScrapeCollector()
     registry.register(scrape)
     ProcessCollector(registry=registry)
-    Instrumentator(excluded_handlers=[METRICS_PATH], registry=registry).instrument(app)
+    # Not the instrumentator's default set: its request-size summary parses Content-Length
+    # with int(), so a junk header was a 500 (tests/test_no_echo.py); latency and counts are
+    # what the README promises. A stream's latency is to its first byte (an events stream
+    # lasts as long as its job).
+    Instrumentator(excluded_handlers=[METRICS_PATH], registry=registry).add(
+        instr_metrics.latency(registry=registry, should_exclude_streaming_duration=True),
+        instr_metrics.requests(registry=registry)).instrument(app)
     app.state.metrics_registry = registry
     app.state.metrics_scrape = scrape
 
