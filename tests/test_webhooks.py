@@ -130,6 +130,24 @@ async def test_a_terminal_transition_writes_one_delivery_with_the_job_as_it_was(
     assert (second.event_type, second.payload["status"]) == ("job.cancelled", "cancelled")
 
 
+async def test_expiring_a_job_removes_its_finished_deliveries_and_keeps_pending_ones(store,
+                                                                                   tmp_path):
+    """Retention (EXPIRE) and DELETE take the job's delivered or failed deliveries with its
+    files; a delivery still trying stays until it ends."""
+    await store.create_job(job_fields("a", tmp_path, webhook_url="http://r.example/h"))
+    await finish(store, "a", Intent.FAIL, error_code="too_dark", error_message="dark")
+    assert await store.apply("a", Intent.RETRY)
+    assert await store.apply("a", Intent.CANCEL)
+    first, second = await store.webhook_deliveries("a")
+    claimed = await store.claim_webhook_delivery("9999-12-31T00:00:00", "9999-12-31T00:00:01")
+    assert claimed is not None and claimed.delivery_id == first.delivery_id
+    assert await store.record_webhook_try(first.delivery_id, 1, {"status": 200},
+                                          state="delivered", next_try_at=None)
+    assert await store.apply("a", Intent.EXPIRE)
+    [left] = await store.webhook_deliveries("a")
+    assert (left.delivery_id, left.state) == (second.delivery_id, DeliveryState.PENDING)
+
+
 async def test_claims_take_each_try_once_and_a_stale_claim_records_nothing(store, tmp_path):
     await store.create_job(job_fields("a", tmp_path, webhook_url="http://r.example/h"))
     await finish(store, "a", Intent.CANCEL)

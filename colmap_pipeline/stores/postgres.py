@@ -201,6 +201,9 @@ async def _apply(c: Conn, job_id: str, intent: Intent, changes: Mapping[str, Any
         await c.execute("DELETE FROM job_events WHERE job_id = %s AND event_id < "
                         "(SELECT MAX(event_id) FROM job_events WHERE job_id = %s)",
                         [job_id, job_id])
+        # finished webhook deliveries go with the job's files (pending ones still try)
+        await c.execute("DELETE FROM webhook_deliveries WHERE job_id = %s AND state <> 'pending'",
+                        [job_id])
     await PostgresJobStore._queue_webhook_tx(c, job_id)  # issue 16: the outbox row, same commit
     return True
 

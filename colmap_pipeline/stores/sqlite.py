@@ -439,6 +439,9 @@ class SqliteJobStore:
         if intent in PRUNE_EVENTS_ON:
             c.execute("DELETE FROM job_events WHERE job_id = ? AND event_id < "
                       "(SELECT MAX(event_id) FROM job_events WHERE job_id = ?)", (job_id, job_id))
+            # finished webhook deliveries go with the job's files (pending ones still try)
+            c.execute("DELETE FROM webhook_deliveries WHERE job_id = ? AND state <> 'pending'",
+                      (job_id,))
         SqliteJobStore._queue_webhook_tx(c, job_id)  # issue 16: the outbox row, same commit
         return True
 
