@@ -111,19 +111,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         else:
             app.state.runner = JobRunner(app.state.store, settings,
                                          gpu_enabled=app.state.gpu.enabled)
+        # signed webhooks from the store's outbox (issue 16): PostgreSQL mode runs its passes
+        # through the queue (a periodic procrastinate task), embedded mode in its own loop
+        webhooks = WebhookDispatcher(app.state.store, settings, webhook_renderer(app))
+        if settings.database_url:
+            app.state.runner.deliver_webhooks(webhooks)
+        else:
+            webhooks.start()
         await app.state.runner.start()  # kills recorded child groups, requeues, schedules
         await app.state.runner.housekeeping(startup=True)  # retention, orphan workspaces
         app.state.runner.start_housekeeping()
-        webhooks = WebhookDispatcher(app.state.store, settings, webhook_renderer(app))
-        webhooks.start()  # signed webhooks from the store's outbox (issue 16)
         log.info("COLMAP worker %s ready: data_dir=%s gpu=%s", __version__, data.root.resolve(),
                  app.state.gpu.enabled)
         try:
             yield
         finally:
             app.state.draining = True
-            await webhooks.stop(settings.webhook_timeout_s)  # unsent tries stay in the outbox
             await app.state.runner.stop(grace_s=settings.shutdown_grace_s)
+            await webhooks.stop(settings.webhook_timeout_s)  # unsent tries stay in the outbox
             await app.state.store.close()
 
     return build_app(settings, lifespan)

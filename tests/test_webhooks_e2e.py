@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 from conftest import SAMPLE_VIDEO, ServerProcess, wait_until
 from prometheus_client.parser import text_string_to_metric_families
@@ -259,3 +260,39 @@ def test_a_delivery_survives_a_server_restart_between_tries(served, finished):
                               if x["state"] == "delivered"], 10, "the delivery recorded")
     assert {h["webhook-id"] for h, _ in got} == {d["webhook_id"]}  # the same message
     assert [a["http_status"] for a in d["attempts"]] == [503] * failed_tries + [200]
+
+
+def test_postgres_mode_delivers_through_the_queue_once_per_event_across_replicas(
+        tmp_path, pg_url):
+    """PostgreSQL mode, two replicas on one database: each delivery runs in a procrastinate
+    task (periodic ``colmap.deliver_webhooks``, one waiting pass whatever the replicas), and
+    each terminal event reaches the receiver exactly once, verified."""
+    receiver = Receiver()
+    env = {"DATABASE_URL": pg_url, "COLMAP_TEST_FAKE_STAGES": "0.05",
+           "WEBHOOK_SECRET": SECRET, "WEBHOOK_ALLOW_PRIVATE": "true",
+           "QUEUE_HEARTBEAT_INTERVAL_S": "1"}
+    a, b = ServerProcess(tmp_path / "a", env), ServerProcess(tmp_path / "b", env)
+    try:
+        ids = []
+        for srv in (a, b, a, b):
+            with srv.client() as c:
+                ids.append(upload(c, f"{receiver.url}/pg"))
+        for job_id in ids:
+            assert a.wait_for_job(job_id, 120)["status"] == "completed"
+        wait_until(lambda: len(receiver.requests("/pg")) >= len(ids), 30, "four deliveries")
+        time.sleep(2.5)  # more periodic passes on both replicas: nothing is sent twice
+        events = [verified(r) for r in receiver.requests("/pg")]
+        assert sorted(e["data"]["job_id"] for e in events) == sorted(ids)
+        assert {e["type"] for e in events} == {"job.completed"}
+        with b.client() as c:  # the other replica lists the try its neighbour may have made
+            [d] = c.get(f"/jobs/{ids[0]}/webhooks").json()["deliveries"]
+        assert d["state"] == "delivered" and [t["http_status"] for t in d["attempts"]] == [200]
+    finally:
+        a.stop()
+        b.stop()
+        receiver.http.shutdown()
+    # the queue's own record: the periodic pass was deferred as a task
+    with psycopg.connect(pg_url) as conn:
+        row = conn.execute("SELECT count(*) FROM procrastinate_periodic_defers "
+                           "WHERE task_name = 'colmap.deliver_webhooks'").fetchone()
+    assert row is not None and row[0] > 0

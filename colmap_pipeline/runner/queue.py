@@ -43,6 +43,10 @@ TASK_RUN = "colmap.run_job"
 TASK_SWEEP = "colmap.sweep_stalled"
 #: queueing lock of the sweep: at most one sweep waits in the queue, whatever the replicas
 SWEEP_LOCK = "colmap.sweep_stalled"
+#: task name of the periodic webhook pass (issue 16: deliveries run through the queue)
+TASK_WEBHOOKS = "colmap.deliver_webhooks"
+#: queueing lock of the webhook pass: at most one pass waits in the queue
+WEBHOOKS_LOCK = "colmap.deliver_webhooks"
 #: advisory lock key held while one replica installs procrastinate's schema (any constant)
 SCHEMA_LOCK_KEY = 0x636F6C6D6170  # "colmap"
 #: ticket statuses that mean the job is still in the queue or running

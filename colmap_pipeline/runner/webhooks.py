@@ -3,11 +3,11 @@ with every transition to ``completed``, ``failed`` or ``cancelled`` of a job wit
 ``webhook_url`` (``webhook_deliveries``, written in the transition's own transaction, so a
 server dying right after the commit loses nothing).
 
-Every replica runs one :class:`WebhookDispatcher` loop (started by the lifespan next to
-housekeeping). Each pass claims due rows one by one (the store's compare-and-set:
-``tries`` + 1 and a lease of :data:`LEASE_S`; PostgreSQL takes rows ``FOR UPDATE SKIP
-LOCKED``), so two replicas never send the same try; a try is recorded only while the claim
-still holds. Per try:
+Every replica has one :class:`WebhookDispatcher` (made by the lifespan next to housekeeping;
+its passes run in its own loop, or as queue tasks in PostgreSQL mode). Each pass claims due
+rows one by one (the store's compare-and-set: ``tries`` + 1 and a lease of
+:data:`LEASE_S`; PostgreSQL takes rows ``FOR UPDATE SKIP LOCKED``), so two replicas never
+send the same try; a try is recorded only while the claim still holds. Per try:
 
 1. the SSRF check again, after DNS resolution (:func:`.webhook_targets.check_target`); a
    refused target fails the delivery at once;
@@ -25,8 +25,10 @@ still holds. Per try:
 
 Retries are rows, so they survive a restart: a try due while the server was down runs at the
 next start, and a try whose server died mid-send is due again when its lease ends (the
-receiver may then see that try twice, with the same ``webhook-id``). Why a loop and not
-procrastinate tasks in PostgreSQL mode: see README "Webhooks".
+receiver may then see that try twice, with the same ``webhook-id``). Embedded, :meth:`
+WebhookDispatcher.start` runs a pass every :data:`POLL_S`; in PostgreSQL mode the passes run
+through the queue instead (:meth:`.worker.QueueRunner.deliver_webhooks`: a periodic
+procrastinate task).
 """
 from __future__ import annotations
 

@@ -51,6 +51,8 @@ from .queue import (
     SWEEP_LOCK,
     TASK_RUN,
     TASK_SWEEP,
+    TASK_WEBHOOKS,
+    WEBHOOKS_LOCK,
     JobQueue,
     ensure_schema,
     make_defer_on,
@@ -60,6 +62,7 @@ from .queued_store import QueuedStore, TransactionalStore
 from .resilient_worker import ResilientWorker
 from .scheduler import ABORT_WAIT_S, JobRunner
 from .stalls import requeue_stalled
+from .webhooks import WebhookDispatcher
 
 log = logging.getLogger("colmap_worker.queue")
 
@@ -96,6 +99,30 @@ class QueueRunner(JobRunner):
             self._sweep)
         app.periodic(cron=f"*/{settings.queue_sweep_interval_s} * * * * *",
                      queueing_lock=SWEEP_LOCK)(sweep)
+        #: the webhook dispatcher whose passes run as queue tasks (:meth:`deliver_webhooks`)
+        self.webhooks: WebhookDispatcher | None = None
+
+    def deliver_webhooks(self, dispatcher: WebhookDispatcher) -> None:
+        """Run ``dispatcher``'s passes through the queue (issue 16): procrastinate periodic
+        task :data:`.queue.TASK_WEBHOOKS` every second on the sweep queue, with a queueing
+        lock, so at most one pass waits whatever the replicas, and whichever replica's sweep
+        worker is free runs it (an API-only replica too). Each pass claims the due outbox rows
+        with the store's compare-and-set, as the embedded loop does. Call before
+        :meth:`start`; the dispatcher's own loop is then not started.
+        """
+        self.webhooks = dispatcher
+        app = self.queue.app
+        task = app.task(name=TASK_WEBHOOKS, queue=QUEUE_SWEEPS, queueing_lock=WEBHOOKS_LOCK)(
+            self._webhook_pass)
+        app.periodic(cron="* * * * * *", queueing_lock=WEBHOOKS_LOCK)(task)
+
+    async def _webhook_pass(self, timestamp: int) -> None:
+        """procrastinate periodic task :data:`.queue.TASK_WEBHOOKS` (``timestamp``: the tick):
+        one pass of the dispatcher over the due deliveries."""
+        if self.webhooks is not None and not self._draining:
+            made = await self.webhooks.run_once()
+            if made:
+                log.debug("webhook pass at %d: %d tries", timestamp, made)
 
     @property
     def running(self) -> bool:
