@@ -53,6 +53,12 @@ ERROR_CATALOG: dict[str, tuple[int, str, str]] = {
                        "alone does not help while they stay pending."),
     "artifact_not_found": (404, "This job has no artifact with that name.",
                            "GET /jobs/{job_id} lists the job's artifacts."),
+    "invalid_range": (400, "The Range header is malformed.",
+                      "Ask for bytes, e.g. 'Range: bytes=0-1023', with start <= end; or send "
+                      "no Range header for the whole file."),
+    "range_not_satisfiable": (416, "The Range header asks for bytes past the end of the file.",
+                              "Ask within the file's size (Content-Range: bytes */SIZE of this "
+                              "answer), or send no Range header."),
     "log_not_available": (404, "This replica has no stage log of the job.",
                           "The stages ran on another replica (bucket mode); follow the job's "
                           "events (GET /jobs/{job_id}/events) instead."),

@@ -189,14 +189,15 @@ async def test_log_lines_in_stage_order_from_since_capped(api):
     r = await api.client.get(f"/jobs/{job.job_id}/log")  # no stage ran yet
     assert r.status_code == 200 and r.text == "" and r.headers["x-next-line"] == "0"
     ws.logs_dir.mkdir(parents=True)
-    ws.log("features").write_text("f1\nf2\n")
+    ws.log("features").write_text(f"f1\nf2 in {ws.root}/frames\n")
     ws.log("frames").write_bytes(b"a1\na2 \xff\n" + b"x" * 3000 + b"\n")
     r = await api.client.get(f"/jobs/{job.job_id}/log")
     assert r.headers["content-type"].startswith("text/plain")
     lines = r.text.splitlines()
     assert lines[:2] == ["[frames] a1", "[frames] a2 \ufffd"]  # frames runs before features
     assert lines[2] == "[frames] " + "x" * routes_events.MAX_LOG_LINE_CHARS + "…"
-    assert lines[3:] == ["[features] f1", "[features] f2"]
+    # the workspace's path on the server is not shown
+    assert lines[3:] == ["[features] f1", "[features] f2 in WORKSPACE/frames"]
     assert r.headers["x-next-line"] == "5"
     r = await api.client.get(f"/jobs/{job.job_id}/log?since=3&limit=1")
     assert r.text == "[features] f1\n" and r.headers["x-next-line"] == "4"

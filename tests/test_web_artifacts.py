@@ -86,6 +86,24 @@ async def test_the_embedded_mode_serves_the_workspace_file(api):
     assert r.headers["content-disposition"] == 'attachment; filename="sparse.ply"'
 
 
+async def test_byte_ranges_are_served_and_bad_ones_get_the_json_error_shape(api):
+    """A valid Range gets 206 with those bytes (Starlette's own answer); a malformed one and
+    one past the end were text/plain 400 and 416 from Starlette and are now JSON errors."""
+    _, url = await _completed_with_ply(api)
+    part = await api.client.get(url, headers={"Range": "bytes=10-19"})
+    assert part.status_code == 206 and part.content == PLY[10:20]
+    assert part.headers["content-range"] == f"bytes 10-19/{len(PLY)}"
+    for value, status, code in (("bytes=abc", 400, "invalid_range"),
+                                ("lines=0-5", 400, "invalid_range"),
+                                ("bytes=9-3", 400, "invalid_range"),
+                                (f"bytes={len(PLY)}-", 416, "range_not_satisfiable")):
+        r = await api.client.get(url, headers={"Range": value})
+        assert (r.status_code, r.headers["content-type"]) == (status, "application/json"), value
+        assert r.json()["error"]["code"] == code and r.json()["error"]["hint"]
+        if status == 416:
+            assert r.headers["content-range"] == f"bytes */{len(PLY)}"
+
+
 async def test_frame_scores_come_from_the_bucket_when_the_disk_lacks_them(make_api, gcs_bucket):
     api = await make_api(**gcs_bucket)
     job = await add_job(api.store, JobStatus.PROCESSING)

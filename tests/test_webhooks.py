@@ -61,10 +61,18 @@ async def test_non_public_targets_are_refused_naming_the_rule(url, addresses, wh
     ("http:///path-only", "no host"),
     ("http://hooks.example:99999/", "port"),
     ("http://hooks.example/a b", "whitespace"),
+    ("http://[::1", "cannot be parsed"),  # was a 500 (urlsplit's ValueError)
 ])
 async def test_malformed_targets_are_refused(url, rule):
     with pytest.raises(TargetRefused, match=rule):
         await check_target(url, allow_private=True, resolve=resolver("93.184.216.34"))
+
+
+async def test_a_host_name_that_is_not_valid_idna_is_refused_not_raised():
+    """A label over 63 characters makes getaddrinfo's IDNA encoding raise UnicodeError (was a
+    500 at upload); the system resolver's refusal, without any DNS query."""
+    with pytest.raises(TargetRefused, match="does not resolve"):
+        await check_target(f"http://{'a' * 64}.com/", allow_private=False)
 
 
 async def test_public_targets_pass_and_private_ones_pass_when_allowed():

@@ -44,7 +44,10 @@ def parse_target(url: str) -> SplitResult:
         raise TargetRefused(f"the URL is longer than {MAX_URL_LEN} characters")
     if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
         raise TargetRefused("the URL holds whitespace or control characters")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. "http://[::1": an unclosed IPv6 literal
+        raise TargetRefused("the URL cannot be parsed") from None
     if parts.scheme.lower() not in SCHEMES:
         raise TargetRefused("only http and https URLs are allowed")
     try:
@@ -110,7 +113,7 @@ async def _addresses(host: str, port: int, resolve: Resolver) -> list[IpAddress]
         pass
     try:
         found = await resolve(host, port)
-    except OSError:
+    except (OSError, UnicodeError):  # UnicodeError: not a valid IDNA name (a label > 63 chars)
         found = []
     if not found:
         raise TargetRefused("the URL's host name does not resolve")

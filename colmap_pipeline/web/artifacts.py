@@ -23,6 +23,7 @@ from ..layout import DataDir, ObjectKeys
 from ..storage import Storage, StorageError, open_storage
 from .auth import AUTH_RESPONSES, LinkOrCallerDep
 from .deps import SettingsDep, StoreDep
+from .file_answer import FileAnswer
 from .schemas import ErrorResponse
 from .views import live_job
 
@@ -141,6 +142,6 @@ async def get_artifact(job_id: str, name: str, request: Request, store: StoreDep
     path = DataDir(settings.data_dir).job(job_id).work.artifact(name)
     if not await asyncio.to_thread(path.is_file):
         raise PipelineError("artifact_not_found", "The file of this artifact is gone.")
-    return FileResponse(path, media_type=media_type, filename=name,
-                        content_disposition_type="attachment",
-                        headers={"Cache-Control": DOWNLOAD_CACHE})
+    return FileAnswer(path, media_type=media_type, filename=name,
+                      content_disposition_type="attachment",
+                      headers={"Cache-Control": DOWNLOAD_CACHE})

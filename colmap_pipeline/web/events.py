@@ -59,7 +59,10 @@ def parse_last_event_id(header: str | None, query: int | None) -> int | None:
         return query
     if not text.isascii() or not text.isdigit() or int(text) > MAX_EVENT_ID:
         raise PipelineError("invalid_request", "Last-Event-ID must be an event id (an integer "
-                            "sent as an event's id).", details={"field": "Last-Event-ID"})
+                            "sent as an event's id).",
+                            "Send the id of the last event received, or no Last-Event-ID "
+                            "header to start with the job's current state.",
+                            details={"field": "Last-Event-ID"})
     return int(text)
 
 

@@ -89,9 +89,11 @@ async def job_events_head(job_id: str, store: StoreDep, caller: LinkOrCallerDep)
 def read_log_lines(ws: Workspace, since: int, limit: int) -> tuple[list[str], bool]:
     """Lines ``since .. since+limit`` of the job's stage logs, the stages in pipeline order,
     each line prefixed ``[stage] `` and cut at :data:`MAX_LOG_LINE_CHARS`; and whether any
-    stage log exists. Blocking (call in a thread). Bytes that are not UTF-8 are replaced."""
+    stage log exists. Blocking (call in a thread). Bytes that are not UTF-8 are replaced, and
+    the workspace's path on this server is written ``WORKSPACE`` (no server path leaves)."""
     out: list[str] = []
     n, found = 0, False
+    root = str(ws.root)
     for stage in STAGES:
         path: Path = ws.log(stage)
         try:
@@ -102,7 +104,7 @@ def read_log_lines(ws: Workspace, since: int, limit: int) -> tuple[list[str], bo
         with f:
             for line in f:
                 if n >= since:
-                    text = line.rstrip("\n")
+                    text = line.rstrip("\n").replace(root, "WORKSPACE")
                     if len(text) > MAX_LOG_LINE_CHARS:
                         text = text[:MAX_LOG_LINE_CHARS] + "…"
                     out.append(f"[{stage}] {text}")

@@ -31,6 +31,7 @@ from ..errors import PipelineError
 from ..layout import DataDir, read_json
 from .auth import AUTH_RESPONSES, LinkOrCallerDep
 from .deps import SettingsDep, StoreDep
+from .file_answer import FileAnswer
 from .schemas import ErrorResponse
 from .views import live_job
 
@@ -155,9 +156,10 @@ async def get_frame_image(job_id: str, file: str, store: StoreDep, settings: Set
     if FRAME_FILE.match(file):
         path = await asyncio.to_thread(_frame_path, settings.data_dir, job_id, file)
     if path is None:
-        raise PipelineError("not_found", "The job has no kept frame of this name here.")
+        raise PipelineError("not_found", "The job has no kept frame of this name here.",
+                            "Take a kept frame's file name from GET /jobs/{job_id}/frames.")
     media = "image/png" if file.endswith(".png") else "image/jpeg"
-    return FileResponse(path, media_type=media, headers={"Cache-Control": "private, max-age=0"})
+    return FileAnswer(path, media_type=media, headers={"Cache-Control": "private, max-age=0"})
 
 
 def mount_ui_files(app: FastAPI) -> None:
