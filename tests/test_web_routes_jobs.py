@@ -205,7 +205,9 @@ async def test_frames_of_a_photo_job(api):
     r = await api.client.get(f"/jobs/{job.job_id}/frames")
     assert r.status_code == 409 and r.json()["error"]["code"] == "frames_not_ready"
     frames = [{"file": f"frame_{i:05d}.jpg", "source": f"{i:04d}.jpg", "width": 640,
-               "height": 480, "exif_focal_px": 512.5 if i else None} for i in range(3)]
+               "height": 480, "exif_focal_px": 512.5 if i else None,
+               "camera": min(i, 1), "exif_time": f"2026:11:30 10:00:0{i}.25" if i else None}
+              for i in range(3)]  # issue 15: the camera group and EXIF time come through
     write_json_atomic(DataDir(api.data_dir).job(job.job_id).work.frames_json, {
         "frames": frames, "num_decoded": 3, "input_kind": "images",
         "video": {"kind": "images", "images": 3, "width": 640, "height": 480},

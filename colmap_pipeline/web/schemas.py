@@ -220,6 +220,11 @@ class PhotoFrame(BaseModel):
     height: int = Field(description="height (px) after EXIF orientation and scaling")
     exif_focal_px: float | None = Field(None, description="focal length (px, at this size) "
                                         "from the photo's EXIF; null when absent")
+    camera: int | None = Field(None, description="index of the photo's camera group (EXIF "
+                               "make, model, focal length and size after orientation; "
+                               "results.photo_cameras lists the groups)")
+    exif_time: str | None = Field(None, description="the photo's EXIF DateTimeOriginal (with "
+                                  "sub-seconds when present); null when absent")
 
 
 class FramesResponse(BaseModel):
