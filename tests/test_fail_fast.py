@@ -147,6 +147,22 @@ def test_skipped_rungs_move_the_bar_and_count_down_the_attempts():
     assert la.headline(cfg, st, "camera model OPENCV").startswith("attempt 2 of at most 5:")
 
 
+def test_more_overlap_is_skipped_for_photos_without_order():
+    """A large unordered photo set (retrieval-matched: over 50 photos, exhaustive not cheap)
+    has no neighbours by name, so the rung that adds name neighbours is skipped; a video of the
+    same size runs it (here: it does not fit a spent budget, the next check)."""
+    cfg = la.LadderConfig(database_path=Path("db"), image_dir=Path("img"), work=Path("w"),
+                          mapper="global", budget_s=0.0, steps=ladder.STEPS)
+    photos = la.LadderState(frames=60, names_ordered=False)
+    ladder._rung_more_overlap(cfg, photos)
+    assert [(a.step, a.outcome, a.reason) for a in photos.attempts] == [
+        ("more_overlap", "skipped", "images_have_no_order")]
+    video = la.LadderState(frames=60, ladder_t0=time.monotonic())
+    ladder._rung_more_overlap(cfg, video)
+    assert [(a.step, a.outcome, a.reason) for a in video.attempts] == [
+        ("more_overlap", "skipped", "time_budget")]  # it got past the order check
+
+
 def _state(verdict: str | None, attempts: tuple[tuple[str, str, str | None], ...] = (),
            exhaustive_done: bool = False) -> la.LadderState:
     st = la.LadderState(frames=20, exhaustive_done=exhaustive_done)

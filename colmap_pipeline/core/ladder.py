@@ -162,6 +162,8 @@ def _exhaustive_is_cheap(cfg: LadderConfig, st: LadderState) -> bool:
 def _rung_more_overlap(cfg: LadderConfig, st: LadderState) -> None:
     if _exhaustive_is_cheap(cfg, st):
         la.skip(st, "more_overlap", "exhaustive_matching_is_cheap", {"pairs": _num_pairs(st)})
+    elif not st.names_ordered:  # an unordered photo set: neighbours by name are no neighbours
+        la.skip(st, "more_overlap", "images_have_no_order", {"pairs": _num_pairs(st)})
     elif la.fits(cfg, st, "more_overlap"):
         plan = Plan("more_overlap", {"overlap": MORE_OVERLAP, "quadratic_overlap": False},
                     f"more overlap ({MORE_OVERLAP} neighbours)")
@@ -591,6 +593,7 @@ def run_ladder(database_path: str | os.PathLike[str], image_dir: str | os.PathLi
     cam = sf.read_camera(cfg.database_path)
     first = {"mapper": cfg.mapper, "camera_model": cam.model_name, "matching": matching}
     st.exhaustive_done = matching == "exhaustive"
+    st.names_ordered = matching == "sequential"
     la.report(cfg, st, 0.0, "Checking what the matches show...")
     _diagnose(cfg, st)
     base = la.map_attempt(cfg, st, Plan("baseline", first, f"mapper {cfg.mapper}"),

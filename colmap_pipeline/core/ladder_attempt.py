@@ -95,6 +95,8 @@ class LadderState:
         fraction: progress reported so far (never decreases).
         ladder_t0: monotonic time when the first attempt ended (the budget starts there).
         exhaustive_done: every pair has been matched.
+        names_ordered: the images' names follow the capture order (a video; a photo set
+            matched sequentially): neighbours by name are neighbours in space.
         diagnostics: what the matches say (:mod:`.match_diagnostics`), latest reading.
         slots_skipped: attempts of ``max_attempts`` given up by skipped rungs (the progress
             bar moves past them; "at most" counts down).
@@ -110,6 +112,7 @@ class LadderState:
     best: Candidate | None = None
     meta_only: Candidate | None = None
     added: list[str] = field(default_factory=list)
+    names_ordered: bool = True
     fraction: float = 0.0
     ladder_t0: float | None = None
     exhaustive_done: bool = False
