@@ -12,6 +12,7 @@ const TERMINAL = new Set(["completed", "failed", "cancelled", "expired", "delete
 const KEY_STORE = "colmap-worker.api-key";
 const POLL_MS = 1500;          // job page fallback when the events stream is unavailable
 const LIST_MS = 2500;          // job list refresh
+const SERVICE_MS = 5000;       // header (jobs running) refresh: GET /health is cheap
 const STRIP_MAX = 60;          // frame images shown in the strip
 // names an events stream may give its events (EventSource's onmessage sees unnamed ones only)
 const EVENT_NAMES = ["message", "snapshot", "status", "progress", "stage", "attempt", "warning",
@@ -22,6 +23,7 @@ let apiKey = localStorage.getItem(KEY_STORE) || "";
 let authOn = false;
 let listTimer = null;
 let jobCtl = null;
+let serviceLine = "";
 
 // ---------- small helpers ----------
 
@@ -130,12 +132,21 @@ async function loadService() {
   try {
     const [root, health] = await Promise.all([api("/"), api("/health")]);
     authOn = health.auth === "on";
-    const gpu = root.gpu_enabled ? "GPU" : "CPU";
-    $("#service").textContent = `v${root.version} · ${gpu} · ${health.active_jobs}/${health.max_concurrent_jobs} jobs running`;
+    serviceLine = `v${root.version} · ${root.gpu_enabled ? "GPU" : "CPU"}`;
+    showHealth(health);
     if (authOn) askForKey(apiKey ? "key set" : "this service needs an API key");
   } catch (e) {
     notice(`The service does not answer: ${e.message}`);
   }
+  setInterval(refreshHealth, SERVICE_MS);  // the header's count follows the jobs
+}
+
+function showHealth(health) {
+  $("#service").textContent = `${serviceLine} · ${health.active_jobs}/${health.max_concurrent_jobs} jobs running`;
+}
+
+async function refreshHealth() {
+  try { showHealth(await api("/health")); } catch { /* the next refresh tries again */ }
 }
 
 // ---------- home: upload and job list ----------
@@ -262,7 +273,14 @@ async function showJob(id) {
   try {
     job = await api(`/jobs/${encodeURIComponent(id)}`);
   } catch (e) {
-    notice(`Job ${id}: ${e.message}`);
+    $("#job").hidden = true;  // no placeholder job around the error
+    if (e instanceof ApiFailure && e.status === 401) {
+      notice("The API key was refused: type a valid key at the top right, then open the job again.");
+    } else if (e instanceof ApiFailure && e.status === 404) {
+      notice(`There is no job ${id} for this API key (a job of another key is not shown).`);
+    } else {
+      notice(`Job ${id}: ${e.message}`);
+    }
     return;
   }
   if (ctl.closed) return;
@@ -326,6 +344,7 @@ function finish(ctl, job) {
   if (ctl.finished) return;
   ctl.finished = true;
   $("#job-live").textContent = "";
+  refreshHealth();  // the header's count without waiting for its next refresh
   loadFrames(ctl, job);
   if (job.status === "completed") loadViewer(ctl, job);
 }
@@ -374,6 +393,8 @@ function renderTimeline(job) {
   const wall = (last && last.stage_wall_s) || {};
   const timings = (job.results && job.results.timings_s) || {};
   const skipped = new Set((last && last.skipped_stages) || []);
+  const r = job.results || {};
+  const notRun = new Set(["dense", "meshing"].filter((id) => r[id] && r[id].skipped));
   const current = stageIndex(job.current_stage);
   const done = job.status === "completed";
   const times = STAGES.map(([id]) => wall[id] ?? timings[id] ?? null);
@@ -384,10 +405,11 @@ function renderTimeline(job) {
     else if (i === current && !TERMINAL.has(job.status)) state = "running";
     else if (i < current || done) state = "done";
     if (job.status === "failed" && last && last.failed_stage === id) state = "failed";
-    const t = times[i];
+    const t = notRun.has(id) ? null : times[i];  // a stage that only said "skipped": no bar
     const bar = el("span", { class: "bar" });
     bar.style.width = t === null ? "0" : `${Math.max(1, (100 * t) / longest)}%`;
-    const note = skipped.has(id) ? "from checkpoint" : state === "running" ? "running…" : "";
+    const note = notRun.has(id) ? "skipped" : skipped.has(id) ? "from checkpoint"
+      : state === "running" ? "running…" : "";
     return el("li", { class: state, "data-stage": id },
       el("span", { class: "name", text: name }), el("span", { class: "track" }, bar),
       el("span", { class: "time", text: t !== null ? fmtS(t) : note }));
@@ -427,12 +449,18 @@ function renderResults(job) {
     add("Mean reprojection error", `${fmtNum(r.mean_reprojection_error_px, 3)} px`);
     add("Mean track length", fmtNum(r.mean_track_length, 2));
     add("Observations per image", fmtNum(r.mean_observations_per_image, 1));
-    if (r.camera) {
-      const p = r.camera.params || {};
+    const cams = r.cameras && r.cameras.length > 1 ? r.cameras : (r.camera ? [r.camera] : []);
+    cams.forEach((c, i) => {  // every camera: a photo set may have one per EXIF group
+      const p = c.params || {};
       const f = p.f ?? p.fx;
-      add("Camera", `${r.camera.model} ${r.camera.width}×${r.camera.height}` + (f ? `, f = ${fmtNum(f, 1)} px` : ""));
+      add(cams.length > 1 ? `Camera ${i + 1} of ${cams.length}` : "Camera",
+          `${c.model} ${c.width}×${c.height}` + (f ? `, f = ${fmtNum(f, 1)} px` : "") +
+          (cams.length > 1 && c.images ? `, ${c.images} images` : ""));
+    });
+    if (r.matching && r.matching.method) {
+      const why = r.matching.order && r.matching.order.reason ? ` (${r.matching.order.reason.replaceAll("_", " ")})` : "";
+      add("Matching", `${r.matching.method}, ${r.matching.image_pairs} image pairs` + why);
     }
-    if (r.cameras && r.cameras.length > 1) add("Cameras", r.cameras.length);
     add("Mapper", r.mapper);
     if (r.dense) add("Dense", r.dense.skipped ? String(r.dense.reason || "skipped") : `${r.dense.points ?? ""} points`);
     add("Wall time", fmtS(r.job_wall_time_s));
@@ -442,7 +470,11 @@ function renderResults(job) {
 
 function renderDownloads(job) {
   const arts = job.artifacts || [];
-  if (!arts.length) { $("#downloads").replaceChildren(el("p", { class: "muted", text: "None yet." })); return; }
+  if (!arts.length) {
+    const why = TERMINAL.has(job.status) ? `None: the job is ${job.status}.` : "None yet.";
+    $("#downloads").replaceChildren(el("p", { class: "muted", text: why }));
+    return;
+  }
   $("#downloads").replaceChildren(...arts.map((a) => el("a", { class: "button", href: a.url, download: a.name },
     a.name, el("small", { text: ` ${fmtBytes(a.bytes)}` }))));
 }
