@@ -328,3 +328,16 @@ def test_a_moving_object_gets_moving_content_and_the_static_scene_does_not(tmp_p
     assert static.match_diagnostics is not None and static.match_diagnostics.verdict is None
     got = mc.measure(tmp_path / "static" / "database.db")
     assert got.pairs > 0 and got.share < mc.MOVING_SHARE_MIN / 10
+
+
+def test_a_failed_photo_set_gets_a_hint_about_overlap_not_filming():
+    """Trial 2: three unrelated photos failed with no_initial_pair and a hint about moving the
+    camera while filming; a photo set's failure speaks of the photos' overlap, numbers kept."""
+    err = PipelineError("no_initial_pair", message="No initial pair: 0 of 3 image pairs "
+                        "verified", details={"verified_pairs": 0})
+    out = ladder.for_photos(err)
+    assert (out.code, out.message, out.details) == (err.code, err.message, err.details)
+    assert out.hint == ladder.PHOTO_FAILURE_HINT and "overlapping" in out.hint
+    assert "film" not in out.hint.lower() and out.hint != err.hint
+    other = PipelineError("rotation_only")
+    assert ladder.for_photos(other) is other  # narrower codes keep their own hints

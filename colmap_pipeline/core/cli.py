@@ -163,13 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     from .pipeline import STAGE_ORDER  # light: no pycolmap
 
     p = argparse.ArgumentParser(prog="python -m colmap_pipeline",
-                                description="Video in, COLMAP sparse reconstruction out.")
+                                description="Video (or photos) in, COLMAP sparse "
+                                "reconstruction out.")
     p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"),
                    help="stderr log level (default: info)")
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("reconstruct", help="run the whole pipeline on one video")
-    r.add_argument("video")
-    r.add_argument("out_dir")
+    r = sub.add_parser("reconstruct", help="run the whole pipeline on one video or a folder "
+                       "of photos; prints the result JSON, artifacts in OUT_DIR/artifacts")
+    r.add_argument("video", metavar="INPUT", help="a video file, or a folder of JPEG/PNG photos")
+    r.add_argument("out_dir", metavar="OUT_DIR", help="workspace folder (made if missing)")
     r.add_argument("--quality", choices=["low", "medium", "high"], default="medium")
     r.add_argument("--max-frames", type=int, default=0, help="override the preset's frame cap")
     r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

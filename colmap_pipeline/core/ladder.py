@@ -480,6 +480,24 @@ def name_failure(error: PipelineError, frames: Sequence[Mapping[str, Any]]) -> P
         f"{keypoints:.0f} features per frame and no usable model came out."))
 
 
+#: the hint of a photo set's ``no_initial_pair`` / ``reconstruction_failed`` (the catalog's
+#: speaks of filming; a failed photo set most often holds photos that do not overlap)
+PHOTO_FAILURE_HINT = (
+    "Send photos of one static, textured scene taken a step apart, each overlapping its "
+    "neighbours by 60-80%; photos of different places, or of one place from far-apart "
+    "viewpoints, cannot be joined into one model.")
+
+
+def for_photos(error: PipelineError) -> PipelineError:
+    """``error`` with :data:`PHOTO_FAILURE_HINT` when it is a ``no_initial_pair`` or
+    ``reconstruction_failed`` of a photo set (numbers and message kept); else unchanged."""
+    if error.code not in ("reconstruction_failed", "no_initial_pair"):
+        return error
+    message = error.message.replace("from this video", "from these photos")
+    return PipelineError(error.code, message=message, hint=PHOTO_FAILURE_HINT,
+                         details=error.details)
+
+
 def _partial_warning(best: ModelSummary, frames: int) -> JobWarning:
     return JobWarning(
         code="partial_reconstruction",

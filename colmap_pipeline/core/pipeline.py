@@ -288,6 +288,8 @@ def _stage_mapping(ws: Workspace, job: dict, progress: Progress, t0: float) -> d
             progress=progress,
             more_frames=more_frames if is_video else None, **repeatable)
     except PipelineError as exc:
+        if not is_video:  # a photo set: its own hint (the photos' overlap, not filming)
+            raise ladder.for_photos(exc) from None
         raise ladder.name_failure(exc, frames["frames"]) from None
     return summary.model_dump(mode="json")
 
