@@ -115,6 +115,15 @@ def test_cli_gpu_probe():
         assert caps["device_count"] == 0 and caps["dense_possible"] is False
 
 
+def test_cli_reconstruct_of_a_missing_input_says_so_and_makes_no_folder(tmp_path):
+    r = cli("reconstruct", str(tmp_path / "nope.mp4"), str(tmp_path / "ws"))
+    assert r.returncode == 2
+    err = json_lines(r.stdout)[0]["error"]
+    assert err["code"] == "invalid_request" and "No file or folder" in err["message"]
+    assert err["details"] == {"input": str(tmp_path / "nope.mp4")}
+    assert not (tmp_path / "ws").exists()
+
+
 def test_cli_reconstruct_static_clip_fails_with_insufficient_motion(tmp_path):
     clip = synthetic_clip(tmp_path, step_px=0.0, n=20)
     r = cli("reconstruct", str(clip), str(tmp_path / "ws"), "--quality", "low")

@@ -107,8 +107,18 @@ def _cmd_reconstruct(args, out) -> int:
             last[:] = [key]
             log.info("[%5.1f%%] %s: %s", overall_progress(stage, fraction), STAGES[stage], message)
 
+    if not os.path.exists(args.video):  # before any folder is made (trial 2: the missing file
+        # was reported as a file with no video stream, with a hint to upload another)
+        exc = PipelineError("invalid_request", message=f"No file or folder {args.video!r}.",
+                            hint="Give the path of a video file or of a folder of photos.",
+                            details={"input": args.video})
+        log.error("%s", exc)
+        _emit(out, {"error": exc.to_dict()})
+        return EXIT_PIPELINE_ERROR
     try:
         result = run_all(args.video, args.out_dir, preset, progress=progress, use_gpu=use_gpu)
+        log.info("results: %s (artifacts in %s)", os.path.join(args.out_dir, "result.json"),
+                 os.path.join(args.out_dir, "artifacts"))
     except PipelineError as exc:
         log.error("%s", exc)
         _emit(out, {"error": exc.to_dict()})
