@@ -29,7 +29,10 @@ class FileAnswer(FileResponse):
         http_range = Headers(scope=scope).get("range")
         if (http_range is not None and self.status_code == 200 and scope["type"] == "http"
                 and scope["method"].upper() in ("GET", "HEAD")):
-            size = (await anyio.to_thread.run_sync(os.stat, self.path)).st_size
+            st = await anyio.to_thread.run_sync(os.stat, self.path)
+            self.stat_result = st  # FileResponse then serves without a second stat
+            self.set_stat_headers(st)
+            size = st.st_size
             try:
                 self._parse_range_header(http_range, size)
             except MalformedRangeHeader:
