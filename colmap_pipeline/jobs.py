@@ -5,19 +5,23 @@ Callers name their intent (:class:`Intent`: ``cancel``, ``fail``, ``complete`` �
 up the allowed source statuses in :data:`TRANSITIONS` and applies the change as one
 compare-and-set (``UPDATE … WHERE status IN (…)``, after procrastinate and NodeODM), so two
 writers can never both move a job out of the same state. A light leaf: no web, database or
-pycolmap import.
+pycolmap import. A job's events are in :mod:`.job_events`, its webhook outbox in
+:mod:`.webhook_outbox`.
 """
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from enum import Enum, StrEnum
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:  # the protocol's annotations only: both modules import this one
+    from .job_events import EventWaiter, JobEvent
+    from .webhook_outbox import WebhookDelivery
 
 
 class JobStatus(StrEnum):
@@ -393,180 +397,11 @@ class JobStore(Protocol):
     async def record_webhook_try(self, delivery_id: str, tries: int,
                                  attempt: Mapping[str, Any], *, state: str,
                                  next_try_at: str | None) -> bool:
-        """Append ``attempt`` (:func:`webhook_attempt`) and set ``state`` and ``next_try_at``,
-        only while the delivery is ``pending`` at try ``tries`` (the claim's); False when
-        another claim took it over meanwhile (nothing written)."""
+        """Append ``attempt`` (:func:`.webhook_outbox.webhook_attempt`) and set ``state`` and
+        ``next_try_at``, only while the delivery is ``pending`` at try ``tries`` (the claim's);
+        False when another claim took it over meanwhile (nothing written)."""
 
 
 #: largest ``limit``/``offset`` a store passes on to its database (SQLite and PostgreSQL take
 #: a signed 64-bit integer; anything larger is clamped here)
 MAX_PAGE_BOUND = 2**62
-
-
-# --- events (issue 16) ---------------------------------------------------------------------
-
-class EventKind(StrEnum):
-    """What an event in ``job_events`` records (every one carries the job's state after it)."""
-
-    STATUS = "status"      #: created, or moved along a transition (:data:`TRANSITIONS`)
-    PROGRESS = "progress"  #: progress, stage or message of a processing job
-    ATTEMPT = "attempt"    #: an attempt record was appended, or an attempt began in place
-    WARNING = "warning"    #: a warning of a completed job's results (before its status event)
-
-
-#: the job's fields every event's ``data`` carries, named as in ``GET /jobs/{id}``
-EVENT_STATE: tuple[str, ...] = ("status", "progress", "current_stage", "message", "attempt",
-                                "updated_at")
-#: transitions after which a job keeps only its newest event (its files are gone; this bounds
-#: ``job_events`` to one row per expired or deleted job)
-PRUNE_EVENTS_ON: frozenset[Intent] = frozenset({Intent.EXPIRE, Intent.DELETE})
-#: statuses after which a job's event stream ends (nothing follows until a client acts)
-STREAM_END: frozenset[JobStatus] = TERMINAL | {JobStatus.EXPIRED, JobStatus.DELETED}
-
-
-@dataclass(frozen=True)
-class JobEvent:
-    """One row of ``job_events``: ``event_id`` only grows (across all jobs: the SSE ``id``),
-    ``created_at`` is ISO-8601 UTC, ``data`` a JSON object: :data:`EVENT_STATE` plus the
-    kind's own fields (:func:`transition_events`)."""
-
-    event_id: int
-    job_id: str
-    created_at: str
-    kind: EventKind
-    data: dict[str, Any]
-
-
-class EventWaiter(Protocol):
-    """A subscription to one job's new events (:meth:`JobStore.event_waiter`)."""
-
-    async def wait(self, after_id: int, timeout_s: float) -> bool:
-        """Wait up to ``timeout_s`` seconds for an event newer than ``after_id``; True when one
-        may have come (the caller then reads :meth:`JobStore.events_after`), False on time-out.
-        Never blocks the event loop."""
-
-
-def event_state(row: Mapping[str, Any]) -> dict[str, Any]:
-    """:data:`EVENT_STATE` of a job row (a mapping or a :class:`Job`'s ``__dict__``), the status
-    as its text."""
-    state = {c: row[c] for c in EVENT_STATE}
-    state["status"] = str(JobStatus(state["status"]))
-    return state
-
-
-def transition_events(row: Mapping[str, Any], *, intent: Intent | None,
-                      record: Mapping[str, Any] | None = None,
-                      ) -> list[tuple[EventKind, dict[str, Any]]]:
-    """The events a store writes with a status change, in order, in the change's transaction.
-
-    Args:
-        row: the job after the change: :data:`EVENT_STATE` plus ``error_code``,
-            ``error_message``, ``error_hint`` and ``results`` (decoded JSON or ``None``).
-        intent: the transition (``None``: the job was created, ``pending``).
-        record: the attempt record appended in the same write, if any.
-    Returns: ``[(kind, data)]``: the attempt record (``attempt``, data ``record``), then on
-        ``complete`` each of the results' warnings (``warning``, data ``warning``), then the
-        status (``status``, data ``intent``; ``error`` {code, message, hint} when failed).
-    """
-    state = event_state(row)
-    out: list[tuple[EventKind, dict[str, Any]]] = []
-    if record is not None:
-        out.append((EventKind.ATTEMPT, {**state, "record": dict(record)}))
-    results = row.get("results")
-    if intent == Intent.COMPLETE and isinstance(results, Mapping):
-        warnings = results.get("warnings") or []
-        out += [(EventKind.WARNING, {**state, "warning": w})
-                for w in (warnings if isinstance(warnings, Sequence) else [])
-                if isinstance(w, Mapping)]
-    status: dict[str, Any] = {**state, "intent": str(intent) if intent else "create"}
-    if state["status"] == JobStatus.FAILED and row.get("error_code"):
-        status["error"] = {"code": row["error_code"], "message": row.get("error_message") or "",
-                           "hint": row.get("error_hint") or ""}
-    out.append((EventKind.STATUS, status))
-    return out
-
-
-def attempt_event(row: Mapping[str, Any],
-                  record: Mapping[str, Any] | None) -> tuple[EventKind, dict[str, Any]]:
-    """The event of an attempt record appended without a status change, or (``record``
-    ``None``) of a new attempt begun in place (``bump_attempt``)."""
-    return EventKind.ATTEMPT, {**event_state(row),
-                               "record": dict(record) if record is not None else None}
-
-
-# --- webhooks (issue 16) -------------------------------------------------------------------
-
-class DeliveryState(StrEnum):
-    """Where a webhook delivery is (column ``webhook_deliveries.state``)."""
-
-    PENDING = "pending"      #: waiting for its next try (``next_try_at``)
-    DELIVERED = "delivered"  #: a try got a 2xx answer
-    FAILED = "failed"        #: every try failed, or the target was refused (SSRF check)
-
-
-#: the webhook event of each terminal status (Standard Webhooks ``type``)
-WEBHOOK_EVENTS: Mapping[JobStatus, str] = MappingProxyType({
-    JobStatus.COMPLETED: "job.completed", JobStatus.FAILED: "job.failed",
-    JobStatus.CANCELLED: "job.cancelled"})
-
-
-@dataclass(frozen=True)
-class WebhookDelivery:
-    """One row of ``webhook_deliveries``: one terminal event of one job for one URL.
-
-    ``delivery_id`` is the Standard Webhooks message id (header ``webhook-id``; the same on
-    every try, so a receiver can drop a repeat). ``payload`` is the job row as it was at the
-    transition (:data:`COLUMNS`, JSON decoded), written in the transition's own transaction;
-    the body is made from it at each try. ``tries`` counts claimed tries; ``attempts`` holds
-    one :func:`webhook_attempt` per finished try. Times are ISO-8601 UTC.
-    """
-
-    delivery_id: str
-    job_id: str
-    event_type: str
-    url: str
-    payload: dict[str, Any]
-    state: DeliveryState
-    tries: int
-    next_try_at: str | None
-    attempts: list[dict[str, Any]]
-    created_at: str
-    updated_at: str
-
-
-#: columns of ``webhook_deliveries`` in :class:`WebhookDelivery`'s field order
-DELIVERY_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(WebhookDelivery))
-
-
-def webhook_delivery_row(job: Mapping[str, Any], delivery_id: str,
-                         now: str) -> dict[str, Any] | None:
-    """The ``webhook_deliveries`` row a store inserts with a transition to a terminal status
-    (JSON values not encoded), or ``None`` when the job has no ``webhook_url`` or is not in a
-    terminal status.
-
-    Args:
-        job: the job row after the transition (every column of :data:`COLUMNS`, decoded).
-        delivery_id: a new unique id (``msg_`` + hex, :func:`new_delivery_id`).
-        now: the transition's time; the first try is due at once.
-    """
-    event = WEBHOOK_EVENTS.get(JobStatus(job["status"]))
-    if event is None or not job.get("webhook_url"):
-        return None
-    return {"delivery_id": delivery_id, "job_id": job["job_id"], "event_type": event,
-            "url": job["webhook_url"], "payload": {c: job[c] for c in COLUMNS},
-            "state": DeliveryState.PENDING.value, "tries": 0, "next_try_at": now,
-            "attempts": [], "created_at": now, "updated_at": now}
-
-
-def new_delivery_id() -> str:
-    """A new webhook message id: ``msg_`` and 32 hex digits (a random UUID)."""
-    return f"msg_{uuid.uuid4().hex}"
-
-
-def webhook_attempt(try_number: int, at: str, *, http_status: int | None,
-                    error: str | None, duration_ms: float) -> dict[str, Any]:
-    """One finished try as ``webhook_deliveries.attempts`` stores it and
-    ``GET /jobs/{id}/webhooks`` lists it: its number (from 1), when it started, the HTTP status
-    answered (``None``: no answer), the error (``None`` after a 2xx) and its duration (ms)."""
-    return {"try": try_number, "at": at, "http_status": http_status, "error": error,
-            "duration_ms": round(duration_ms, 1)}

@@ -65,7 +65,7 @@ CLIPS = {"sample": REPO / "samples" / "max-heromode.mp4",
 STAGE_IMPORTS = {
     "frames": ["colmap_pipeline.core.frame_select", "colmap_pipeline.core.clip_checks"],
     "features": ["colmap_pipeline.core.sfm_features"],
-    "matching": ["colmap_pipeline.core.sfm_features"],
+    "matching": ["colmap_pipeline.core.sfm_matching"],
     "mapping": ["colmap_pipeline.core.ladder"],
     "dense": ["colmap_pipeline.core.dense"],
     "meshing": ["colmap_pipeline.core.dense"],

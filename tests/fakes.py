@@ -22,28 +22,30 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
+from colmap_pipeline.job_events import (
+    PRUNE_EVENTS_ON,
+    EventKind,
+    JobEvent,
+    attempt_event,
+    event_state,
+    transition_events,
+)
 from colmap_pipeline.jobs import (
     EVENT_PAGE,
     JSON_COLUMNS,
     MAX_PAGE_BOUND,
-    PRUNE_EVENTS_ON,
     TERMINAL,
     TRANSITIONS,
     WITH_FILES,
     DuplicateKey,
-    EventKind,
     Intent,
     Job,
-    JobEvent,
     JobStatus,
     Stamp,
     StoreUnavailable,
-    attempt_event,
     encode_json,
-    event_state,
     new_job_record,
     planned_changes,
-    transition_events,
     utcnow,
 )
 

@@ -14,6 +14,7 @@ import numpy as np
 import pycolmap
 
 from colmap_pipeline.core import sfm_features as sf
+from colmap_pipeline.core import sfm_matching as sfmatch
 
 
 def synthetic_options(n: int, points: int, camera: tuple[str, list[float]] | None = None,
@@ -69,11 +70,11 @@ def fail_pairs(dbp: Path, pairs: list[tuple[int, int]]) -> None:
 def broken_chain(tmp: Path, n: int = 12) -> Path:
     """Matches only between neighbours in name order, with the middle link failed."""
     dbp = synth(tmp, n, 400)
-    sf.clear_matches(dbp)
+    sfmatch.clear_matches(dbp)
     ids = names_in_order(dbp)
     gap = (ids[n // 2 - 1], ids[n // 2])
     chain = [(a, b) for a, b in zip(ids, ids[1:], strict=False) if (a, b) != gap]
-    sf.match_new_pairs(dbp, chain, num_threads=1)
+    sfmatch.match_new_pairs(dbp, chain, num_threads=1)
     fail_pairs(dbp, [gap])
     return dbp
 

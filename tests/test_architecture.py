@@ -21,7 +21,8 @@ from conftest import REPO
 
 PACKAGE = "colmap_pipeline"
 #: the shared leaves: light modules that every process may import
-LEAVES = {"config", "presets", "errors", "layout", "jobs", "protocol", "results", "photo_rules"}
+LEAVES = {"config", "presets", "errors", "layout", "jobs", "job_events", "webhook_outbox",
+          "protocol", "results", "photo_rules"}
 #: libraries only the core (the stage children) may import
 HEAVY = {"pycolmap", "av", "cv2", "PIL", "trimesh", "numpy", "plyfile"}
 #: web and database frameworks the core must never import

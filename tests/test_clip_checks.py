@@ -31,7 +31,7 @@ from factories import (
     write_video,
 )
 
-from colmap_pipeline.core import clip_checks, frame_select, pipeline
+from colmap_pipeline.core import clip_checks, frame_select, frame_tracks, pipeline
 from colmap_pipeline.errors import PipelineError
 from colmap_pipeline.layout import Workspace, write_job
 from colmap_pipeline.presets import default_preset
@@ -213,7 +213,7 @@ def test_three_frame_clip_fails_as_too_short_with_its_numbers(tmp_path):
 
 def test_motion_and_parallax_share_reads_and_tracks_with_identical_results(tmp_path, monkeypatch):
     """:func:`diagnose` reads each kept frame once and tracks a stretch that both checks follow
-    (same anchors, same re-detections) once (:class:`clip_checks.FrameTracks`); the numbers are
+    (same anchors, same re-detections) once (:class:`frame_tracks.FrameTracks`); the numbers are
     those of the two checks run apart."""
     res = extract(tmp_path, write_video(tmp_path / "walk.mp4", parallax_frames(30)), 10)
     paths = [tmp_path / "frames" / f["file"] for f in res["frames"]]
@@ -225,8 +225,8 @@ def test_motion_and_parallax_share_reads_and_tracks_with_identical_results(tmp_p
             return fn(*args)
         return wrapper
 
-    monkeypatch.setattr(clip_checks, "load_gray", counted("load_gray", clip_checks.load_gray))
-    monkeypatch.setattr(clip_checks, "track", counted("track", clip_checks.track))
+    monkeypatch.setattr(frame_tracks, "load_gray", counted("load_gray", frame_tracks.load_gray))
+    monkeypatch.setattr(frame_tracks, "track", counted("track", frame_tracks.track))
     apart = (clip_checks.measure_motion(paths), clip_checks.measure_parallax(paths))
     motion_steps = len(paths) - 1
     assert calls["load_gray"] == 2 * len(paths) and calls["track"] > motion_steps
@@ -239,7 +239,7 @@ def test_motion_and_parallax_share_reads_and_tracks_with_identical_results(tmp_p
     shared_tracks = calls["track"]
     # looking ahead: the motion check's reads and steps are done while the frames are selected
     calls.update(load_gray=0, track=0)
-    ahead = clip_checks.MotionLookAhead()
+    ahead = frame_tracks.MotionLookAhead()
     again = frame_select.extract_frames(tmp_path / "walk.mp4", tmp_path / "again", 10,
                                         motion=ahead)
     assert calls == {"load_gray": len(paths), "track": motion_steps}
@@ -256,7 +256,7 @@ def test_motion_look_ahead_is_dropped_when_candidates_were_dropped(tmp_path):
     still = next(parallax_frames(1))
     frames = [np.clip(still + rng.normal(0, 2, still.shape), 0, 255).astype(np.uint8)
               for _ in range(20)]
-    ahead = clip_checks.MotionLookAhead()
+    ahead = frame_tracks.MotionLookAhead()
     res = frame_select.extract_frames(write_video(tmp_path / "static.mp4", frames),
                                       tmp_path / "frames", 10, motion=ahead)
     assert len(res["frames"]) == 1 and len(ahead.frames) == 10  # 9 near-duplicates dropped

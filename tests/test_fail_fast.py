@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import scenes_moving as sm_scenes
 
-from colmap_pipeline.core import ladder
+from colmap_pipeline.core import ladder, ladder_rungs
 from colmap_pipeline.core import ladder_attempt as la
 from colmap_pipeline.core import match_diagnostics as md
 from colmap_pipeline.core import moving_content as mc
 from colmap_pipeline.core import sfm_features as sf
+from colmap_pipeline.core import sfm_matching as sfmatch
 from colmap_pipeline.errors import ERROR_CATALOG, PipelineError
 from colmap_pipeline.presets import LADDER_BUDGET_S, VIDEO_SIFT_OPTIONS, Preset
 from colmap_pipeline.results import MappingAttempt
@@ -154,11 +155,11 @@ def test_more_overlap_is_skipped_for_photos_without_order():
     cfg = la.LadderConfig(database_path=Path("db"), image_dir=Path("img"), work=Path("w"),
                           mapper="global", budget_s=0.0, steps=ladder.STEPS)
     photos = la.LadderState(frames=60, names_ordered=False)
-    ladder._rung_more_overlap(cfg, photos)
+    ladder_rungs._rung_more_overlap(cfg, photos)
     assert [(a.step, a.outcome, a.reason) for a in photos.attempts] == [
         ("more_overlap", "skipped", "images_have_no_order")]
     video = la.LadderState(frames=60, ladder_t0=time.monotonic())
-    ladder._rung_more_overlap(cfg, video)
+    ladder_rungs._rung_more_overlap(cfg, video)
     assert [(a.step, a.outcome, a.reason) for a in video.attempts] == [
         ("more_overlap", "skipped", "time_budget")]  # it got past the order check
 
@@ -255,7 +256,7 @@ def _matched(root: Path, frames) -> tuple[Path, Path]:
     db = root / "database.db"
     sf.extract_features(db, images, Preset("low", 30, 1000, 2048), num_threads=2,
                         sift_options=VIDEO_SIFT_OPTIONS["low"])  # as for a video
-    sf.match_sequential(db, num_threads=2)
+    sfmatch.match_sequential(db, num_threads=2)
     return db, images
 
 

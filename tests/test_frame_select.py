@@ -28,7 +28,7 @@ from factories import (
     write_video_codec,
 )
 
-from colmap_pipeline.core import clip_checks, frame_select, pipeline, video_probe
+from colmap_pipeline.core import clip_checks, frame_select, frame_tracks, pipeline, video_probe
 from colmap_pipeline.errors import PipelineError
 from colmap_pipeline.layout import Workspace, write_job
 from colmap_pipeline.presets import default_preset
@@ -194,7 +194,7 @@ def test_black_fades_are_dropped(tmp_path):
     black = set(range(0, 8)) | set(range(32, 40))
     for i in black:
         frames[i] = np.full_like(frames[i], 8)
-    ahead = clip_checks.MotionLookAhead()
+    ahead = frame_tracks.MotionLookAhead()
     res = extract(tmp_path, write_video(tmp_path / "fade.mp4", frames), 10, motion=ahead)
     r = reasons(res)
     assert [i for i, x in enumerate(r) if x == "black"] == sorted(black)
@@ -297,10 +297,10 @@ def test_frames_stage_writes_the_damage_warning_to_frames_json(tmp_path, damage)
 
 
 def test_near_duplicate_look_ahead_changes_nothing(tmp_path, monkeypatch):
-    """The near-duplicate tracking done ahead on the helper thread (``_look_ahead``) is used
-    only where the last kept frame is the candidate just before; after a dropped candidate
-    (near-duplicate, blurry) the test tracks from the last kept frame itself. Outcome equal to
-    tracking every candidate in ``_reject``."""
+    """The near-duplicate tracking done ahead on the helper thread
+    (``frame_tracks.look_ahead``) is used only where the last kept frame is the candidate just
+    before; after a dropped candidate (near-duplicate, blurry) the test tracks from the last
+    kept frame itself. Outcome equal to tracking every candidate in ``_reject``."""
     frames = list(parallax_frames(40, step=3.0))
     frames[12:24] = [frames[12]] * 12  # windows 3-5 static: 4 and 5 are near-duplicates of 3
     frames[28:32] = [cv2.GaussianBlur(f, (0, 0), 6.0) for f in frames[28:32]]  # 7 blurry
@@ -313,6 +313,7 @@ def test_near_duplicate_look_ahead_changes_nothing(tmp_path, monkeypatch):
         return track_median(*args)
 
     monkeypatch.setattr(frame_select, "track_median", counted)
+    monkeypatch.setattr(frame_tracks, "track_median", counted)  # the look-ahead's
     ahead = extract(tmp_path / "a", clip, 10)
     cand = [r for r in ahead["scores"] if r["reason"] != "not_sharpest"]
     assert [r["reason"] for r in cand] == [None] * 4 + ["near_duplicate"] * 2 + [
@@ -320,8 +321,8 @@ def test_near_duplicate_look_ahead_changes_nothing(tmp_path, monkeypatch):
     # the helper tracks candidates 1-9 from the one before; _reject itself tracks 5 and 6
     # (from 3) and 8 (from 6)
     assert where.count("near-duplicates") == 9 and where.count("MainThread") == 3
-    monkeypatch.setattr(frame_select, "_look_ahead", lambda prev, c: (
-        frame_select.corners(c.gray, frame_select.NEAR_DUPLICATE_CORNERS), None))
+    monkeypatch.setattr(frame_tracks, "look_ahead", lambda prev, c: (
+        frame_select.corners(c.gray, frame_tracks.NEAR_DUPLICATE_CORNERS), None))
     where.clear()
     alone = extract(tmp_path / "b", clip, 10)
     assert where == ["MainThread"] * 8 and alone["scores"] == ahead["scores"]

@@ -12,8 +12,9 @@ import pg
 import pytest
 from test_database import _job, backend, store  # noqa: F401 - the contract's fixtures
 
-from colmap_pipeline.jobs import EVENT_PAGE, EventKind, Intent, JobStore
-from colmap_pipeline.stores import postgres as pg_store
+from colmap_pipeline.job_events import EventKind
+from colmap_pipeline.jobs import EVENT_PAGE, Intent, JobStore
+from colmap_pipeline.stores import pg_notify as pg_store
 from colmap_pipeline.stores.postgres import PostgresJobStore
 
 pytestmark = pytest.mark.asyncio

@@ -46,8 +46,10 @@ from scenes import (  # noqa: E402
 )
 
 from colmap_pipeline.core import ladder, ladder_attempt, pipeline  # noqa: E402
+from colmap_pipeline.core import sfm_cameras as scam  # noqa: E402
 from colmap_pipeline.core import sfm_features as sf  # noqa: E402
 from colmap_pipeline.core import sfm_mapping as sm  # noqa: E402
+from colmap_pipeline.core import sfm_matching as sfmatch  # noqa: E402
 from colmap_pipeline.errors import PipelineError  # noqa: E402
 from colmap_pipeline.results import MappingSummary  # noqa: E402
 
@@ -116,7 +118,7 @@ def test_no_initial_pair_says_how_many_pairs_and_the_best_inliers(tmp_path):
     with pytest.raises(PipelineError) as ei:
         climb(tmp_path, dbp, n, ())
     err, d = ei.value, ei.value.details
-    stats = sf.database_stats(dbp)
+    stats = sfmatch.database_stats(dbp)
     assert d["frames"] == n and d["verified_pairs"] == stats.verified_pairs == n * (n - 1) // 2
     assert 0 < d["best_pair_inliers"] == stats.best_pair_inliers < 100
     assert d["median_keypoints_per_image"] == stats.median_keypoints_per_image > 0
@@ -136,7 +138,7 @@ def test_features_without_matches_fail_as_no_initial_pair(tmp_path):
     and required 3; the ladder now names it)."""
     n = 4
     dbp = synth(tmp_path, n, 400)
-    sf.clear_matches(dbp)
+    sfmatch.clear_matches(dbp)
     with pytest.raises(PipelineError) as ei:
         climb(tmp_path, dbp, n, ())
     d = ei.value.details
@@ -187,7 +189,7 @@ def test_camera_model_rung_fits_non_square_pixels(tmp_path):
     n = 10
     dbp = synth(tmp_path, n, 400, camera=("OPENCV", [800., 1200., 512., 384., 0.05, 0, 0, 0]),
                 size=(1024, 768))
-    sm.set_camera_model(dbp, "SIMPLE_RADIAL")  # what feature extraction gives every video
+    scam.set_camera_model(dbp, "SIMPLE_RADIAL")  # what feature extraction gives every video
     with pytest.raises(PipelineError) as ei:
         climb(tmp_path, dbp, n, ())
     assert ei.value.code == "reconstruction_failed"
@@ -221,7 +223,7 @@ def test_focal_prior_rung_holds_the_metadata_focal_length(tmp_path):
     drifted = out.mapping_attempts[0].best.focal_px
     assert abs(drifted / 400.0 - 1) > sm.FOCAL_PRIOR_TOLERANCE  # 290 px: 27% off
     shutil.rmtree(tmp_path / "sparse")
-    sm.set_camera_model(dbp, "SIMPLE_RADIAL")
+    scam.set_camera_model(dbp, "SIMPLE_RADIAL")
     out = climb(tmp_path, dbp, n, ("focal_prior",), focal_prior_px=400.0)
     steps = [(a.step, a.outcome, a.settings.get("focal")) for a in out.mapping_attempts]
     assert steps[0] == ("baseline", "failed_checks", None)
@@ -244,7 +246,7 @@ def test_more_frames_rung_bridges_frames_too_far_apart(tmp_path):
     empty_database_like(src, dbp)
     copy_images(src, dbp, even)
     left, right = even[:3], even[3:]
-    sf.match_new_pairs(dbp, [(a, b) for a, b in zip(even, even[1:], strict=False)
+    sfmatch.match_new_pairs(dbp, [(a, b) for a, b in zip(even, even[1:], strict=False)
                              if not (a in left and b in right)], num_threads=1)
     fail_pairs(dbp, [(a, b) for a in left for b in right])  # too far apart: tried, failed
     (tmp_path / "img").mkdir(exist_ok=True)
@@ -275,7 +277,7 @@ def test_wrong_focal_metadata_is_outvoted_by_the_images(tmp_path):
     fits worse, so the free-focal model is the result, with a warning."""
     n = 10
     dbp = synth(tmp_path, n, 400, camera=("SIMPLE_RADIAL", [400.0, 320.0, 240.0, 0.0]))
-    sm.set_camera_model(dbp, "SIMPLE_RADIAL")
+    scam.set_camera_model(dbp, "SIMPLE_RADIAL")
     out = climb(tmp_path, dbp, n, ("focal_prior",), focal_prior_px=600.0)
     by_step = [(a.step, a.settings.get("focal"), a.outcome) for a in out.mapping_attempts]
     assert by_step[0] == ("baseline", None, "failed_checks")
@@ -299,7 +301,7 @@ def test_every_attempt_moves_the_bar_and_says_which_it_is(tmp_path):
     n = 10
     dbp = synth(tmp_path, n, 400, camera=("OPENCV", [800., 1200., 512., 384., 0.05, 0, 0, 0]),
                 size=(1024, 768))
-    sm.set_camera_model(dbp, "SIMPLE_RADIAL")
+    scam.set_camera_model(dbp, "SIMPLE_RADIAL")
     seen: list[tuple[float, str]] = []
     steps = ("exhaustive", "camera_model")
     cfg = ladder.LadderConfig(dbp, tmp_path / "img", tmp_path / "w", "incremental", 120.0,

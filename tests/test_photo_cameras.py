@@ -23,8 +23,10 @@ from nerfstudio_reference import reprojection_errors  # noqa: E402
 from photo_sets import Cam, photo, viewpoints, write_photo  # noqa: E402
 
 from colmap_pipeline.core import pipeline  # noqa: E402
+from colmap_pipeline.core import sfm_cameras as scam  # noqa: E402
 from colmap_pipeline.core import sfm_features as sf  # noqa: E402
 from colmap_pipeline.core import sfm_mapping as sm  # noqa: E402
+from colmap_pipeline.core import sfm_matching as sfmatch  # noqa: E402
 from colmap_pipeline.core.photos import (  # noqa: E402
     PhotoExif,
     group_cameras,
@@ -98,10 +100,10 @@ def test_each_camera_is_checked_against_its_own_focal_prior():
     assert sm.check_model(ok, 10, focal_prior_px={1: 500.0, 2: 300.0}).failures == [
         "focal_disagrees_with_metadata"]
     assert sm.check_model(ok, 10, focal_prior_px={1: 500.0}).passed  # camera 2: no EXIF
-    assert (sm.prior_for({1: 500.0}, 2), sm.prior_for(480.0, 7)) == (None, 480.0)
-    assert sm.prior_record({2: 420.0004, 1: 500.0}) == {"1": 500.0, "2": 420.0}
-    assert sm.prior_text({1: 500.0, 2: 420.0}) == "500, 420 px (per camera)"
-    assert sm.prior_text(480.4) == "480 px"
+    assert (scam.prior_for({1: 500.0}, 2), scam.prior_for(480.0, 7)) == (None, 480.0)
+    assert scam.prior_record({2: 420.0004, 1: 500.0}) == {"1": 500.0, "2": 420.0}
+    assert scam.prior_text({1: 500.0, 2: 420.0}) == "500, 420 px (per camera)"
+    assert scam.prior_text(480.4) == "480 px"
 
 
 # --- rendered photo sets, reconstructed -----------------------------------------------------
@@ -198,11 +200,11 @@ def test_unordered_sets_above_the_exhaustive_size_match_by_retrieval(tmp_path):
     from scenes import synth
 
     dbp = synth(tmp_path, 12, 400)
-    sf.clear_matches(dbp)
-    got = sf.match_photos(dbp, ordered=False, max_exhaustive_pairs=20, num_threads=1)
+    sfmatch.clear_matches(dbp)
+    got = sfmatch.match_photos(dbp, ordered=False, max_exhaustive_pairs=20, num_threads=1)
     assert got.method == "retrieval"
     assert 12 <= got.image_pairs <= 66 and got.verified_pairs == got.image_pairs
-    assert sf.match_photos(dbp, ordered=False, max_exhaustive_pairs=66,
+    assert sfmatch.match_photos(dbp, ordered=False, max_exhaustive_pairs=66,
                            num_threads=1).method == "exhaustive"
 
 
@@ -226,13 +228,13 @@ def test_each_group_gets_its_camera_and_the_camera_rungs_give_each_its_own_prior
                                for g, p in zip(groups, (300.0, None, 250.0), strict=True)]}
     priors = sf.focal_priors(db, frames_json)
     assert priors == {ids[0]: 300.0, ids[2]: 250.0}
-    saved = sm.set_camera_model(db, "OPENCV", focal_px=priors, prior=True)
+    saved = scam.set_camera_model(db, "OPENCV", focal_px=priors, prior=True)
     with pycolmap.Database.open(str(db)) as d:
         cams = {int(c.camera_id): c for c in d.read_all_cameras()}
     assert (cams[ids[0]].model_name, cams[ids[0]].params[0]) == ("OPENCV", 300.0)
     assert cams[ids[2]].params[0] == 250.0 and cams[ids[2]].has_prior_focal_length
     assert cams[ids[1]].params[0] == pytest.approx(1.2 * 320) and not (
         cams[ids[1]].has_prior_focal_length)
-    sm.restore_cameras(db, saved)
+    scam.restore_cameras(db, saved)
     with pycolmap.Database.open(str(db)) as d:
         assert {c.model_name for c in d.read_all_cameras()} == {sf.CAMERA_MODEL}

@@ -83,7 +83,8 @@ def test_core_imports_no_web_or_database_framework_and_probe_path_no_pycolmap():
     code = ("import sys, colmap_pipeline.core.pipeline, colmap_pipeline.__main__, "
             "colmap_pipeline.core.frame_select;"
             "print('pycolmap' in sys.modules);"
-            "import colmap_pipeline.core.sfm_features, colmap_pipeline.core.export;"
+            "import colmap_pipeline.core.sfm_features, colmap_pipeline.core.sfm_matching, "
+            "colmap_pipeline.core.export;"
             "print(sorted(m for m in ('fastapi','starlette','aiosqlite','asyncpg','uvicorn')"
             " if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,

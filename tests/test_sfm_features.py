@@ -15,6 +15,7 @@ pycolmap = pytest.importorskip("pycolmap")
 from scenes import fail_pairs, names_in_order, synth  # noqa: E402
 
 from colmap_pipeline.core import sfm_features as sf  # noqa: E402
+from colmap_pipeline.core import sfm_matching as sfmatch  # noqa: E402
 from colmap_pipeline.errors import PipelineError  # noqa: E402
 from colmap_pipeline.presets import Preset  # noqa: E402
 
@@ -79,12 +80,12 @@ def test_match_sequential_then_the_missing_pairs_once(tmp_path):
     texture_images(tmp_path / "img", 4)
     db = tmp_path / "db.db"
     sf.extract_features(db, tmp_path / "img", PRESET, num_threads=1)
-    seq = sf.match_sequential(db, num_threads=1)
+    seq = sfmatch.match_sequential(db, num_threads=1)
     assert seq.image_pairs == seq.matched_pairs == 5  # distances 1 (3 pairs) and 2 (2 pairs)
     assert seq.verified_pairs >= 3 and seq.inlier_matches > 0
     # exhaustive matching adds exactly the one missing pair, once
-    assert sf.match_new_pairs(db, sf.all_pairs(db), num_threads=1).image_pairs == 1
-    again = sf.match_new_pairs(db, sf.all_pairs(db), num_threads=1)
+    assert sfmatch.match_new_pairs(db, sfmatch.all_pairs(db), num_threads=1).image_pairs == 1
+    again = sfmatch.match_new_pairs(db, sfmatch.all_pairs(db), num_threads=1)
     assert again.image_pairs == 0 and again.matched_pairs == 6
 
 
@@ -93,7 +94,7 @@ def test_match_sequential_needs_two_images(tmp_path):
     db = tmp_path / "db.db"
     sf.extract_features(db, tmp_path / "img", PRESET, num_threads=1)
     with pytest.raises(PipelineError) as ei:
-        sf.match_sequential(db, num_threads=1)
+        sfmatch.match_sequential(db, num_threads=1)
     assert ei.value.code == "reconstruction_failed" and ei.value.details["images"] == 1
 
 
@@ -106,37 +107,37 @@ def test_sequential_pairs_distances(tmp_path):
     def distances(pairs: list[tuple[int, int]]) -> set[int]:
         return {abs(order[a] - order[b]) for a, b in pairs}
 
-    quad = sf.sequential_pairs(dbp, 10, quadratic=True)
+    quad = sfmatch.sequential_pairs(dbp, 10, quadratic=True)
     assert len(quad) == 119 and distances(quad) == {1, 2, 4, 8, 16}
-    lin = sf.sequential_pairs(dbp, 10, quadratic=False)
+    lin = sfmatch.sequential_pairs(dbp, 10, quadratic=False)
     assert len(lin) == 245 and distances(lin) == set(range(1, 11))
-    assert len(sf.all_pairs(dbp)) == 30 * 29 // 2
+    assert len(sfmatch.all_pairs(dbp)) == 30 * 29 // 2
 
 
 def test_database_stats_and_clear_matches(tmp_path):
     n = 6
     dbp = synth(tmp_path, n, 200)
-    stats = sf.database_stats(dbp)
+    stats = sfmatch.database_stats(dbp)
     assert stats.images == n and stats.verified_pairs == stats.matched_pairs == n * (n - 1) // 2
     assert 0 < stats.best_pair_inliers <= 200 and stats.inlier_matches > 0
     assert 0 < stats.median_keypoints_per_image
-    sf.clear_matches(dbp)
-    cleared = sf.database_stats(dbp)
+    sfmatch.clear_matches(dbp)
+    cleared = sfmatch.database_stats(dbp)
     assert (cleared.matched_pairs, cleared.verified_pairs, cleared.best_pair_inliers,
             cleared.inlier_matches) == (0, 0, 0, 0)
     assert cleared.median_keypoints_per_image == stats.median_keypoints_per_image
     ids = names_in_order(dbp)
     fail_pairs(dbp, [(ids[0], ids[1])])  # tried, failed verification: matched, not verified
-    failed = sf.database_stats(dbp)
+    failed = sfmatch.database_stats(dbp)
     assert (failed.matched_pairs, failed.verified_pairs, failed.best_pair_inliers) == (1, 0, 0)
 
 
 def test_own_vocabulary_gives_loop_closure_pairs_offline(tmp_path):
     dbp = synth(tmp_path, 12, 400)
-    info = sf.build_own_vocabulary(dbp, tmp_path / "vocab.bin")
+    info = sfmatch.build_own_vocabulary(dbp, tmp_path / "vocab.bin")
     assert (tmp_path / "vocab.bin").stat().st_size > 0
-    assert 16 <= info["vocab_words"] <= sf.LOOP_VOCAB_WORDS
-    pairs = sf.loop_closure_pairs(dbp, tmp_path / "vocab.bin", num_images=4)
+    assert 16 <= info["vocab_words"] <= sfmatch.LOOP_VOCAB_WORDS
+    pairs = sfmatch.loop_closure_pairs(dbp, tmp_path / "vocab.bin", num_images=4)
     assert pairs and all(a != b for a, b in pairs)
     order = {i: k for k, i in enumerate(names_in_order(dbp))}
     assert max(abs(order[a] - order[b]) for a, b in pairs) > 1  # retrieval, not neighbours

@@ -11,8 +11,10 @@ pycolmap = pytest.importorskip("pycolmap")
 
 from scenes import synth, synthetic_model  # noqa: E402
 
+from colmap_pipeline.core import sfm_cameras as scam  # noqa: E402
 from colmap_pipeline.core import sfm_features as sf  # noqa: E402
 from colmap_pipeline.core import sfm_mapping as sm  # noqa: E402
+from colmap_pipeline.core import sfm_matching as sfmatch  # noqa: E402
 from colmap_pipeline.results import ModelCheck, ModelSummary  # noqa: E402
 
 
@@ -89,7 +91,7 @@ def test_map_models_without_matches_returns_no_model(tmp_path):
     """Features but no matches: incremental_mapping returns {} without raising."""
     n = 6
     dbp = synth(tmp_path, n, 400)
-    sf.clear_matches(dbp)
+    sfmatch.clear_matches(dbp)
     assert sm.map_models(dbp, tmp_path / "img", tmp_path / "out", n, num_threads=1,
                          random_seed=1) == []
 
@@ -123,13 +125,13 @@ def test_unknown_mapper_option_is_refused_before_mapping(tmp_path, mapper, optio
 def test_set_camera_model_then_restore_puts_the_camera_back(tmp_path):
     dbp = synth(tmp_path, 4, 100, camera=("SIMPLE_RADIAL", [500.0, 320.0, 240.0, -0.1]))
     before = sf.read_camera(dbp)
-    saved = sm.set_camera_model(dbp, "OPENCV", focal_px=450.0, prior=True)
+    saved = scam.set_camera_model(dbp, "OPENCV", focal_px=450.0, prior=True)
     cam = sf.read_camera(dbp)
     assert cam.model_name == "OPENCV" and list(cam.params[:4]) == [450.0, 450.0, 320.0, 240.0]
     assert cam.has_prior_focal_length and list(cam.params[4:]) == [0.0] * 4
-    sm.set_camera_model(dbp, "PINHOLE")  # no focal: COLMAP's 1.2 x max(w, h) guess
+    scam.set_camera_model(dbp, "PINHOLE")  # no focal: COLMAP's 1.2 x max(w, h) guess
     assert sf.read_camera(dbp).params[0] == pytest.approx(1.2 * 640)
-    sm.restore_cameras(dbp, saved)
+    scam.restore_cameras(dbp, saved)
     after = sf.read_camera(dbp)
     assert after.model_name == "SIMPLE_RADIAL" and list(after.params) == list(before.params)
     assert after.has_prior_focal_length == before.has_prior_focal_length

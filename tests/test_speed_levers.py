@@ -25,6 +25,7 @@ pycolmap = pytest.importorskip("pycolmap")
 
 from colmap_pipeline.core import sfm_features as sf  # noqa: E402
 from colmap_pipeline.core import sfm_mapping as sm  # noqa: E402
+from colmap_pipeline.core import sfm_matching as sfmatch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "samples" / "max-heromode.mp4"
@@ -59,13 +60,13 @@ def test_dotted_mapper_options_reach_nested_options():
 
 def test_extraction_chunks_are_a_multiple_of_the_threads():
     items = list(range(30))
-    got = sf._chunks(items, sf.MIN_IMAGES_PER_CHUNK, sf.TARGET_IMAGE_CHUNKS, multiple_of=2)
+    got = sf.chunks(items, sf.MIN_IMAGES_PER_CHUNK, sf.TARGET_IMAGE_CHUNKS, multiple_of=2)
     assert [len(c) for c in got] == [10, 10, 10]
-    got = sf._chunks(list(range(50)), sf.MIN_IMAGES_PER_CHUNK, sf.TARGET_IMAGE_CHUNKS,
+    got = sf.chunks(list(range(50)), sf.MIN_IMAGES_PER_CHUNK, sf.TARGET_IMAGE_CHUNKS,
                      multiple_of=4)
     assert [len(c) for c in got] == [20, 20, 10] and sum(got, []) == list(range(50))
-    assert [len(c) for c in sf._chunks(list(range(119)), sf.MIN_PAIRS_PER_CHUNK,
-                                       sf.TARGET_CHUNKS)] == [60, 59]
+    assert [len(c) for c in sf.chunks(list(range(119)), sfmatch.MIN_PAIRS_PER_CHUNK,
+                                       sfmatch.TARGET_CHUNKS)] == [60, 59]
 
 
 def test_unknown_sift_option_is_refused(tmp_path):

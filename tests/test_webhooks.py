@@ -16,10 +16,11 @@ import pytest_asyncio
 from standardwebhooks import Webhook
 
 from colmap_pipeline.config import Settings
-from colmap_pipeline.jobs import DeliveryState, Intent, JobStatus, utc_iso
+from colmap_pipeline.jobs import Intent, JobStatus, utc_iso
 from colmap_pipeline.runner.webhook_targets import TargetRefused, check_target
 from colmap_pipeline.runner.webhooks import WebhookDispatcher, retry_wait
 from colmap_pipeline.stores.sqlite import SqliteJobStore
+from colmap_pipeline.webhook_outbox import DeliveryState
 
 pytestmark = pytest.mark.asyncio
 

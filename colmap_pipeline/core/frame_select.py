@@ -15,15 +15,16 @@ from __future__ import annotations
 import logging
 import math
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import av
 import numpy as np
 
 from ..errors import PipelineError
+from . import frame_tracks
 from .frame_colour import LumaLut
 from .frame_scores import (
     ANALYSIS_SIDE,
@@ -36,13 +37,11 @@ from .frame_scores import (
     output_image,
     write_jpeg,
 )
+from .frame_tracks import NEAR_DUPLICATE_CORNERS, Candidate, MotionLookAhead
 from .progress import Progress
-from .tracks import MOTION_MAX_CORNERS, MOTION_MIN_CORNERS, corners, track_median
+from .tracks import MOTION_MIN_CORNERS, corners, track_median
 from .video_decode import DecodeLog, decoded_frames, open_stream, time_range
 from .video_probe import MIN_FRAMES, ProbeInfo, probe_video
-
-if TYPE_CHECKING:  # clip_checks imports this module
-    from .clip_checks import MotionLookAhead
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +53,6 @@ BLUR_RELATIVE = 0.2
 #: kept frame is below this. Static clips (EuRoC) move 0.05-0.3 px between windows; the slowest
 #: real clip (Karma drone at 100 frames) moves 0.6-2 px per window.
 NEAR_DUPLICATE_PX = 0.5
-#: Corners tracked for the near-duplicate test (LK costs ~38 ms per candidate at 480 px with
-#: 400 corners). Tried 100: GoPro at cap 100 then kept 89-93 instead of 98-100 (noisier median).
-NEAR_DUPLICATE_CORNERS = MOTION_MAX_CORNERS
 #: A decode that ends this much before the stream's declared end (s, or this fraction of the
 #: duration, whichever is larger) after a decoder error is reported as truncated.
 TRUNCATED_SLACK_S = 0.5
@@ -136,37 +132,6 @@ class FramesResult(TypedDict):
 # --- decode pass ----------------------------------------------------------------------------
 
 @dataclass
-class _Candidate:
-    """The sharpest usable frame of a window: its record, analysis image and decoded frame
-    (held until the window ends, then converted (:func:`.frame_scores.output_image`) and
-    written as ``tmp``); ``lookahead``: the near-duplicate test's work done ahead
-    (:func:`_look_ahead`)."""
-
-    window: int
-    rec: ScoreRecord
-    gray: np.ndarray
-    frame: av.VideoFrame | None
-    tmp: str = ""
-    lookahead: Future[tuple[np.ndarray, float | None]] | None = None
-
-
-def _look_ahead(prev: _Candidate | None, cand: _Candidate) -> tuple[np.ndarray, float | None]:
-    """The near-duplicate test of :func:`_reject` for ``cand`` as it would run when ``prev``
-    (the candidate before it) is the last kept frame: ``(corners of cand, median LK motion from
-    prev)``; the motion is ``None`` when the test would not run (no ``prev``, fewer than
-    ``MOTION_MIN_CORNERS`` corners in it, another image size). Runs on the decode pass's
-    helper thread while decoding goes on (corners and LK are OpenCV calls that release the
-    GIL); :func:`_reject` uses the result only in that case, so its outcome is unchanged."""
-    pts = corners(cand.gray, NEAR_DUPLICATE_CORNERS)
-    if prev is None or prev.lookahead is None or prev.gray.shape != cand.gray.shape:
-        return pts, None
-    prev_pts = prev.lookahead.result()[0]  # done: one worker runs the tasks in order
-    if len(prev_pts) < MOTION_MIN_CORNERS:
-        return pts, None
-    return pts, track_median(prev.gray, prev_pts, cand.gray)
-
-
-@dataclass
 class DecodePass:
     """State and outcome of one sequential decode (:func:`_decode_pass`).
 
@@ -181,7 +146,7 @@ class DecodePass:
     helper: ThreadPoolExecutor | None = None
     motion: MotionLookAhead | None = None
     scores: list[ScoreRecord] = field(default_factory=list)
-    candidates: list[_Candidate] = field(default_factory=list)
+    candidates: list[Candidate] = field(default_factory=list)
     damage: DecodeLog = field(default_factory=DecodeLog)
     num_decoded: int = 0
     last_t: float | None = None
@@ -189,7 +154,7 @@ class DecodePass:
     t1: float = 0.0
     fps: float = 30.0
     cur_window: int = -1
-    best: _Candidate | None = None
+    best: Candidate | None = None
 
     @property
     def span(self) -> float:
@@ -199,7 +164,7 @@ class DecodePass:
 
 def _flush(run: DecodePass, out: Path) -> None:
     """Write the current window's candidate to a temporary JPEG and file it; start its
-    near-duplicate look-ahead on ``run.helper`` (:func:`_look_ahead`)."""
+    near-duplicate look-ahead on ``run.helper`` (:func:`.frame_tracks.look_ahead`)."""
     best = run.best
     if best is None or best.frame is None:
         return
@@ -208,7 +173,7 @@ def _flush(run: DecodePass, out: Path) -> None:
     best.frame = None
     if run.helper is not None:
         prev = run.candidates[-1] if run.candidates else None
-        best.lookahead = run.helper.submit(_look_ahead, prev, best)
+        best.lookahead = run.helper.submit(frame_tracks.look_ahead, prev, best)
         if run.motion is not None:
             run.helper.submit(run.motion.add, out / best.tmp)
     run.candidates.append(best)
@@ -267,7 +232,7 @@ def _take(run: DecodePass, frame: av.VideoFrame, out: Path, luts: LumaLut,
     if best is None or rec["sharpness"] > best.rec["sharpness"]:
         if best is not None:
             best.rec["reason"] = "not_sharpest"
-        run.best = _Candidate(window=w, rec=rec, gray=gray, frame=frame)
+        run.best = Candidate(window=w, rec=rec, gray=gray, frame=frame)
     else:
         rec["reason"] = "not_sharpest"
 
@@ -372,38 +337,26 @@ def _fail_if_too_few(run: DecodePass, out: Path, warnings: list[StageWarning],
 
 # --- selection ------------------------------------------------------------------------------
 
-def _ahead_result(c: _Candidate) -> tuple[np.ndarray, float | None] | None:
-    """The look-ahead's result for ``c``; ``None`` without one or when it failed (then
-    :func:`_reject` does the work itself, and meets any error there)."""
-    if c.lookahead is None:
-        return None
-    try:
-        return c.lookahead.result()
-    except Exception:  # noqa: BLE001 - recomputed on this thread
-        log.debug("near-duplicate look-ahead failed", exc_info=True)
-        return None
-
-
-def _reject(candidates: list[_Candidate]) -> float | None:
+def _reject(candidates: list[Candidate]) -> float | None:
     """Mark each window candidate ``blurry``, ``near_duplicate`` or kept (time order); returns
     the median candidate sharpness (None without candidates).
 
     Blurry: below ``BLUR_RELATIVE`` x the median or below ``BLUR_ABSOLUTE``. Near-duplicate:
     median LK motion from the last kept frame below ``NEAR_DUPLICATE_PX`` (``motion_px`` is
     recorded; None when tracking was lost = a big jump). Where the last kept frame is the
-    candidate just before, the look-ahead's result (:func:`_look_ahead`, the same computation)
-    is used instead of tracking again."""
+    candidate just before, the look-ahead's result (:func:`.frame_tracks.look_ahead`, the same
+    computation) is used instead of tracking again."""
     sharp = [c.rec["sharpness"] for c in candidates]
     median = float(np.median(sharp)) if sharp else None
     floor = max(BLUR_ABSOLUTE, BLUR_RELATIVE * (median or 0.0))
-    last: _Candidate | None = None
+    last: Candidate | None = None
     last_pts = np.empty((0, 1, 2), np.float32)
     for k, c in enumerate(candidates):
         rec = c.rec
         if rec["sharpness"] < floor:
             rec["reason"] = "blurry"
             continue
-        ahead = _ahead_result(c)
+        ahead = frame_tracks.ahead_result(c)
         if (last is not None and len(last_pts) >= MOTION_MIN_CORNERS
                 and last.gray.shape == c.gray.shape):
             m = ahead[1] if (ahead is not None and ahead[1] is not None
@@ -420,7 +373,7 @@ def _reject(candidates: list[_Candidate]) -> float | None:
     return median
 
 
-def _publish(out: Path, candidates: list[_Candidate]) -> list[KeptFrame]:
+def _publish(out: Path, candidates: list[Candidate]) -> list[KeptFrame]:
     """Rename the kept candidates to ``frame_00000.jpg``... (time order), delete the others."""
     frames: list[KeptFrame] = []
     for c in candidates:
@@ -485,7 +438,7 @@ def extract_frames(path: str | os.PathLike, out_dir: str | os.PathLike, max_fram
         max_frames: the cap (>= 1): number of time windows.
         max_image_size: optional cap (px) on the longest output side.
         progress: optional ``progress(fraction in [0, 1], message)``.
-        motion: optional :class:`.clip_checks.MotionLookAhead`: fed every candidate on the
+        motion: optional :class:`.frame_tracks.MotionLookAhead`: fed every candidate on the
             helper thread as it is written (the motion check's reads and tracking done while
             decoding goes on); pass it to :func:`.clip_checks.diagnose` afterwards.
 

@@ -5,7 +5,7 @@ COLMAP's defaults are not reliable on real clips (on the Karma drone clip the sa
 attempts. The first uses what the matching stage produced (sequential pairs, SIMPLE_RADIAL
 camera, the preset's mapper). While no model registers ``TARGET_FRACTION`` of the frames and
 passes :func:`.sfm_mapping.check_model` (plausible intrinsics, reprojection error, points), the
-ladder climbs its rungs (:data:`RUNGS`, in the order of :data:`STEPS`):
+ladder climbs its rungs (:data:`.ladder_rungs.RUNGS`, in the order of :data:`STEPS`):
 
 1. ``more_overlap``: sequential pairs with ``MORE_OVERLAP`` neighbours (linear overlap), when
    exhaustive matching is not cheap;
@@ -75,8 +75,8 @@ import os
 import shutil
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +84,13 @@ from ..errors import PipelineError
 from ..presets import LADDER_BUDGET_S, MAPPER_BY_QUALITY
 from ..results import JobWarning, MappingSummary, MatchDiagnostics, ModelSummary
 from . import ladder_attempt as la
+from . import ladder_rungs as lr
 from . import match_diagnostics as md
 from . import moving_content as mc
+from . import sfm_cameras as scam
 from . import sfm_features as sf
 from . import sfm_mapping as sm
+from . import sfm_matching as sfmatch
 from .ladder_attempt import (  # noqa: F401 - TARGET_FRACTION, AddedFrames re-exported
     TARGET_FRACTION,
     AddedFrames,
@@ -103,23 +106,9 @@ log = logging.getLogger(__name__)
 
 STEPS = ("more_overlap", "exhaustive", "loop_closure", "other_mapper", "init_thresholds",
          "focal_prior", "camera_model", "more_frames")
-#: ``more_overlap``: every image with its next ``MORE_OVERLAP`` images (linear overlap). The
-#: matching stage's sequential pairs use pycolmap 4.2.1's quadratic overlap, which (measured)
-#: gives only the distances 1, 2, 4, 8, 16, ... (119 pairs for 30 frames); this adds 3, 5-7,
-#: 9, 10 (245 pairs for 30 frames, 445 for 50, 945 for 100). Skipped when exhaustive matching
-#: is allowed and cheap (it is a superset).
-MORE_OVERLAP = 10
-#: ``exhaustive`` only when all pairs number at most this (50 frames -> 1225 pairs, about 35 s
-#: of matching on 2 cores at 2048 features).
-EXHAUSTIVE_MAX_PAIRS = 1225
-#: COLMAP's initial-pair thresholds (``IncrementalMapperOptions`` defaults):
-#: init_min_num_inliers 100, init_min_tri_angle 16 deg, init_max_error 4 px,
-#: abs_pose_min_num_inliers 30. ``init_thresholds`` halves them (error doubled).
+#: COLMAP's ``init_min_num_inliers`` default (``IncrementalMapperOptions``; the
+#: ``init_thresholds`` rung halves it: :data:`.ladder_rungs.RELAXED_INIT`).
 COLMAP_INIT_MIN_INLIERS = 100
-RELAXED_INIT: dict[str, Any] = {"init_min_num_inliers": 50, "init_min_tri_angle": 8.0,
-                                "init_max_error": 8.0, "abs_pose_min_num_inliers": 15}
-#: Camera models tried by ``camera_model`` (COLMAP ``src/colmap/sensor/models.h``).
-CAMERA_MODELS = ("OPENCV", "OPENCV_FISHEYE")
 #: A failed ladder is named ``too_blurry`` when the median sharpness of the selected frames
 #: (variance of the Laplacian on the 480 px analysis image, :mod:`.frame_scores`) is below
 #: this; the frames stage already refuses clips under ``BLUR_ABSOLUTE`` (10). Measured on the
@@ -146,171 +135,6 @@ HELPFUL_RUNGS: dict[str, frozenset[str]] = {
     "disconnected_scenes": frozenset({"more_overlap", "exhaustive", "loop_closure"}),
     "insufficient_parallax": frozenset({"more_overlap", "exhaustive"}),
     "rotation_only": frozenset(),
-}
-
-
-# --- the rungs ------------------------------------------------------------------------------
-
-def _num_pairs(st: LadderState) -> int:
-    return st.frames * (st.frames - 1) // 2
-
-
-def _exhaustive_is_cheap(cfg: LadderConfig, st: LadderState) -> bool:
-    return "exhaustive" in cfg.steps and _num_pairs(st) <= EXHAUSTIVE_MAX_PAIRS
-
-
-def _rung_more_overlap(cfg: LadderConfig, st: LadderState) -> None:
-    if _exhaustive_is_cheap(cfg, st):
-        la.skip(st, "more_overlap", "exhaustive_matching_is_cheap", {"pairs": _num_pairs(st)})
-    elif not st.names_ordered:  # an unordered photo set: neighbours by name are no neighbours
-        la.skip(st, "more_overlap", "images_have_no_order", {"pairs": _num_pairs(st)})
-    elif la.fits(cfg, st, "more_overlap"):
-        plan = Plan("more_overlap", {"overlap": MORE_OVERLAP, "quadratic_overlap": False},
-                    f"more overlap ({MORE_OVERLAP} neighbours)")
-        la.match_then_map(cfg, st, plan, lambda: sf.sequential_pairs(
-            cfg.database_path, MORE_OVERLAP, quadratic=False))
-
-
-def _rung_exhaustive(cfg: LadderConfig, st: LadderState) -> None:
-    n_pairs = _num_pairs(st)
-    if n_pairs > EXHAUSTIVE_MAX_PAIRS:
-        la.skip(st, "exhaustive", "too_many_pairs",
-                {"pairs": n_pairs, "max_pairs": EXHAUSTIVE_MAX_PAIRS})
-    elif la.fits(cfg, st, "exhaustive"):
-        plan = Plan("exhaustive", {"pairs": n_pairs}, f"exhaustive matching ({n_pairs} pairs)")
-        la.match_then_map(cfg, st, plan, lambda: sf.all_pairs(cfg.database_path))
-        st.exhaustive_done = True
-
-
-def _rung_loop_closure(cfg: LadderConfig, st: LadderState) -> None:
-    if st.exhaustive_done:
-        la.skip(st, "loop_closure", "exhaustive_matching_covered_all_pairs")
-        return
-    if not la.fits(cfg, st, "loop_closure"):
-        return
-    vocab = cfg.work / "own_vocabulary.bin"
-
-    def pairs() -> list[sf.Pair]:
-        sf.build_own_vocabulary(cfg.database_path, vocab)
-        return sf.loop_closure_pairs(cfg.database_path, vocab)
-
-    plan = Plan("loop_closure", {"num_images": sf.LOOP_NUM_IMAGES,
-                                 "vocabulary": "built from this job's descriptors",
-                                 "vocab_words": sf.LOOP_VOCAB_WORDS},
-                "loop closure (own vocabulary)")
-    try:
-        la.match_then_map(cfg, st, plan, pairs)
-    finally:
-        vocab.unlink(missing_ok=True)
-
-
-def _rung_other_mapper(cfg: LadderConfig, st: LadderState) -> None:
-    if la.fits(cfg, st, "other_mapper"):
-        other = "incremental" if cfg.mapper == "global" else "global"
-        la.map_attempt(cfg, st, Plan("other_mapper", {"mapper": other}, f"{other} mapper",
-                                     mapper=other), time.monotonic())
-
-
-def _rung_init_thresholds(cfg: LadderConfig, st: LadderState) -> None:
-    if la.fits(cfg, st, "init_thresholds"):  # initial-pair thresholds exist only incrementally
-        settings = {**RELAXED_INIT, "mapper": "incremental"}
-        la.map_attempt(cfg, st, Plan("init_thresholds", settings,
-                                     "relaxed initial-pair thresholds", mapper="incremental",
-                                     mapper_options=RELAXED_INIT), time.monotonic())
-
-
-def _rung_focal_prior(cfg: LadderConfig, st: LadderState) -> None:
-    focal = cfg.focal_prior_px
-    if not focal:
-        la.skip(st, "focal_prior", "no_focal_length_metadata")
-        return
-    for fixed in (False, True):
-        if la.good_enough(cfg, st) or not la.fits(cfg, st, "focal_prior"):
-            return
-        t0 = time.monotonic()
-        model = sf.read_camera(cfg.database_path).model_name
-        saved = sm.set_camera_model(cfg.database_path, model, focal_px=focal, prior=True)
-        how = "fixed" if fixed else "refined"  # each camera its own prior (issue 15)
-        settings = {"focal_px": sm.prior_record(focal), "camera_model": model, "focal": how,
-                    "mapper": "incremental"}
-        # held fixed: incremental mapping (its bundle adjustment option is documented)
-        options = {"pipeline": {"ba_refine_focal_length": False}} if fixed else None
-        attempt = la.map_attempt(cfg, st, Plan(
-            "focal_prior", settings, f"focal length {sm.prior_text(focal)} from metadata, {how}",
-            mapper="incremental", mapper_options=options, veto=True), t0)
-        attempt.camera_kept = la.kept(st)
-        if not attempt.camera_kept:
-            sm.restore_cameras(cfg.database_path, saved)
-
-
-def _rung_camera_model(cfg: LadderConfig, st: LadderState) -> None:
-    for model in CAMERA_MODELS:
-        if la.good_enough(cfg, st) or not la.fits(cfg, st, "camera_model"):
-            return
-        t0 = time.monotonic()
-        # a known focal length stays the starting point (and trusted) with any model
-        saved = sm.set_camera_model(cfg.database_path, model, focal_px=cfg.focal_prior_px,
-                                    prior=bool(cfg.focal_prior_px))
-        attempt = la.map_attempt(cfg, st, Plan("camera_model", {"camera_model": model},
-                                               f"camera model {model}"), t0)
-        attempt.camera_kept = la.kept(st)
-        if not attempt.camera_kept:
-            sm.restore_cameras(cfg.database_path, saved)  # did not help: undo
-
-
-def _rung_more_frames(cfg: LadderConfig, st: LadderState) -> None:
-    if cfg.more_frames is None:
-        la.skip(st, "more_frames", "no_frame_source")
-        return
-    if not la.fits(cfg, st, "more_frames"):
-        return
-    t0 = time.monotonic()
-    la.report(cfg, st, la.window(st)[0],
-              la.headline(cfg, st, "more frames: adding frames between the selected ones"))
-    got = cfg.more_frames()
-    if not got.added:
-        la.skip(st, "more_frames", "no_usable_frames_between",
-                elapsed_s=round(time.monotonic() - t0, 3))
-        return
-    st.frames = int(got.frames)
-    st.added.extend(got.added)
-    settings = {"added_frames": len(got.added), "frames": st.frames}
-
-    def pairs() -> list[sf.Pair]:
-        if st.exhaustive_done and _num_pairs(st) <= EXHAUSTIVE_MAX_PAIRS:
-            return sf.all_pairs(cfg.database_path)
-        return sf.sequential_pairs(cfg.database_path, sf.SEQUENTIAL_OVERLAP)
-
-    plan = Plan("more_frames", settings, f"more frames ({len(got.added)} added)")
-    la.match_then_map(cfg, st, plan, pairs, t0=t0, always_map=True)
-
-
-@dataclass(frozen=True)
-class Rung:
-    """A rung: what it does, and how many mapping attempts it can make at most."""
-
-    run: Callable[[LadderConfig, LadderState], None]
-    max_attempts: Callable[[LadderConfig, LadderState], int]
-
-
-def _one(cfg: LadderConfig, st: LadderState) -> int:
-    return 1
-
-
-#: The rung table, in :data:`STEPS` order.
-RUNGS: dict[str, Rung] = {
-    "more_overlap": Rung(_rung_more_overlap,
-                         lambda c, s: 0 if _exhaustive_is_cheap(c, s) else 1),
-    "exhaustive": Rung(_rung_exhaustive,
-                       lambda c, s: int(_num_pairs(s) <= EXHAUSTIVE_MAX_PAIRS)),
-    "loop_closure": Rung(_rung_loop_closure,
-                         lambda c, s: 0 if _exhaustive_is_cheap(c, s)
-                         and c.steps.index("exhaustive") < c.steps.index("loop_closure") else 1),
-    "other_mapper": Rung(_rung_other_mapper, _one),
-    "init_thresholds": Rung(_rung_init_thresholds, _one),
-    "focal_prior": Rung(_rung_focal_prior, lambda c, s: 2 if c.focal_prior_px else 0),
-    "camera_model": Rung(_rung_camera_model, lambda c, s: len(CAMERA_MODELS)),
-    "more_frames": Rung(_rung_more_frames, lambda c, s: int(c.more_frames is not None)),
 }
 
 
@@ -352,14 +176,14 @@ def _run_rungs(cfg: LadderConfig, st: LadderState, steps: Sequence[str]) -> None
     for step in steps:
         if la.good_enough(cfg, st):
             break
-        cap = RUNGS[step].max_attempts(cfg, st)
+        cap = lr.RUNGS[step].max_attempts(cfg, st)
         maps_before = st.maps_run
         reason = _ruled_out(step, st)
         if reason:
             la.skip(st, step, reason, {"verdict": _verdict(st)})
         else:
             st.recheck = (lambda: _recheck(cfg, st)) if _verdict(st) else None
-            RUNGS[step].run(cfg, st)
+            lr.RUNGS[step].run(cfg, st)
         st.slots_skipped += max(0, cap - (st.maps_run - maps_before))
         la.report(cfg, st, la.window(st)[0], la.after_rung(cfg, st, step))
 
@@ -402,10 +226,10 @@ def _trust_images(cfg: LadderConfig, st: LadderState) -> list[JobWarning]:
     said = m.focal_px_by_camera or m.focal_px or 0.0
     return [JobWarning(
         code="focal_metadata_ignored",
-        message=f"The photos' metadata says the focal length is {sm.prior_text(prior)}; the "
-                f"images say {sm.prior_text(said)}, and a model held to the metadata fitted them "
+        message=f"The photos' metadata says the focal length is {scam.prior_text(prior)}; the "
+                f"images say {scam.prior_text(said)}, and a model held to the metadata fitted them "
                 f"worse, so the metadata was ignored.",
-        details={"metadata_focal_px": sm.prior_record(prior), "images_focal_px": m.focal_px},
+        details={"metadata_focal_px": scam.prior_record(prior), "images_focal_px": m.focal_px},
         hint="Photos that were cropped, digitally zoomed or edited keep the original focal "
              "length in their EXIF; upload the originals.")]
 
@@ -413,7 +237,7 @@ def _trust_images(cfg: LadderConfig, st: LadderState) -> list[JobWarning]:
 def _failure_details(cfg: LadderConfig, st: LadderState) -> dict[str, Any]:
     """The numbers of a failed ladder: frames, matches, largest model, every attempt, and
     the match diagnostics."""
-    db = sf.database_stats(cfg.database_path)
+    db = sfmatch.database_stats(cfg.database_path)
     models = [m for a in st.attempts for m in a.models]
     largest = max(models, key=sm.model_key, default=None)
     return {
@@ -436,7 +260,7 @@ def _failure(cfg: LadderConfig, st: LadderState) -> PipelineError:
     ``no_initial_pair`` when no model grew beyond an initial pair (none, or 2 images: COLMAP
     relaxes its own initial-pair thresholds and may keep such a fragment), else
     ``reconstruction_failed``."""
-    db = sf.database_stats(cfg.database_path)
+    db = sfmatch.database_stats(cfg.database_path)
     models = [m for a in st.attempts for m in a.models]
     largest = max(models, key=sm.model_key, default=None)
     required = sm.min_registered_images(st.frames)
@@ -544,12 +368,12 @@ def ladder_budget(ceiling_s: float, first_attempt_s: float) -> float:
 def max_attempts(cfg: LadderConfig, frames: int) -> int:
     """Mapping attempts a run of ``cfg`` makes at most: the first plus each rung's most."""
     st = LadderState(frames=frames)
-    return 1 + sum(RUNGS[s].max_attempts(cfg, st) for s in cfg.steps)
+    return 1 + sum(lr.RUNGS[s].max_attempts(cfg, st) for s in cfg.steps)
 
 
 def run_ladder(database_path: str | os.PathLike[str], image_dir: str | os.PathLike[str],
                sparse_dir: str | os.PathLike[str], num_frames: int, quality: str = "low",
-               use_gpu: bool = False, focal_prior_px: sm.FocalPriors = None,
+               use_gpu: bool = False, focal_prior_px: scam.FocalPriors = None,
                progress: Progress = no_progress, steps: tuple[str, ...] | None = None,
                budget_s: float | None = None, mapper: str | None = None,
                num_threads: int = -1, random_seed: int = -1,
@@ -566,7 +390,7 @@ def run_ladder(database_path: str | os.PathLike[str], image_dir: str | os.PathLi
         quality: preset name (budget and mapper).
         use_gpu: CUDA matching in the matching rungs.
         focal_prior_px: focal length from metadata (px at the frames' size; one value, or one
-            per camera id: :data:`.sfm_mapping.FocalPriors`) or ``None``; with it, models that
+            per camera id: :data:`.sfm_cameras.FocalPriors`) or ``None``; with it, models that
             disagree with it fail their checks.
         progress: ``progress(fraction, message)``; every attempt moves it.
         steps: rungs to allow (default :data:`STEPS`, in that order).
@@ -580,7 +404,7 @@ def run_ladder(database_path: str | os.PathLike[str], image_dir: str | os.PathLi
             into ``image_dir``, adds their features to the database (existing camera);
             ``None`` (photo sets): the rung is skipped.
         matching: how the matching stage chose its pairs (``sequential``, ``exhaustive``,
-            ``retrieval``: :func:`.sfm_features.match_photos`); after ``exhaustive`` there
+            ``retrieval``: :func:`.sfm_matching.match_photos`); after ``exhaustive`` there
             is no pair left for the matching rungs.
 
     Returns:
@@ -593,7 +417,7 @@ def run_ladder(database_path: str | os.PathLike[str], image_dir: str | os.PathLi
         ValueError: an unknown step.
     """
     steps = tuple(STEPS if steps is None else steps)
-    unknown = [s for s in steps if s not in RUNGS]
+    unknown = [s for s in steps if s not in lr.RUNGS]
     if unknown:
         raise ValueError(f"unknown ladder step {unknown[0]!r}")
     sparse = Path(sparse_dir)

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from ..results import MappingAttempt, MatchDiagnostics, ModelSummary
-from . import sfm_features as sf
+from . import sfm_cameras as scam
 from . import sfm_mapping as sm
+from . import sfm_matching as sfmatch
 from .progress import Progress, no_progress
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class LadderConfig:
     budget_s: float
     steps: tuple[str, ...]
     use_gpu: bool = False
-    focal_prior_px: sm.FocalPriors = None
+    focal_prior_px: scam.FocalPriors = None
     num_threads: int = -1
     random_seed: int = -1
     target_fraction: float = TARGET_FRACTION
@@ -284,7 +285,7 @@ def kept(st: LadderState) -> bool:
 
 
 def match_then_map(cfg: LadderConfig, st: LadderState, plan: Plan,
-                   pairs: Callable[[], list[sf.Pair]], t0: float | None = None,
+                   pairs: Callable[[], list[sfmatch.Pair]], t0: float | None = None,
                    always_map: bool = False) -> None:
     """Match the new pairs ``pairs()`` gives, then map; recorded as skipped when nothing is
     new, unless ``always_map``, or when ``st.recheck`` says the new pairs still cannot help
@@ -292,7 +293,7 @@ def match_then_map(cfg: LadderConfig, st: LadderState, plan: Plan,
     t0 = time.monotonic() if t0 is None else t0
     lo, hi = window(st)
     mid = lo + MATCH_SHARE * (hi - lo)
-    res = sf.match_new_pairs(cfg.database_path, pairs(), use_gpu=cfg.use_gpu,
+    res = sfmatch.match_new_pairs(cfg.database_path, pairs(), use_gpu=cfg.use_gpu,
                              num_threads=cfg.num_threads,
                              progress=reporter(cfg, st, lo, mid, headline(cfg, st, plan.label)))
     if res.image_pairs == 0 and not always_map:

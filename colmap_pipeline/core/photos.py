@@ -17,7 +17,7 @@ it is taken here instead, with Pillow:
   stage's prior for that camera;
 * the order (:func:`photo_order`): a set from one camera whose ``DateTimeOriginal`` grows in
   name order is a sequence (sequential matching, like a video); any other set is unordered
-  (exhaustive matching while cheap, else retrieval: :func:`.sfm_features.match_photos`).
+  (exhaustive matching while cheap, else retrieval: :func:`.sfm_matching.match_photos`).
 
 The upload's side (magic bytes, zip safety, installation under server-made names) runs in the
 API process: :mod:`colmap_pipeline.intake.photo_files`.

@@ -153,7 +153,7 @@ def _clean_stage(ws: Workspace, stage: str) -> None:
         _undo_mapping_changes(ws)
     if stage == "matching":
         if ws.database.exists():
-            from .sfm_features import clear_matches
+            from .sfm_matching import clear_matches
 
             clear_matches(ws.database)
         return
@@ -183,7 +183,7 @@ def _stage_frames(ws: Workspace, job: dict, progress: Progress, t0: float) -> di
     """Frames of the video (:mod:`.frame_select`) checked before SfM (:mod:`.clip_checks`), or
     the prepared photos (:mod:`.photos`), into ``frames/`` and ``frames.json`` (with
     ``warnings``: a damaged video's ``video_truncated`` / ``video_corrupted``)."""
-    from . import clip_checks, frame_select
+    from . import clip_checks, frame_select, frame_tracks
 
     preset: Preset = job["preset"]
     if Path(job["input"]).is_dir():  # photo set (POST /upload-images, issue 4)
@@ -197,7 +197,7 @@ def _stage_frames(ws: Workspace, job: dict, progress: Progress, t0: float) -> di
         return {"frames_extracted": len(photo_res["frames"]),
                 "num_decoded": photo_res["num_decoded"], "video": photo_res["video"],
                 "input_kind": "images", "warnings": photo_res["warnings"]}
-    ahead = clip_checks.MotionLookAhead()  # the motion check's tracking, done while decoding
+    ahead = frame_tracks.MotionLookAhead()  # the motion check's tracking, done while decoding
     res = frame_select.extract_frames(job["input"], ws.frames_dir, preset.max_frames,
                                       max_image_size=preset.max_image_size,
                                       progress=lambda f, m: progress(0.9 * f, m), motion=ahead)
@@ -238,16 +238,16 @@ def _stage_features(ws: Workspace, job: dict, progress: Progress, t0: float) -> 
 
 
 def _stage_matching(ws: Workspace, job: dict, progress: Progress, t0: float) -> dict:
-    from . import sfm_features
-    from .ladder import EXHAUSTIVE_MAX_PAIRS
+    from . import sfm_matching
+    from .ladder_rungs import EXHAUSTIVE_MAX_PAIRS
 
     _require(ws, "features")
     threads = {"num_threads": 1} if _repeatable(job) else {}
     order = read_json(ws.frames_json).get("order")  # photo sets (issue 15); videos: None
     if order is None:
-        return sfm_features.match_sequential(ws.database, use_gpu=bool(job["use_gpu"]),
+        return sfm_matching.match_sequential(ws.database, use_gpu=bool(job["use_gpu"]),
                                              progress=progress, **threads).to_dict()
-    got = sfm_features.match_photos(ws.database, bool(order["ordered"]), EXHAUSTIVE_MAX_PAIRS,
+    got = sfm_matching.match_photos(ws.database, bool(order["ordered"]), EXHAUSTIVE_MAX_PAIRS,
                                     use_gpu=bool(job["use_gpu"]), progress=progress, **threads)
     return {**got.to_dict(), "order": order}
 

@@ -1,7 +1,8 @@
-"""Sparse mapping with pycolmap: run SfM once, judge every model, pick the best; camera edits.
+"""Sparse mapping with pycolmap: run SfM once, judge every model, pick the best.
 
 The recovery ladder (:mod:`.ladder`) calls :func:`map_models` once per attempt; the export stage
-reads the chosen model back with :func:`summarize_model`. Import lazily: it loads pycolmap.
+reads the chosen model back with :func:`summarize_model`. The ladder's camera edits (focal
+priors, camera models) live in :mod:`.sfm_cameras`. Import lazily: it loads pycolmap.
 
 Facts used here (checked on pycolmap 4.2.1, CPU build): ``incremental_mapping`` returns ``{}``
 (no exception) on an empty database or a failed initialisation, often returns several models,
@@ -24,6 +25,7 @@ import pycolmap
 
 from ..results import CameraModel, ModelCheck, ModelSummary
 from .progress import Progress, no_progress
+from .sfm_cameras import FocalPriors, prior_for
 
 PathLike = str | os.PathLike[str]
 
@@ -70,9 +72,6 @@ GLOBAL_S_PER_FRAME = 1.0
 #: 30/30 images, 4,132 vs 4,138 points and 0.368 vs 0.366 px; Strecha fountain at low: 6.56-6.58
 #: mm median camera-centre error (6.62-6.63 mm with all tracks; runs spread by about 0.1 mm).
 GLOBAL_OPTIONS: dict[str, Any] = {"mapper.track_required_tracks_per_view": 100}
-#: COLMAP's default focal-length guess: 1.2 x max(width, height)
-#: (``ImageReaderOptions.default_focal_length_factor``).
-DEFAULT_FOCAL_FACTOR = 1.2
 
 
 def min_registered_images(num_frames: int) -> int:
@@ -321,90 +320,6 @@ def map_models(database_path: PathLike, image_dir: PathLike, output_dir: PathLik
                                    checks=check_model(stats, num_frames, focal_prior_px)))
     progress(1.0, "Mapping done")
     return models
-
-
-# --- camera edits (the ladder's focal_prior and camera_model rungs) --------------------------
-
-#: Focal length prior(s) from metadata, px at the frames' size: one value for every camera (a
-#: video has none; a photo set of one camera), ``{camera id: px}`` (a photo set of several
-#: cameras, issue 15: each camera its own group's EXIF; cameras without EXIF absent), or
-#: ``None``.
-FocalPriors = float | Mapping[int, float] | None
-
-
-def prior_for(focal: FocalPriors, camera_id: int) -> float | None:
-    """The prior (px) of camera ``camera_id``: the one value, its entry, or ``None``."""
-    if isinstance(focal, Mapping):
-        v = focal.get(int(camera_id))
-        return float(v) if v else None
-    return float(focal) if focal else None
-
-
-def prior_record(focal: float | Mapping[Any, float] | None) -> float | dict[str, float] | None:
-    """The prior as recorded in an attempt's settings: px, ``{"<camera id>": px}`` or ``None``
-    (rounded to 0.001 px)."""
-    if isinstance(focal, Mapping):
-        return {str(k): round(float(v), 3) for k, v in sorted(focal.items()) if v}
-    return round(float(focal), 3) if focal else None
-
-
-def prior_text(focal: float | Mapping[Any, float] | None) -> str:
-    """The prior in words: ``"1000 px"``, or ``"500, 420 px (per camera)"``."""
-    if isinstance(focal, Mapping):
-        vals = [f"{float(v):.0f}" for _, v in sorted(focal.items()) if v]
-        return f"{', '.join(vals)} px (per camera)" if len(vals) > 1 else f"{''.join(vals)} px"
-    return f"{float(focal or 0.0):.0f} px"
-
-
-@dataclass(frozen=True)
-class SavedCamera:
-    """A database camera as it was before :func:`set_camera_model` replaced it."""
-
-    model: str
-    params: list[float]
-    has_prior_focal_length: bool
-
-
-def set_camera_model(database_path: PathLike, model_name: str, focal_px: FocalPriors = None,
-                     prior: bool = False) -> dict[int, SavedCamera]:
-    """Replace every database camera by a fresh ``model_name`` camera of the same size.
-
-    Each new camera's focal length is its prior from ``focal_px`` (:func:`prior_for`: one value
-    for all, or each camera its own) or COLMAP's default guess (:data:`DEFAULT_FOCAL_FACTOR` x
-    max(width, height)), the principal point is the image centre and the distortion terms are
-    0. ``prior=True`` sets ``has_prior_focal_length`` on the cameras that have a prior, so the
-    incremental mapper trusts the focal length for the initial pair (COLMAP
-    ``IncrementalMapper`` uses the prior when set).
-
-    Returns:
-        the replaced cameras keyed by camera id (for :func:`restore_cameras`).
-    """
-    old = {}
-    with pycolmap.Database.open(str(database_path)) as db:
-        for cam in db.read_all_cameras():
-            old[int(cam.camera_id)] = SavedCamera(
-                cam.model_name, [float(v) for v in cam.params], bool(cam.has_prior_focal_length))
-            known = prior_for(focal_px, int(cam.camera_id))
-            f = known or DEFAULT_FOCAL_FACTOR * max(cam.width, cam.height)
-            new = pycolmap.Camera.create_from_model_name(int(cam.camera_id), model_name, f,
-                                                         int(cam.width), int(cam.height))
-            new.has_prior_focal_length = bool(prior and known)
-            db.update_camera(new)
-    return old
-
-
-def restore_cameras(database_path: PathLike, saved: Mapping[int, SavedCamera]) -> None:
-    """Undo :func:`set_camera_model` with the cameras it returned."""
-    with pycolmap.Database.open(str(database_path)) as db:
-        for cam in db.read_all_cameras():
-            s = saved.get(int(cam.camera_id))
-            if s is None:
-                continue
-            new = pycolmap.Camera.create_from_model_name(int(cam.camera_id), s.model, 1.0,
-                                                         int(cam.width), int(cam.height))
-            new.params = s.params
-            new.has_prior_focal_length = s.has_prior_focal_length
-            db.update_camera(new)
 
 
 # --- the chosen model, read back ------------------------------------------------------------

@@ -19,16 +19,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
-from ..jobs import (
-    EVENT_PAGE,
-    TRANSITIONS,
-    EventWaiter,
-    Intent,
-    Job,
-    JobEvent,
-    JobStatus,
-    JobStore,
-)
+from ..job_events import EventWaiter, JobEvent
+from ..jobs import EVENT_PAGE, TRANSITIONS, Intent, Job, JobStatus, JobStore
 from .queue import JobQueue, OnPending
 
 log = logging.getLogger("colmap_worker.queue")

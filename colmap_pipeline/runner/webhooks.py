@@ -45,17 +45,8 @@ import httpx
 from standardwebhooks import Webhook
 
 from ..config import Settings
-from ..jobs import (
-    COLUMNS,
-    DeliveryState,
-    Job,
-    JobStatus,
-    JobStore,
-    StoreError,
-    WebhookDelivery,
-    utc_iso,
-    webhook_attempt,
-)
+from ..jobs import COLUMNS, Job, JobStatus, JobStore, StoreError, utc_iso
+from ..webhook_outbox import DeliveryState, WebhookDelivery, webhook_attempt
 from .webhook_targets import Resolver, TargetRefused, check_target, system_resolve
 
 log = logging.getLogger("colmap_worker.webhooks")

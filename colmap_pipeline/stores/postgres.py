@@ -14,23 +14,18 @@ append-only :data:`MIGRATIONS` and every write mirror the SQLite store
 - **Progress** is ``GREATEST(progress, new)``, written only while ``processing``.
 - **Idempotency-Key** is unique among one owner's live jobs: a partial unique index on
   ``(key, COALESCE(owner, ''))`` for the non-null keys (a delete clears the key).
-- **Events** (issue 16): every write that changes a job inserts its events into
-  ``job_events`` and sends ``NOTIFY job_events, 'JOB_ID'`` in the same transaction; each store
-  keeps one ``LISTEN`` connection (opened at the first stream) that wakes the streams of this
-  replica, whichever replica wrote.
+- **Events** (issue 16): every write that changes a job inserts its events and sends a
+  ``NOTIFY`` in the same transaction (:mod:`.postgres_rows`); :mod:`.pg_notify` listens.
 
 Types: JSON columns are ``JSONB`` (a :class:`~colmap_pipeline.jobs.Job` reads back equal: JSONB
 keeps values, numbers and list order, not an object's key order); times stay ISO-8601 text as
 in SQLite (sortable, compared as text); ``seq`` (an identity column) is SQLite's ``rowid``:
 insertion order, the tie-break of equal ``created_at``.
 
-Errors: no psycopg exception leaves the store. A unique violation is
-:class:`~colmap_pipeline.jobs.DuplicateKey`; ``OperationalError`` (connection refused or lost,
-pool timeout, deadlock, serialization failure) is
-:class:`~colmap_pipeline.jobs.StoreUnavailable`; any other ``psycopg.Error`` is
-:class:`~colmap_pipeline.jobs.StoreError`. A pooled connection is checked before each use
-(``AsyncConnectionPool.check_connection``), so after PostgreSQL comes back (restart, failover,
-``pg_terminate_backend``) the next call reconnects instead of failing on a dead connection.
+Errors: no psycopg exception leaves the store (:func:`.postgres_rows.translate`). A pooled
+connection is checked before each use (``AsyncConnectionPool.check_connection``), so after
+PostgreSQL comes back (restart, failover, ``pg_terminate_backend``) the next call reconnects
+instead of failing on a dead connection.
 """
 from __future__ import annotations
 
@@ -42,54 +37,59 @@ from typing import Any, TypeVar
 
 import psycopg
 import psycopg.errors
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from ..job_events import (
+    EventKind,
+    JobEvent,
+    attempt_event,
+    event_state,
+    transition_events,
+)
 from ..jobs import (
-    COLUMNS,
-    DELIVERY_COLUMNS,
     EVENT_PAGE,
     JSON_COLUMNS,
     MAX_PAGE_BOUND,
-    PRUNE_EVENTS_ON,
     TERMINAL,
-    TRANSITIONS,
-    WEBHOOK_EVENTS,
     WITH_FILES,
-    DeliveryState,
-    DuplicateKey,
-    EventKind,
     Intent,
     Job,
-    JobEvent,
-    JobStatus,
-    Stamp,
-    StoreError,
     StoreUnavailable,
-    WebhookDelivery,
-    attempt_event,
-    encode_json,
-    event_state,
-    new_delivery_id,
     new_job_record,
     planned_changes,
-    transition_events,
     utcnow,
-    webhook_delivery_row,
+)
+from ..webhook_outbox import (
+    DELIVERY_COLUMNS,
+    DeliveryState,
+    WebhookDelivery,
+)
+from .pg_notify import EventListener, NotifiedWaiter
+from .postgres_rows import (
+    EVENT_RETURNING,
+    RETURNING,
+    SELECT,
+    Conn,
+    apply_transition,
+    event_row,
+    first_job,
+    insert_events,
+    jsonb,
+    migrate,
+    to_delivery,
+    to_event,
+    to_job,
+    translate,
 )
 from .schema import POSTGRES_MIGRATIONS, list_filter
 
 T = TypeVar("T")
 log = logging.getLogger("colmap_worker.store")
-Conn = psycopg.AsyncConnection[Any]
 #: what :meth:`PostgresJobStore.create_job` runs in the insert's transaction (the queue's defer)
 InTransaction = Callable[[Conn, Job], Awaitable[None]]
 
 #: this store's migrations (:mod:`.schema`, the PostgreSQL list)
 MIGRATIONS = POSTGRES_MIGRATIONS
-#: advisory lock key held while migrating, so replicas starting together migrate once
-#: (any constant; this one is "colmapjb" read as ASCII)
-MIGRATION_LOCK_KEY = 0x636F6C6D61706A62
 #: seconds a call waits for a pooled connection before StoreUnavailable
 DEFAULT_TIMEOUT_S = 5.0
 #: seconds :meth:`PostgresJobStore.ping` waits at most (``/readiness`` answers fast)
@@ -111,47 +111,8 @@ RECONNECT_TIMEOUT_S = 5.0
 BY_IDEMPOTENCY_KEY = ("idempotency_key = %s AND owner IS NOT DISTINCT FROM %s "
                       "AND status <> 'deleted'")
 
-_SELECT = f"SELECT {', '.join(COLUMNS)} FROM jobs"
-#: what a write returns to build its events (:func:`~colmap_pipeline.jobs.transition_events`)
-_EVENT_COLUMNS = ("status", "progress", "current_stage", "message", "attempt", "updated_at",
-                  "error_code", "error_message", "error_hint", "results")
-_EVENT_RETURNING = f"RETURNING {', '.join(_EVENT_COLUMNS)}"
-#: the ``LISTEN``/``NOTIFY`` channel of new job events; the payload is the job id
-EVENT_CHANNEL = "job_events"
-#: seconds between two looks for new events while the listening connection is down
-EVENT_POLL_S = 0.5
-#: first and longest wait (s) before the listening connection is opened again after it was
-#: lost (doubling in between)
-LISTEN_RETRY_MIN_S, LISTEN_RETRY_MAX_S = 0.25, 5.0
-_RETURNING = f"RETURNING {', '.join(COLUMNS)}"
 _TERMINAL = sorted(s.value for s in TERMINAL)
 _WITH_FILES = sorted(s.value for s in WITH_FILES)
-
-
-def _to_job(row: tuple[Any, ...]) -> Job:
-    """A :class:`Job` from a row in :data:`~colmap_pipeline.jobs.COLUMNS` order (psycopg has
-    already decoded the JSONB columns)."""
-    data = dict(zip(COLUMNS, row, strict=True))
-    data["status"] = JobStatus(data["status"])
-    if data["attempts"] is None:
-        data["attempts"] = []
-    return Job(**data)
-
-
-def _jsonb(value: Any) -> Jsonb | None:
-    """A JSON column's value for psycopg, encoded by :func:`~colmap_pipeline.jobs.encode_json`
-    (pydantic models dumped; TypeError for a value JSON cannot hold)."""
-    return None if value is None else Jsonb(value, dumps=encode_json)
-
-
-def _translate(exc: psycopg.Error) -> StoreError:
-    """The store's exception for a psycopg one (see the module docstring)."""
-    text = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, psycopg.errors.UniqueViolation):
-        return DuplicateKey(text)
-    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
-        return StoreUnavailable(text)
-    return StoreError(text)
 
 
 def _forget(tasks: set[asyncio.Future[bool]]) -> Callable[[asyncio.Future[bool]], None]:
@@ -161,88 +122,6 @@ def _forget(tasks: set[asyncio.Future[bool]]) -> Callable[[asyncio.Future[bool]]
         if not task.cancelled():
             task.exception()  # retrieved: no "exception was never retrieved" warning
     return done
-
-
-def _assignments(changes: Mapping[str, Any], now: str) -> tuple[list[str], list[Any]]:
-    """``SET`` clauses and values for :func:`~colmap_pipeline.jobs.planned_changes`' output.
-    Column names come from :data:`~colmap_pipeline.jobs.SETTABLE` (validated there)."""
-    sets: list[str] = []
-    values: list[Any] = []
-    for col, value in changes.items():
-        if value is Stamp.INCREMENT:
-            sets.append(f"{col} = {col} + 1")
-            continue
-        sets.append(f"{col} = COALESCE({col}, %s)" if value is Stamp.NOW_IF_UNSET
-                    else f"{col} = %s")
-        if value is Stamp.NOW or value is Stamp.NOW_IF_UNSET:
-            values.append(now)
-        else:
-            values.append(_jsonb(value) if col in JSON_COLUMNS else value)
-    return sets, values
-
-
-async def _apply(c: Conn, job_id: str, intent: Intent, changes: Mapping[str, Any],
-                 record: Jsonb | None) -> bool:
-    """The compare-and-set ``UPDATE`` of :meth:`PostgresJobStore.apply`, on ``c``."""
-    sets, values = _assignments(changes, utcnow())
-    if record is not None:
-        sets.append("attempts = attempts || jsonb_build_array(%s::jsonb)")
-        values.append(record)
-    sources = sorted(s.value for s in TRANSITIONS[intent].sources)
-    cur = await c.execute(f"UPDATE jobs SET {', '.join(sets)} "  # columns: SETTABLE only
-                          f"WHERE job_id = %s AND status = ANY(%s) {_EVENT_RETURNING}",
-                          [*values, job_id, sources])
-    row = await cur.fetchone()
-    if row is None:
-        return False
-    await _insert_events(c, job_id, transition_events(
-        _event_row(row), intent=intent, record=record.obj if record is not None else None))
-    if intent in PRUNE_EVENTS_ON:
-        await c.execute("DELETE FROM job_events WHERE job_id = %s AND event_id < "
-                        "(SELECT MAX(event_id) FROM job_events WHERE job_id = %s)",
-                        [job_id, job_id])
-        # finished webhook deliveries go with the job's files (pending ones still try)
-        await c.execute("DELETE FROM webhook_deliveries WHERE job_id = %s AND state <> 'pending'",
-                        [job_id])
-    await PostgresJobStore._queue_webhook_tx(c, job_id)  # issue 16: the outbox row, same commit
-    return True
-
-
-def _event_row(row: tuple[Any, ...]) -> dict[str, Any]:
-    """A row returned as :data:`_EVENT_RETURNING` as a mapping (psycopg decoded ``results``)."""
-    return dict(zip(_EVENT_COLUMNS, row, strict=True))
-
-
-async def _insert_events(c: Conn, job_id: str,
-                         events: list[tuple[EventKind, dict[str, Any]]]) -> None:
-    """Insert ``events`` of ``job_id`` in order and ``NOTIFY`` :data:`EVENT_CHANNEL`, inside
-    the caller's transaction (the notification is delivered at its commit, never before)."""
-    now = utcnow()
-    async with c.cursor() as cur:
-        await cur.executemany(
-            "INSERT INTO job_events (job_id, created_at, kind, data) VALUES (%s, %s, %s, %s)",
-            [(job_id, now, str(kind), _jsonb(data)) for kind, data in events])
-    await c.execute("SELECT pg_notify(%s, %s)", [EVENT_CHANNEL, job_id])
-
-
-async def _first(c: Conn, where: str, args: list[Any]) -> Job | None:
-    """The first job matching ``where`` (SQL written here, never by a client), or None."""
-    cur = await c.execute(f"{_SELECT} WHERE {where} LIMIT 1", args)
-    row = await cur.fetchone()
-    return _to_job(row) if row else None
-
-
-async def _migrate(c: Conn) -> None:
-    """Apply the pending :data:`MIGRATIONS` in this transaction, under an advisory lock."""
-    await c.execute("SELECT pg_advisory_xact_lock(%s)", [MIGRATION_LOCK_KEY])
-    await c.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-    row = await (await c.execute("SELECT version FROM schema_version")).fetchone()
-    if row is None:
-        await c.execute("INSERT INTO schema_version (version) VALUES (0)")
-    version = int(row[0]) if row else 0
-    for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
-        await c.execute(script)  # our own constant: several statements, no parameters
-        await c.execute("UPDATE schema_version SET version = %s", [target])
 
 
 class PostgresJobStore:
@@ -277,7 +156,8 @@ class PostgresJobStore:
             name="jobstore")
         self._closed = False
         self._abandoned: set[asyncio.Future[bool]] = set()  # late pings still cleaning up
-        self._listener = _EventListener(conninfo)  # opens its connection on first use
+        # opens its connection on first use
+        self._listener = EventListener(conninfo, CONNECTION_OPTIONS)
 
     # ---- opening and closing ----------------------------------------------------------------
     @classmethod
@@ -294,8 +174,8 @@ class PostgresJobStore:
             try:
                 await store.pool.open(wait=True, timeout=timeout_s)
             except psycopg.Error as exc:  # PoolTimeout: nothing answered
-                raise _translate(exc) from exc
-            await store._tx(_migrate)
+                raise translate(exc) from exc
+            await store._tx(migrate)
         except BaseException:
             await store.close()
             raise
@@ -323,7 +203,7 @@ class PostgresJobStore:
                     conn.transaction():
                 yield conn
         except psycopg.Error as exc:
-            raise _translate(exc) from exc
+            raise translate(exc) from exc
 
     async def _tx(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
         """``await fn(conn)`` in one transaction (:meth:`transaction`)."""
@@ -363,7 +243,7 @@ class PostgresJobStore:
 
     async def get_job(self, job_id: str) -> Job | None:
         """The job, or ``None``."""
-        return await self._tx(lambda c: _first(c, "job_id = %s", [job_id]))
+        return await self._tx(lambda c: first_job(c, "job_id = %s", [job_id]))
 
     async def list_jobs(self, *, project_id: str | None = None, status: str | None = None,
                         owner: str | None = None, limit: int = 50,
@@ -380,9 +260,9 @@ class PostgresJobStore:
         async def q(c: Conn) -> tuple[list[Job], int]:
             await c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             row = await (await c.execute(f"SELECT COUNT(*) FROM jobs {clause}", args)).fetchone()
-            cur = await c.execute(f"{_SELECT} {clause} ORDER BY created_at DESC, seq DESC "
+            cur = await c.execute(f"{SELECT} {clause} ORDER BY created_at DESC, seq DESC "
                                   "LIMIT %s OFFSET %s", [*args, limit, offset])
-            return [_to_job(r) for r in await cur.fetchall()], int(row[0]) if row else 0
+            return [to_job(r) for r in await cur.fetchall()], int(row[0]) if row else 0
         return await self._tx(q)
 
     async def queue_position(self, job_id: str) -> int | None:
@@ -415,7 +295,7 @@ class PostgresJobStore:
     async def find_by_idempotency_key(self, key: str, owner: str | None = None) -> Job | None:
         """The job not deleted that ``owner`` created with ``Idempotency-Key: key`` (owners
         compared NULL-safe: ``IS NOT DISTINCT FROM``), or None."""
-        return await self._tx(lambda c: _first(c, BY_IDEMPOTENCY_KEY, [key, owner]))
+        return await self._tx(lambda c: first_job(c, BY_IDEMPOTENCY_KEY, [key, owner]))
 
     async def finished_before(self, cutoff_iso: str) -> list[str]:
         """Ids of terminal jobs whose ``finished_at`` is older than ``cutoff_iso`` (ISO-8601
@@ -448,15 +328,15 @@ class PostgresJobStore:
         (the insert rolled back).
         """
         row = new_job_record(job, utcnow())
-        values = [_jsonb(v) if c in JSON_COLUMNS else v for c, v in row.items()]
+        values = [jsonb(v) if c in JSON_COLUMNS else v for c, v in row.items()]
         sql = (f"INSERT INTO jobs ({', '.join(row)}) "
-               f"VALUES ({', '.join('%s' for _ in row)}) {_RETURNING}")
+               f"VALUES ({', '.join('%s' for _ in row)}) {RETURNING}")
 
         async def tx(c: Conn) -> Job:
             inserted = await (await c.execute(sql, values)).fetchone()
             assert inserted is not None  # INSERT … RETURNING gives the row
-            out = _to_job(inserted)
-            await _insert_events(c, out.job_id, transition_events(vars(out), intent=None))
+            out = to_job(inserted)
+            await insert_events(c, out.job_id, transition_events(vars(out), intent=None))
             if in_transaction is not None:
                 await in_transaction(c, out)
             return out
@@ -472,8 +352,9 @@ class PostgresJobStore:
         """
         changes = planned_changes(intent, fields,
                                   with_attempt_record=attempt_record is not None)
-        record = _jsonb(dict(attempt_record)) if attempt_record is not None else None
-        return await self._tx(lambda c: _apply(c, job_id, Intent(intent), changes, record))
+        record = jsonb(dict(attempt_record)) if attempt_record is not None else None
+        return await self._tx(
+            lambda c: apply_transition(c, job_id, Intent(intent), changes, record))
 
     async def claim_next_pending(self) -> Job | None:
         """Apply ``claim`` to the oldest ``pending`` job not locked by another claimer
@@ -484,9 +365,9 @@ class PostgresJobStore:
             cur = await c.execute("SELECT job_id FROM jobs WHERE status = 'pending' "
                                   "ORDER BY created_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED")
             row = await cur.fetchone()
-            if row is None or not await _apply(c, row[0], Intent.CLAIM, changes, None):
+            if row is None or not await apply_transition(c, row[0], Intent.CLAIM, changes, None):
                 return None
-            return await _first(c, "job_id = %s", [row[0]])
+            return await first_job(c, "job_id = %s", [row[0]])
         return await self._tx(tx)
 
     async def update_progress(self, job_id: str, progress: int, current_stage: str,
@@ -499,29 +380,29 @@ class PostgresJobStore:
             cur = await c.execute(
                 f"""UPDATE jobs SET progress = GREATEST(progress, %s), current_stage = %s,
                        message = %s, updated_at = %s
-                    WHERE job_id = %s AND status = 'processing' {_EVENT_RETURNING}""",
+                    WHERE job_id = %s AND status = 'processing' {EVENT_RETURNING}""",
                 [value, current_stage, message, utcnow(), job_id])
             row = await cur.fetchone()
             if row is None:
                 return False
-            await _insert_events(c, job_id, [(EventKind.PROGRESS, event_state(_event_row(row)))])
+            await insert_events(c, job_id, [(EventKind.PROGRESS, event_state(event_row(row)))])
             return True
         return await self._tx(tx)
 
     async def append_attempt(self, job_id: str, record: Mapping[str, Any]) -> bool:
         """Append one attempt record (a JSON object) to the job's ``attempts``; False for an
         unknown job."""
-        value = _jsonb(dict(record))
+        value = jsonb(dict(record))
 
         async def tx(c: Conn) -> bool:
             cur = await c.execute(
                 f"""UPDATE jobs SET attempts = attempts || jsonb_build_array(%s::jsonb),
-                       updated_at = %s WHERE job_id = %s {_EVENT_RETURNING}""",
+                       updated_at = %s WHERE job_id = %s {EVENT_RETURNING}""",
                 [value, utcnow(), job_id])
             row = await cur.fetchone()
             if row is None:
                 return False
-            await _insert_events(c, job_id, [attempt_event(_event_row(row), dict(record))])
+            await insert_events(c, job_id, [attempt_event(event_row(row), dict(record))])
             return True
         return await self._tx(tx)
 
@@ -535,7 +416,7 @@ class PostgresJobStore:
             cur = await c.execute("SELECT job_id FROM jobs WHERE status = 'processing' "
                                   "ORDER BY seq FOR UPDATE")
             ids = [r[0] for r in await cur.fetchall()]
-            return [i for i in ids if await _apply(c, i, Intent.REQUEUE, changes, None)]
+            return [i for i in ids if await apply_transition(c, i, Intent.REQUEUE, changes, None)]
         return await self._tx(tx)
 
     async def set_pgid(self, job_id: str, pgid: int | None) -> None:
@@ -555,13 +436,13 @@ class PostgresJobStore:
             cur = await c.execute(
                 f"""UPDATE jobs SET attempt = attempt + 1, auto_retries = auto_retries + %s,
                        started_at = %s, updated_at = %s
-                    WHERE job_id = %s AND status = 'processing' {_EVENT_RETURNING}""",
+                    WHERE job_id = %s AND status = 'processing' {EVENT_RETURNING}""",
                 [1 if auto_retry else 0, now, now, job_id])
             row = await cur.fetchone()
             if row is None:
                 return 0
-            state = _event_row(row)
-            await _insert_events(c, job_id, [attempt_event(state, None)])
+            state = event_row(row)
+            await insert_events(c, job_id, [attempt_event(state, None)])
             return int(state["attempt"])
         return await self._tx(tx)
 
@@ -578,7 +459,7 @@ class PostgresJobStore:
                 "SELECT event_id, job_id, created_at, kind, data FROM job_events "
                 "WHERE job_id = %s AND event_id > %s ORDER BY event_id LIMIT %s",
                 [job_id, after, limit])
-            return [_to_event(r) for r in await cur.fetchall()]
+            return [to_event(r) for r in await cur.fetchall()]
         return await self._tx(q)
 
     async def latest_event(self, job_id: str) -> JobEvent | None:
@@ -588,7 +469,7 @@ class PostgresJobStore:
                 "SELECT event_id, job_id, created_at, kind, data FROM job_events "
                 "WHERE job_id = %s ORDER BY event_id DESC LIMIT 1", [job_id])
             row = await cur.fetchone()
-            return _to_event(row) if row else None
+            return to_event(row) if row else None
         return await self._tx(q)
 
     async def has_events_after(self, job_id: str, after_id: int) -> bool:
@@ -602,13 +483,14 @@ class PostgresJobStore:
         return await self._tx(q)
 
     @asynccontextmanager
-    async def event_waiter(self, job_id: str) -> AsyncIterator[_NotifiedWaiter]:
-        """A waiter woken by ``NOTIFY`` on :data:`EVENT_CHANNEL` (this replica's one listening
-        connection, opened at the first subscription); it polls every :data:`EVENT_POLL_S` s
-        while that connection is down. Raises: StoreUnavailable when the store is closed."""
+    async def event_waiter(self, job_id: str) -> AsyncIterator[NotifiedWaiter]:
+        """A waiter woken by ``NOTIFY`` on :data:`.pg_notify.EVENT_CHANNEL` (this replica's one
+        listening connection, opened at the first subscription); it polls every
+        :data:`.pg_notify.EVENT_POLL_S` s while that connection is down. Raises:
+        StoreUnavailable when the store is closed."""
         if self._closed:
             raise StoreUnavailable("the job store is closed")
-        waiter = _NotifiedWaiter(self, job_id)
+        waiter = NotifiedWaiter(self, job_id)
         self._listener.subscribe(waiter)
         try:
             yield waiter
@@ -617,24 +499,6 @@ class PostgresJobStore:
 
 
     # --- webhooks (issue 16) ---
-    @staticmethod
-    async def _queue_webhook_tx(c: Conn, job_id: str) -> None:
-        """Inside a transition's transaction: the outbox row of the job's terminal event when
-        it has a ``webhook_url`` (:func:`~colmap_pipeline.jobs.webhook_delivery_row`), so the
-        delivery is committed with the status or not at all."""
-        cur = await c.execute("SELECT status FROM jobs WHERE job_id = %s "
-                              "AND webhook_url IS NOT NULL", [job_id])
-        hit = await cur.fetchone()
-        if hit is None or JobStatus(hit[0]) not in WEBHOOK_EVENTS:
-            return
-        job = await _first(c, "job_id = %s", [job_id])
-        row = webhook_delivery_row(vars(job), new_delivery_id(), utcnow()) if job else None
-        if row is None:
-            return
-        row["payload"], row["attempts"] = _jsonb(row["payload"]), _jsonb([])
-        await c.execute(f"INSERT INTO webhook_deliveries ({', '.join(DELIVERY_COLUMNS)}) "
-                        f"VALUES ({', '.join('%s' for _ in DELIVERY_COLUMNS)})",
-                        [row[k] for k in DELIVERY_COLUMNS])
 
     async def webhook_deliveries(self, job_id: str) -> list[WebhookDelivery]:
         """The job's webhook deliveries, oldest first, each with its attempts."""
@@ -642,7 +506,7 @@ class PostgresJobStore:
             cur = await c.execute(
                 f"SELECT {', '.join(DELIVERY_COLUMNS)} FROM webhook_deliveries "
                 "WHERE job_id = %s ORDER BY created_at, delivery_id", [job_id])
-            return [_to_delivery(r) for r in await cur.fetchall()]
+            return [to_delivery(r) for r in await cur.fetchall()]
         return await self._tx(q)
 
     async def claim_webhook_delivery(self, now: str,
@@ -660,7 +524,7 @@ class PostgresJobStore:
                         ORDER BY next_try_at, delivery_id LIMIT 1 FOR UPDATE SKIP LOCKED)
                     RETURNING {', '.join(DELIVERY_COLUMNS)}""", [lease_until, now, now])
             row = await cur.fetchone()
-            return _to_delivery(row) if row else None
+            return to_delivery(row) if row else None
         return await self._tx(tx)
 
     async def record_webhook_try(self, delivery_id: str, tries: int,
@@ -676,122 +540,8 @@ class PostgresJobStore:
                       SET attempts = attempts || jsonb_build_array(%s::jsonb), state = %s,
                           next_try_at = %s, updated_at = %s
                     WHERE delivery_id = %s AND tries = %s AND state = 'pending'""",
-                [_jsonb(dict(attempt)), value, next_try_at, utcnow(), delivery_id, tries])
+                [jsonb(dict(attempt)), value, next_try_at, utcnow(), delivery_id, tries])
             return cur.rowcount == 1
         return await self._tx(tx)
 
-def _to_event(row: tuple[Any, ...]) -> JobEvent:
-    """A :class:`~colmap_pipeline.jobs.JobEvent` from ``(event_id, job_id, created_at, kind,
-    data)`` (psycopg decoded the JSONB)."""
-    return JobEvent(event_id=int(row[0]), job_id=row[1], created_at=row[2],
-                    kind=EventKind(row[3]), data=row[4])
 
-
-class _NotifiedWaiter:
-    """:class:`~colmap_pipeline.jobs.EventWaiter` of the PostgreSQL store: ``flag`` is set by
-    the listener on a notification for ``job_id`` (and on every (re)connection)."""
-
-    def __init__(self, store: PostgresJobStore, job_id: str) -> None:
-        self.store, self.job_id = store, job_id
-        self.flag = asyncio.Event()
-
-    async def wait(self, after_id: int, timeout_s: float) -> bool:
-        """True at once when notified since the last call; else wait up to ``timeout_s`` s
-        for a notification (polling while the listener is down); whether one came."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(0.0, timeout_s)
-        while True:
-            if self.flag.is_set():
-                self.flag.clear()
-                return True
-            left = deadline - loop.time()
-            if not self.store._listener.connected:
-                if await self.store.has_events_after(self.job_id, after_id):
-                    return True
-                if left <= 0:
-                    return False
-                try:  # a notification (the listener is back) or the next poll
-                    await asyncio.wait_for(self.flag.wait(), min(EVENT_POLL_S, left))
-                except TimeoutError:
-                    pass
-                continue
-            if left <= 0:
-                return False
-            try:
-                await asyncio.wait_for(self.flag.wait(), left)
-            except TimeoutError:
-                return False
-
-
-class _EventListener:
-    """One ``LISTEN`` connection per store (not pooled), opened at the first subscription and
-    kept until the store closes. Each notification on :data:`EVENT_CHANNEL` sets the flags of
-    the waiters of its job; a lost connection is opened again (backoff up to
-    :data:`LISTEN_RETRY_MAX_S`), and every waiter is woken when it is (back), since
-    notifications sent meanwhile are lost."""
-
-    def __init__(self, conninfo: str) -> None:
-        self._conninfo = conninfo
-        self._subs: dict[str, set[_NotifiedWaiter]] = {}
-        self._task: asyncio.Task[None] | None = None
-        #: the connection is open and listening
-        self.connected = False
-
-    def subscribe(self, waiter: _NotifiedWaiter) -> None:
-        """Wake ``waiter`` on its job's notifications (starts the listener if needed)."""
-        self._subs.setdefault(waiter.job_id, set()).add(waiter)
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="job-events-listener")
-
-    def unsubscribe(self, waiter: _NotifiedWaiter) -> None:
-        """Stop waking ``waiter``."""
-        subs = self._subs.get(waiter.job_id)
-        if subs is not None:
-            subs.discard(waiter)
-            if not subs:
-                del self._subs[waiter.job_id]
-
-    def _wake_all(self) -> None:
-        for subs in self._subs.values():
-            for waiter in subs:
-                waiter.flag.set()
-
-    async def _run(self) -> None:
-        delay = LISTEN_RETRY_MIN_S
-        while True:
-            try:
-                conn = await psycopg.AsyncConnection.connect(
-                    self._conninfo, autocommit=True, connect_timeout=5, **CONNECTION_OPTIONS)
-                async with conn:
-                    await conn.execute(f"LISTEN {EVENT_CHANNEL}")  # a constant of this module
-                    self.connected, delay = True, LISTEN_RETRY_MIN_S
-                    self._wake_all()  # what was committed before we listened
-                    async for note in conn.notifies():
-                        for waiter in self._subs.get(note.payload, ()):
-                            waiter.flag.set()
-            except (psycopg.Error, OSError) as exc:
-                log.warning("job events: the LISTEN connection failed (%s); again in %.1f s",
-                            exc, delay)
-            finally:
-                self.connected = False
-            self._wake_all()  # the waiters poll until the connection is back
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, LISTEN_RETRY_MAX_S)
-
-    async def close(self) -> None:
-        """Stop listening and close the connection."""
-        task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-
-
-def _to_delivery(row: tuple[Any, ...]) -> WebhookDelivery:
-    """A :class:`~colmap_pipeline.jobs.WebhookDelivery` from a row in ``DELIVERY_COLUMNS``
-    order (psycopg has decoded the JSONB columns; webhooks, issue 16)."""
-    data = dict(zip(DELIVERY_COLUMNS, row, strict=True))
-    data["state"] = DeliveryState(data["state"])
-    return WebhookDelivery(**data)

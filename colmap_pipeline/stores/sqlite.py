@@ -23,8 +23,8 @@ Rows come back as :class:`~colmap_pipeline.jobs.Job`. Status changes go through
 order at :meth:`SqliteJobStore.open` and are append-only.
 
 Events (issue 16): every write that changes a job also inserts its events into ``job_events``
-(:func:`~colmap_pipeline.jobs.transition_events`) in the same transaction; a stream waiting
-for new ones polls every :data:`EVENT_POLL_S` s on a reader thread (one indexed query).
+(:func:`~colmap_pipeline.job_events.transition_events`) in the same transaction; a stream
+waiting for new ones polls (:mod:`.sqlite_events`) on a reader thread (one indexed query).
 """
 from __future__ import annotations
 
@@ -33,45 +33,55 @@ import functools
 import json
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..job_events import (
+    EventKind,
+    JobEvent,
+    attempt_event,
+    event_state,
+    transition_events,
+)
 from ..jobs import (
-    COLUMNS,
-    DELIVERY_COLUMNS,
     EVENT_PAGE,
     JSON_COLUMNS,
     MAX_PAGE_BOUND,
-    PRUNE_EVENTS_ON,
     TERMINAL,
-    TRANSITIONS,
-    WEBHOOK_EVENTS,
     WITH_FILES,
-    DeliveryState,
-    DuplicateKey,
-    EventKind,
     Intent,
     Job,
-    JobEvent,
-    JobStatus,
-    Stamp,
     StoreError,
     StoreUnavailable,
-    WebhookDelivery,
-    attempt_event,
     encode_json,
-    event_state,
-    new_delivery_id,
     new_job_record,
     planned_changes,
-    transition_events,
     utcnow,
-    webhook_delivery_row,
+)
+from ..webhook_outbox import (
+    DELIVERY_COLUMNS,
+    DeliveryState,
+    WebhookDelivery,
 )
 from .schema import SQLITE_MIGRATIONS, list_filter
+from .sqlite_events import PollingWaiter
+from .sqlite_rows import (
+    EVENT_RETURNING,
+    SELECT,
+    apply_transition,
+    event_row,
+    first_job,
+    insert_events,
+    marks,
+    to_delivery,
+    to_event,
+    to_job,
+    translate,
+    version_row,
+)
 
 T = TypeVar("T")
 
@@ -85,103 +95,8 @@ BUSY_TIMEOUT_S = 30.0
 #: ``find_by_idempotency_key``'s condition (served by the index ``jobs_owner_idempotency_key``)
 BY_IDEMPOTENCY_KEY = "idempotency_key = ? AND owner IS ? AND status != 'deleted'"
 
-_SELECT = f"SELECT {', '.join(COLUMNS)} FROM jobs"
-#: what a write returns to build its events (:func:`~colmap_pipeline.jobs.transition_events`)
-_EVENT_COLUMNS = ("status", "progress", "current_stage", "message", "attempt", "updated_at",
-                  "error_code", "error_message", "error_hint", "results")
-_EVENT_RETURNING = f"RETURNING {', '.join(_EVENT_COLUMNS)}"
-#: seconds between two looks for new events of a job a stream waits on (SQLite mode polls)
-EVENT_POLL_S = 0.5
 _TERMINAL = tuple(sorted(s.value for s in TERMINAL))
 _WITH_FILES = tuple(sorted(s.value for s in WITH_FILES))
-
-
-def _marks(values: Iterable[Any]) -> str:
-    return ", ".join("?" for _ in values)
-
-
-def _to_job(row: tuple[Any, ...]) -> Job:
-    """A :class:`Job` from a row selected as :data:`_SELECT` (columns in :data:`COLUMNS`)."""
-    data = dict(zip(COLUMNS, row, strict=True))
-    for col in JSON_COLUMNS:
-        if data[col] is not None:
-            data[col] = json.loads(data[col])
-    data["status"] = JobStatus(data["status"])
-    if data["attempts"] is None:
-        data["attempts"] = []
-    return Job(**data)
-
-
-def _translate(exc: BaseException) -> BaseException:
-    """The store's exception for a backend one (see the module docstring); others unchanged."""
-    if isinstance(exc, sqlite3.IntegrityError):
-        if "UNIQUE" in str(exc) or "PRIMARY KEY" in str(exc):
-            return DuplicateKey(str(exc))
-        return StoreError(f"integrity: {exc}")
-    if isinstance(exc, sqlite3.OperationalError | sqlite3.DatabaseError | OSError):
-        return StoreUnavailable(f"{type(exc).__name__}: {exc}")
-    if isinstance(exc, sqlite3.Error):
-        return StoreError(f"{type(exc).__name__}: {exc}")
-    if isinstance(exc, OverflowError):
-        return ValueError(f"a value does not fit SQLite's 64-bit integer: {exc}")
-    return exc
-
-
-def _first(c: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> Job | None:
-    """The first job matching ``where`` (SQL written here, never by a client), or None."""
-    rows = c.execute(f"{_SELECT} WHERE {where} LIMIT 1", args).fetchall()
-    return _to_job(rows[0]) if rows else None
-
-
-def _event_row(row: tuple[Any, ...]) -> dict[str, Any]:
-    """A row returned as :data:`_EVENT_RETURNING` as a mapping (``results`` decoded)."""
-    out = dict(zip(_EVENT_COLUMNS, row, strict=True))
-    if out["results"] is not None:
-        out["results"] = json.loads(out["results"])
-    return out
-
-
-def _insert_events(c: sqlite3.Connection, job_id: str,
-                   events: list[tuple[EventKind, dict[str, Any]]]) -> None:
-    """Insert ``events`` of ``job_id`` in order (inside the caller's transaction)."""
-    now = utcnow()
-    c.executemany("INSERT INTO job_events (job_id, created_at, kind, data) VALUES (?, ?, ?, ?)",
-                  [(job_id, now, str(kind), encode_json(data)) for kind, data in events])
-
-
-def _to_event(row: tuple[Any, ...]) -> JobEvent:
-    """A :class:`~colmap_pipeline.jobs.JobEvent` from ``(event_id, job_id, created_at, kind,
-    data)``."""
-    return JobEvent(event_id=int(row[0]), job_id=row[1], created_at=row[2],
-                    kind=EventKind(row[3]), data=json.loads(row[4]))
-
-
-def _version_row(c: sqlite3.Connection) -> int:
-    """The applied schema version, creating its table (version 0) on a new file."""
-    c.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-    rows = c.execute("SELECT version FROM schema_version").fetchall()
-    if not rows:
-        c.execute("INSERT INTO schema_version (version) VALUES (0)")
-    return int(rows[0][0]) if rows else 0
-
-
-def _assignments(changes: Mapping[str, Any], now: str) -> tuple[list[str], list[Any]]:
-    """``SET`` clauses and values for :func:`~colmap_pipeline.jobs.planned_changes`' output.
-    Column names come from :data:`~colmap_pipeline.jobs.SETTABLE` (validated there)."""
-    sets: list[str] = []
-    values: list[Any] = []
-    for col, value in changes.items():
-        if value is Stamp.INCREMENT:
-            sets.append(f"{col} = {col} + 1")
-            continue
-        sets.append(f"{col} = COALESCE({col}, ?)" if value is Stamp.NOW_IF_UNSET
-                    else f"{col} = ?")
-        if value is Stamp.NOW or value is Stamp.NOW_IF_UNSET:
-            values.append(now)
-        else:
-            values.append(encode_json(value) if col in JSON_COLUMNS and value is not None
-                          else value)
-    return sets, values
 
 
 class SqliteJobStore:
@@ -228,7 +143,7 @@ class SqliteJobStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = self._wconn = self._connect()
         conn.execute("PRAGMA journal_mode=WAL")
-        version = self._transaction(_version_row)
+        version = self._transaction(version_row)
         for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
             try:
                 conn.executescript(f"BEGIN IMMEDIATE; {script}; "
@@ -266,7 +181,7 @@ class SqliteJobStore:
                 raise StoreUnavailable("the job store is closed") from exc
             raise
         except Exception as exc:
-            translated = _translate(exc)
+            translated = translate(exc)
             if translated is exc:
                 raise
             raise translated from exc
@@ -319,7 +234,7 @@ class SqliteJobStore:
 
     async def get_job(self, job_id: str) -> Job | None:
         """The job, or ``None``."""
-        return await self._read(_first, "job_id = ?", (job_id,))
+        return await self._read(first_job, "job_id = ?", (job_id,))
 
     async def list_jobs(self, *, project_id: str | None = None, status: str | None = None,
                         owner: str | None = None, limit: int = 50,
@@ -339,11 +254,11 @@ class SqliteJobStore:
             c.execute("BEGIN")  # the count and the page from one snapshot
             try:
                 total = int(c.execute(f"SELECT COUNT(*) FROM jobs {clause}", args).fetchone()[0])
-                rows = c.execute(f"{_SELECT} {clause} ORDER BY created_at DESC, rowid DESC "
+                rows = c.execute(f"{SELECT} {clause} ORDER BY created_at DESC, rowid DESC "
                                  "LIMIT ? OFFSET ?", [*args, limit, offset]).fetchall()
             finally:
                 c.execute("COMMIT")
-            return [_to_job(r) for r in rows], total
+            return [to_job(r) for r in rows], total
         return await self._read(q)
 
     async def queue_position(self, job_id: str) -> int | None:
@@ -371,20 +286,20 @@ class SqliteJobStore:
     async def find_by_idempotency_key(self, key: str, owner: str | None = None) -> Job | None:
         """The job not deleted that ``owner`` created with ``Idempotency-Key: key`` (``owner IS
         ?``: NULL-safe), or None."""
-        return await self._read(_first, BY_IDEMPOTENCY_KEY, (key, owner))
+        return await self._read(first_job, BY_IDEMPOTENCY_KEY, (key, owner))
 
     async def finished_before(self, cutoff_iso: str) -> list[str]:
         """Ids of terminal jobs whose ``finished_at`` is older than ``cutoff_iso`` (ISO-8601
         UTC, compared as text: every stored time has the same format), oldest first."""
         return await self._read(lambda c: [r[0] for r in c.execute(
-            f"""SELECT job_id FROM jobs WHERE status IN ({_marks(_TERMINAL)})
+            f"""SELECT job_id FROM jobs WHERE status IN ({marks(_TERMINAL)})
                 AND finished_at IS NOT NULL AND finished_at < ?
                 ORDER BY finished_at, rowid""", [*_TERMINAL, cutoff_iso])])
 
     async def job_ids_with_files(self) -> set[str]:
         """Ids of every job whose files must stay on disk (any status but expired/deleted)."""
         return await self._read(lambda c: {r[0] for r in c.execute(
-            f"SELECT job_id FROM jobs WHERE status IN ({_marks(_WITH_FILES)})", _WITH_FILES)})
+            f"SELECT job_id FROM jobs WHERE status IN ({marks(_WITH_FILES)})", _WITH_FILES)})
 
     # ---- writes ------------------------------------------------------------------------------
     async def create_job(self, job: Mapping[str, Any]) -> Job:
@@ -402,8 +317,8 @@ class SqliteJobStore:
 
         def tx(c: sqlite3.Connection) -> Job:
             c.execute(sql, row)
-            job = _to_job(c.execute(f"{_SELECT} WHERE rowid = last_insert_rowid()").fetchall()[0])
-            _insert_events(c, job.job_id, transition_events(vars(job), intent=None))
+            job = to_job(c.execute(f"{SELECT} WHERE rowid = last_insert_rowid()").fetchall()[0])
+            insert_events(c, job.job_id, transition_events(vars(job), intent=None))
             return job
         return await self._write(tx)
 
@@ -418,32 +333,8 @@ class SqliteJobStore:
         changes = planned_changes(intent, fields,
                                   with_attempt_record=attempt_record is not None)
         record = encode_json(dict(attempt_record)) if attempt_record is not None else None
-        return await self._write(self._apply_tx, job_id, Intent(intent), changes, record)
+        return await self._write(apply_transition, job_id, Intent(intent), changes, record)
 
-    @staticmethod
-    def _apply_tx(c: sqlite3.Connection, job_id: str, intent: Intent,
-                  changes: Mapping[str, Any], record: str | None) -> bool:
-        sets, values = _assignments(changes, utcnow())
-        if record is not None:
-            sets.append("attempts = json_insert(attempts, '$[#]', json(?))")
-            values.append(record)
-        sources = sorted(s.value for s in TRANSITIONS[intent].sources)
-        rows = c.execute(f"UPDATE jobs SET {', '.join(sets)} "
-                         f"WHERE job_id = ? AND status IN ({_marks(sources)}) {_EVENT_RETURNING}",
-                         [*values, job_id, *sources]).fetchall()
-        if len(rows) != 1:
-            return False
-        _insert_events(c, job_id, transition_events(
-            _event_row(rows[0]), intent=intent,
-            record=json.loads(record) if record is not None else None))
-        if intent in PRUNE_EVENTS_ON:
-            c.execute("DELETE FROM job_events WHERE job_id = ? AND event_id < "
-                      "(SELECT MAX(event_id) FROM job_events WHERE job_id = ?)", (job_id, job_id))
-            # finished webhook deliveries go with the job's files (pending ones still try)
-            c.execute("DELETE FROM webhook_deliveries WHERE job_id = ? AND state <> 'pending'",
-                      (job_id,))
-        SqliteJobStore._queue_webhook_tx(c, job_id)  # issue 16: the outbox row, same commit
-        return True
 
     async def claim_next_pending(self) -> Job | None:
         """Apply ``claim`` to the oldest ``pending`` job in one transaction; it, or None."""
@@ -452,9 +343,9 @@ class SqliteJobStore:
         def tx(c: sqlite3.Connection) -> Job | None:
             rows = c.execute("SELECT job_id FROM jobs WHERE status = 'pending' "
                              "ORDER BY created_at, rowid LIMIT 1").fetchall()
-            if not rows or not self._apply_tx(c, rows[0][0], Intent.CLAIM, changes, None):
+            if not rows or not apply_transition(c, rows[0][0], Intent.CLAIM, changes, None):
                 return None
-            return _first(c, "job_id = ?", (rows[0][0],))
+            return first_job(c, "job_id = ?", (rows[0][0],))
         return await self._write(tx)
 
     async def update_progress(self, job_id: str, progress: int, current_stage: str,
@@ -467,10 +358,10 @@ class SqliteJobStore:
             rows = c.execute(
                 f"""UPDATE jobs SET progress = MAX(progress, ?), current_stage = ?, message = ?,
                        updated_at = ?
-                    WHERE job_id = ? AND status = 'processing' {_EVENT_RETURNING}""",
+                    WHERE job_id = ? AND status = 'processing' {EVENT_RETURNING}""",
                 (value, current_stage, message, utcnow(), job_id)).fetchall()
             if rows:
-                _insert_events(c, job_id, [(EventKind.PROGRESS, event_state(_event_row(rows[0])))])
+                insert_events(c, job_id, [(EventKind.PROGRESS, event_state(event_row(rows[0])))])
             return len(rows) == 1
         return await self._write(tx)
 
@@ -483,9 +374,9 @@ class SqliteJobStore:
             rows = c.execute(
                 f"""UPDATE jobs SET attempts = json_insert(attempts, '$[#]', json(?)),
                        updated_at = ?
-                    WHERE job_id = ? {_EVENT_RETURNING}""", (text, utcnow(), job_id)).fetchall()
+                    WHERE job_id = ? {EVENT_RETURNING}""", (text, utcnow(), job_id)).fetchall()
             if rows:
-                _insert_events(c, job_id, [attempt_event(_event_row(rows[0]), json.loads(text))])
+                insert_events(c, job_id, [attempt_event(event_row(rows[0]), json.loads(text))])
             return len(rows) == 1
         return await self._write(tx)
 
@@ -497,7 +388,7 @@ class SqliteJobStore:
         def tx(c: sqlite3.Connection) -> list[str]:
             ids = [r[0] for r in c.execute(
                 "SELECT job_id FROM jobs WHERE status = 'processing' ORDER BY rowid")]
-            return [i for i in ids if self._apply_tx(c, i, Intent.REQUEUE, changes, None)]
+            return [i for i in ids if apply_transition(c, i, Intent.REQUEUE, changes, None)]
         return await self._write(tx)
 
     async def set_pgid(self, job_id: str, pgid: int | None) -> None:
@@ -516,12 +407,12 @@ class SqliteJobStore:
             rows = c.execute(  # fetchall: a RETURNING statement must finish before COMMIT
                 f"""UPDATE jobs SET attempt = attempt + 1, auto_retries = auto_retries + ?,
                        started_at = ?, updated_at = ?
-                    WHERE job_id = ? AND status = 'processing' {_EVENT_RETURNING}""",
+                    WHERE job_id = ? AND status = 'processing' {EVENT_RETURNING}""",
                 (1 if auto_retry else 0, now, now, job_id)).fetchall()
             if not rows:
                 return 0
-            state = _event_row(rows[0])
-            _insert_events(c, job_id, [attempt_event(state, None)])
+            state = event_row(rows[0])
+            insert_events(c, job_id, [attempt_event(state, None)])
             return int(state["attempt"])
         return await self._write(tx)
 
@@ -536,20 +427,21 @@ class SqliteJobStore:
             "SELECT event_id, job_id, created_at, kind, data FROM job_events "
             "WHERE job_id = ? AND event_id > ? ORDER BY event_id LIMIT ?",
             (job_id, after, limit)).fetchall())
-        return [_to_event(r) for r in rows]
+        return [to_event(r) for r in rows]
 
     async def latest_event(self, job_id: str) -> JobEvent | None:
         """The job's newest event, or ``None``."""
         rows = await self._read(lambda c: c.execute(
             "SELECT event_id, job_id, created_at, kind, data FROM job_events "
             "WHERE job_id = ? ORDER BY event_id DESC LIMIT 1", (job_id,)).fetchall())
-        return _to_event(rows[0]) if rows else None
+        return to_event(rows[0]) if rows else None
 
     @asynccontextmanager
-    async def event_waiter(self, job_id: str) -> AsyncIterator[_PollingWaiter]:
-        """A waiter that polls for the job's new events every :data:`EVENT_POLL_S` seconds
-        (one indexed query on a reader thread; another process may have written them)."""
-        yield _PollingWaiter(self, job_id)
+    async def event_waiter(self, job_id: str) -> AsyncIterator[PollingWaiter]:
+        """A waiter that polls for the job's new events every
+        :data:`.sqlite_events.EVENT_POLL_S` seconds (one indexed query on a reader thread;
+        another process may have written them)."""
+        yield PollingWaiter(self, job_id)
 
     async def has_events_after(self, job_id: str, after_id: int) -> bool:
         """Whether the job has an event newer than ``after_id`` (one indexed query)."""
@@ -560,26 +452,10 @@ class SqliteJobStore:
 
 
     # --- webhooks (issue 16) ---
-    @staticmethod
-    def _queue_webhook_tx(c: sqlite3.Connection, job_id: str) -> None:
-        """Inside a transition's transaction: the outbox row of the job's terminal event when
-        it has a ``webhook_url`` (:func:`~colmap_pipeline.jobs.webhook_delivery_row`), so the
-        delivery is committed with the status or not at all."""
-        hit = c.execute("SELECT status FROM jobs WHERE job_id = ? AND webhook_url IS NOT NULL",
-                        (job_id,)).fetchone()
-        if hit is None or JobStatus(hit[0]) not in WEBHOOK_EVENTS:
-            return
-        job = _first(c, "job_id = ?", (job_id,))
-        row = webhook_delivery_row(vars(job), new_delivery_id(), utcnow()) if job else None
-        if row is None:
-            return
-        row["payload"], row["attempts"] = encode_json(row["payload"]), encode_json([])
-        c.execute(f"INSERT INTO webhook_deliveries ({', '.join(DELIVERY_COLUMNS)}) "
-                  f"VALUES ({_marks(DELIVERY_COLUMNS)})", [row[k] for k in DELIVERY_COLUMNS])
 
     async def webhook_deliveries(self, job_id: str) -> list[WebhookDelivery]:
         """The job's webhook deliveries, oldest first, each with its attempts."""
-        return await self._read(lambda c: [_to_delivery(r) for r in c.execute(
+        return await self._read(lambda c: [to_delivery(r) for r in c.execute(
             f"SELECT {', '.join(DELIVERY_COLUMNS)} FROM webhook_deliveries WHERE job_id = ? "
             "ORDER BY created_at, rowid", (job_id,))])
 
@@ -599,7 +475,7 @@ class SqliteJobStore:
                     WHERE delivery_id = ? AND tries = ? AND state = 'pending'
                     RETURNING {', '.join(DELIVERY_COLUMNS)}""",
                 (lease_until, now, due[0], due[1])).fetchall()
-            return _to_delivery(rows[0]) if rows else None
+            return to_delivery(rows[0]) if rows else None
         return await self._write(tx)
 
     async def record_webhook_try(self, delivery_id: str, tries: int,
@@ -615,30 +491,4 @@ class SqliteJobStore:
                 WHERE delivery_id = ? AND tries = ? AND state = 'pending'""",
             (text, value, next_try_at, utcnow(), delivery_id, tries)).rowcount == 1)
 
-class _PollingWaiter:
-    """:class:`~colmap_pipeline.jobs.EventWaiter` of the SQLite store: polls."""
 
-    def __init__(self, store: SqliteJobStore, job_id: str) -> None:
-        self._store, self._job_id = store, job_id
-
-    async def wait(self, after_id: int, timeout_s: float) -> bool:
-        """Look every :data:`EVENT_POLL_S` s for an event newer than ``after_id``, at most
-        ``timeout_s`` s (at least one look); whether one came."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(0.0, timeout_s)
-        while True:
-            if await self._store.has_events_after(self._job_id, after_id):
-                return True
-            left = deadline - loop.time()
-            if left <= 0:
-                return False
-            await asyncio.sleep(min(EVENT_POLL_S, left))
-
-
-def _to_delivery(row: tuple[Any, ...]) -> WebhookDelivery:
-    """A :class:`~colmap_pipeline.jobs.WebhookDelivery` from a row in ``DELIVERY_COLUMNS``
-    order (webhooks, issue 16)."""
-    data = dict(zip(DELIVERY_COLUMNS, row, strict=True))
-    data["payload"], data["attempts"] = json.loads(data["payload"]), json.loads(data["attempts"])
-    data["state"] = DeliveryState(data["state"])
-    return WebhookDelivery(**data)

@@ -32,7 +32,8 @@ from typing import Any
 from fastapi.sse import ServerSentEvent, format_sse_event
 
 from ..errors import PipelineError
-from ..jobs import EVENT_PAGE, STREAM_END, EventKind, Job, JobEvent, JobStore, event_state
+from ..job_events import STREAM_END, EventKind, JobEvent, event_state
+from ..jobs import EVENT_PAGE, Job, JobStore
 
 #: seconds without a message after which a heartbeat comment is sent (tests lower it)
 HEARTBEAT_S = 15.0
@@ -93,7 +94,7 @@ def heartbeat() -> bytes:
 
 
 def ends_stream(event: JobEvent) -> bool:
-    """Whether the job is done after ``event`` (its status in :data:`~..jobs.STREAM_END`)."""
+    """Whether the job is done after ``event`` (its status in :data:`~..job_events.STREAM_END`)."""
     return event.data.get("status") in STREAM_END
 
 

@@ -10,7 +10,8 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from pydantic import BaseModel, Field
 
-from ..jobs import DeliveryState, Job, WebhookDelivery
+from ..jobs import Job
+from ..webhook_outbox import DeliveryState, WebhookDelivery
 from .auth import AUTH_RESPONSES, CallerDep
 from .deps import StoreDep
 from .schemas import ErrorResponse, JobPublic
